@@ -1,2 +1,112 @@
 // SPDX-License-Identifier: Apache-2.0
-fn main() {}
+//! `cell0-vmm`: runs one micro-VM in the foreground.
+//!
+//! Exit status: 0 when the guest resets or powers off, 2 when the guest
+//! crashes, 1 on any VMM error (with a one-line reason on stderr).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use cell0_vmm::config::{KernelSource, SerialOutput, VmConfig};
+use cell0_vmm::vm::Vm;
+use clap::{Parser, Subcommand};
+
+/// Exit status when the guest crashed.
+const EXIT_GUEST_CRASH: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(name = "cell0-vmm", version, about = "The cell0 micro-VM monitor: one KVM VM per process")]
+struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or a tracing EnvFilter directive).
+    #[arg(long, global = true, default_value = "warn")]
+    log_level: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Boot a VM and run it until the guest resets, powers off or crashes.
+    #[command(after_help = "Examples:\n  cell0-vmm launch                                  # the built-in nano guest\n  cell0-vmm launch --cmdline cell0.test=smp --vcpus 2\n  cell0-vmm launch --kernel vmlinux --initrd initrd.img --memory-mib 512")]
+    Launch {
+        /// Kernel image (ELF or bzImage). Without it, the built-in nano guest boots.
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// Initial ramdisk.
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Kernel command line (default: "console=ttyS0 reboot=k panic=1 pci=off").
+        #[arg(long)]
+        cmdline: Option<String>,
+        /// Number of vCPUs (1-32).
+        #[arg(long, default_value_t = 1)]
+        vcpus: u64,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 128)]
+        memory_mib: u64,
+        /// Serial console output: "stdout" or a file path.
+        #[arg(long, default_value = "stdout")]
+        serial: SerialOutput,
+    },
+    /// Write the built-in nano guest ELF to a file.
+    NanoImage {
+        /// Output path.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn init_logging(level: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .map_err(|e| anyhow::anyhow!("invalid --log-level {level:?}: {e}"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    Ok(())
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    init_logging(&cli.log_level)?;
+    tracing::info!(elapsed_us = cell0_vmm::since_start_us(), "milestone: process start");
+    match cli.cmd {
+        Cmd::Launch {
+            kernel,
+            initrd,
+            cmdline,
+            vcpus,
+            memory_mib,
+            serial,
+        } => {
+            let kernel = kernel.map_or(KernelSource::Nano, KernelSource::Path);
+            let cfg = VmConfig::new(kernel, initrd, cmdline, vcpus, memory_mib, serial)?;
+            let reason = Vm::build(&cfg)?.run()?;
+            if reason.is_clean() {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("cell0-vmm: {reason}");
+                Ok(ExitCode::from(EXIT_GUEST_CRASH))
+            }
+        }
+        Cmd::NanoImage { out } => {
+            std::fs::write(&out, cell0_vmm::nano::NANO_ELF)
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    cell0_vmm::mark_start();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("cell0-vmm: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

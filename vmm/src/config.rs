@@ -1,0 +1,132 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The configuration of one VM, as given on the `cell0-vmm launch` command line.
+
+use std::path::PathBuf;
+
+use crate::arch::MAX_VCPUS;
+
+/// Most guest memory accepted, in MiB (1 TiB).
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+
+/// The cmdline used when none is given: a serial console, i8042 reset, no PCI.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+
+/// Where the kernel comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelSource {
+    /// The nano guest embedded in this binary.
+    Nano,
+    /// A file: ELF (vmlinux, nano) or bzImage.
+    Path(PathBuf),
+}
+
+/// Where serial output goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialOutput {
+    /// The VMM's stdout.
+    Stdout,
+    /// A file, created or truncated.
+    File(PathBuf),
+}
+
+impl std::str::FromStr for SerialOutput {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(if s == "stdout" || s == "-" {
+            Self::Stdout
+        } else {
+            Self::File(PathBuf::from(s))
+        })
+    }
+}
+
+/// Invalid configuration values.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// vCPU count out of range.
+    #[error("--vcpus must be between 1 and {MAX_VCPUS}, got {0}")]
+    Vcpus(u64),
+    /// Memory size out of range.
+    #[error("--memory-mib must be between 1 and {MAX_MEMORY_MIB}, got {0}")]
+    Memory(u64),
+}
+
+/// A VM to launch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Kernel image.
+    pub kernel: KernelSource,
+    /// Optional initrd.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line; `None` means [`DEFAULT_CMDLINE`].
+    pub cmdline: Option<String>,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Serial console output.
+    pub serial: SerialOutput,
+}
+
+impl VmConfig {
+    /// Checks the numeric limits and returns a config.
+    pub fn new(
+        kernel: KernelSource,
+        initrd: Option<PathBuf>,
+        cmdline: Option<String>,
+        vcpus: u64,
+        memory_mib: u64,
+        serial: SerialOutput,
+    ) -> Result<Self, ConfigError> {
+        let vcpus = u8::try_from(vcpus)
+            .ok()
+            .filter(|v| (1..=MAX_VCPUS).contains(v))
+            .ok_or(ConfigError::Vcpus(vcpus))?;
+        if !(1..=MAX_MEMORY_MIB).contains(&memory_mib) {
+            return Err(ConfigError::Memory(memory_mib));
+        }
+        Ok(Self {
+            kernel,
+            initrd,
+            cmdline,
+            vcpus,
+            memory_mib,
+            serial,
+        })
+    }
+
+    /// Guest memory in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(vcpus: u64, mem: u64) -> Result<VmConfig, ConfigError> {
+        VmConfig::new(KernelSource::Nano, None, None, vcpus, mem, SerialOutput::Stdout)
+    }
+
+    #[test]
+    fn limits() {
+        assert!(cfg(1, 16).is_ok());
+        assert!(cfg(32, 1024).is_ok());
+        assert_eq!(cfg(0, 16), Err(ConfigError::Vcpus(0)));
+        assert_eq!(cfg(33, 16), Err(ConfigError::Vcpus(33)));
+        assert_eq!(cfg(300, 16), Err(ConfigError::Vcpus(300)));
+        assert_eq!(cfg(1, 0), Err(ConfigError::Memory(0)));
+        assert_eq!(cfg(1, MAX_MEMORY_MIB + 1), Err(ConfigError::Memory(MAX_MEMORY_MIB + 1)));
+        assert_eq!(cfg(1, 16).unwrap().memory_bytes(), 16 << 20);
+    }
+
+    #[test]
+    fn serial_output_parses() {
+        assert_eq!("stdout".parse::<SerialOutput>().unwrap(), SerialOutput::Stdout);
+        assert_eq!(
+            "/tmp/x".parse::<SerialOutput>().unwrap(),
+            SerialOutput::File(PathBuf::from("/tmp/x"))
+        );
+    }
+}

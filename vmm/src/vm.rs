@@ -1,0 +1,344 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Building and running one VM: KVM VM, guest memory, irqchip/PIT, boot image,
+//! legacy devices, vCPU threads and the event loop.
+
+use std::fs::File;
+use std::io::{LineWriter, Write};
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cell0_devices::Bus;
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_mp_state, kvm_pit_config,
+    kvm_userspace_memory_region,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::{self, KVM_TSS_ADDR, SERIAL_IRQ, cpu, mptable};
+use crate::boot::{self, BootError};
+use crate::config::{DEFAULT_CMDLINE, KernelSource, SerialOutput, VmConfig};
+use crate::exit::{ExitCounters, ExitSignal, StopReason};
+use crate::legacy::{I8042, I8042_PORT, I8042_PORT_LEN, SERIAL_PORT, SERIAL_PORT_LEN, SerialDevice};
+use crate::vcpu::{self, Vcpu, VcpuHandle};
+
+/// Errors that stop a VM from being built or run.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm could not be opened.
+    #[error("cannot open /dev/kvm (is KVM available and accessible?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// A VM-level KVM ioctl failed.
+    #[error("KVM {what} failed")]
+    Kvm {
+        /// Which operation.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be allocated.
+    #[error("cannot allocate {mib} MiB of guest memory")]
+    Memory {
+        /// Size asked for.
+        mib: u64,
+        /// Cause.
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// A file could not be read.
+    #[error("cannot read the {what} file {path}")]
+    ReadFile {
+        /// kernel or initrd.
+        what: &'static str,
+        /// Path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Loading the boot image failed.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// Setting up vCPU state failed.
+    #[error(transparent)]
+    Cpu(#[from] cpu::CpuError),
+    /// Writing the MP table failed.
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
+    /// Opening the serial output failed.
+    #[error("cannot open the serial output {path}")]
+    SerialOutput {
+        /// Path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A device could not be placed on a bus.
+    #[error("cannot register a device")]
+    Bus(#[from] cell0_devices::BusError),
+    /// An OS call failed (eventfd, thread, signal handler).
+    #[error("cannot {what}")]
+    Os {
+        /// What was being done.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The event loop failed.
+    #[error("the event loop failed")]
+    EventLoop(#[source] event_manager::Error),
+}
+
+type Result<T> = std::result::Result<T, VmError>;
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+fn os_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmError {
+    move |source| VmError::Os { what, source }
+}
+
+/// Wakes the event loop when the VM must stop.
+struct ExitWatcher {
+    exit: Arc<ExitSignal>,
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn process(&mut self, events: Events, _ops: &mut EventOps<'_>) {
+        if events.event_set().contains(EventSet::IN) {
+            // Drain the counter; the reason is read by the loop.
+            let _ = self.exit.eventfd().read();
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps<'_>) {
+        if let Err(e) = ops.add(Events::new(self.exit.eventfd(), EventSet::IN)) {
+            tracing::error!(error = ?e, "cannot watch the exit eventfd");
+        }
+    }
+}
+
+/// Subscribers the event loop drives (devices, exit watcher).
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// A VM that is built and ready to run.
+pub struct Vm {
+    _kvm: Kvm,
+    vm: VmFd,
+    _mem: GuestMemoryMmap,
+    vcpus: Vec<Vcpu>,
+    serial: Arc<Mutex<SerialDevice>>,
+    exit: Arc<ExitSignal>,
+    events: EventManager<Subscriber>,
+}
+
+fn read_file(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| VmError::ReadFile {
+        what,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
+    for (slot, region) in mem.iter().enumerate() {
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which the `Vm` keeps
+        // for as long as the KVM VM exists; slots are distinct and do not overlap.
+        unsafe { vm.set_user_memory_region(r) }.map_err(kvm_err("set user memory region"))?;
+    }
+    Ok(())
+}
+
+impl Vm {
+    /// Builds the VM: everything up to, but not including, the first vCPU entry.
+    pub fn build(cfg: &VmConfig) -> Result<Self> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
+        vm.set_tss_address(KVM_TSS_ADDR).map_err(kvm_err("set TSS address"))?;
+
+        // Memory before the irqchip: the other order costs ~7 ms on nested KVM.
+        let mem_size = cfg.memory_bytes();
+        let ranges: Vec<(GuestAddress, usize)> = arch::ram_ranges(mem_size)
+            .into_iter()
+            .map(|(a, l)| (GuestAddress(a), l as usize))
+            .collect();
+        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|source| VmError::Memory {
+            mib: cfg.memory_mib,
+            source,
+        })?;
+        register_memory(&vm, &mem)?;
+        vm.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(kvm_err("create PIT"))?;
+        tracing::info!(
+            elapsed_us = crate::since_start_us(),
+            memory_mib = cfg.memory_mib,
+            vcpus = cfg.vcpus,
+            "milestone: VM created"
+        );
+
+        // Boot image.
+        let image_buf;
+        let image: &[u8] = match &cfg.kernel {
+            KernelSource::Nano => crate::nano::NANO_ELF,
+            KernelSource::Path(p) => {
+                image_buf = read_file("kernel", p)?;
+                &image_buf
+            }
+        };
+        let kernel = boot::load_kernel(&mem, mem_size, image)?;
+        let initrd = match &cfg.initrd {
+            Some(p) => {
+                let data = read_file("initrd", p)?;
+                let addr = boot::load_initrd(&mem, mem_size, kernel.end, &data)?;
+                Some((addr, data.len() as u64))
+            }
+            None => None,
+        };
+        let cpus_arg = format!("cell0.cpus={}", cfg.vcpus);
+        let mut parts = vec![cfg.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE)];
+        if kernel.smp_entry.is_some() {
+            parts.push(&cpus_arg);
+        }
+        let cmdline = boot::build_cmdline(&parts)?;
+        boot::write_boot_params(&mem, mem_size, &kernel, &cmdline, initrd)?;
+        cpu::write_boot_tables(&mem)?;
+        mptable::write(&mem, cfg.vcpus)?;
+        tracing::debug!(
+            format = ?kernel.format,
+            entry = format_args!("{:#x}", kernel.entry),
+            smp_entry = ?kernel.smp_entry,
+            "kernel loaded"
+        );
+
+        // Devices.
+        let exit = Arc::new(ExitSignal::new().map_err(os_err("create the exit eventfd"))?);
+        let out: Box<dyn Write + Send> = match &cfg.serial {
+            SerialOutput::Stdout => Box::new(LineWriter::new(std::io::stdout())),
+            SerialOutput::File(p) => Box::new(LineWriter::new(File::create(p).map_err(
+                |source| VmError::SerialOutput {
+                    path: p.display().to_string(),
+                    source,
+                },
+            )?)),
+        };
+        let serial_irq = EventFd::new(0).map_err(os_err("create the serial irqfd"))?;
+        vm.register_irqfd(&serial_irq, SERIAL_IRQ)
+            .map_err(kvm_err("register the serial irqfd"))?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, out)));
+        let mut pio = Bus::new();
+        pio.insert(serial.clone(), SERIAL_PORT, SERIAL_PORT_LEN)?;
+        pio.insert(
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+            I8042_PORT,
+            I8042_PORT_LEN,
+        )?;
+        let mmio = Bus::new();
+
+        // vCPUs.
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("get supported CPUID"))?;
+        let counters = Arc::new(ExitCounters::default());
+        let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
+        for i in 0..cfg.vcpus {
+            let fd = vm.create_vcpu(u64::from(i)).map_err(kvm_err("create vCPU"))?;
+            let mut cpuid = supported.clone();
+            cpu::filter_cpuid(&mut cpuid, i, cfg.vcpus);
+            fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
+            let entry = match (i, kernel.smp_entry) {
+                (0, _) | (_, None) => kernel.entry,
+                (_, Some(ap)) => ap,
+            };
+            cpu::setup_entry(&fd, entry, u64::from(i))?;
+            cpu::setup_lint(&fd)?;
+            if i > 0 && kernel.smp_entry.is_some() {
+                // Direct SMP entry: the AP runs at once instead of waiting for INIT/SIPI.
+                fd.set_mp_state(kvm_mp_state { mp_state: 0 })
+                    .map_err(kvm_err("set AP runnable"))?;
+            }
+            vcpus.push(Vcpu {
+                index: i,
+                fd,
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                exit: exit.clone(),
+                counters: counters.clone(),
+            });
+        }
+
+        let mut events = EventManager::<Subscriber>::new().map_err(VmError::EventLoop)?;
+        events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { exit: exit.clone() })));
+
+        Ok(Self {
+            _kvm: kvm,
+            vm,
+            _mem: mem,
+            vcpus,
+            serial,
+            exit,
+            events,
+        })
+    }
+
+    /// The KVM VM (for registering device eventfds).
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// Runs the guest until it stops; returns why.
+    pub fn run(mut self) -> Result<StopReason> {
+        vcpu::install_kick_handler().map_err(os_err("install the vCPU kick handler"))?;
+        let mut handles: Vec<VcpuHandle> = Vec::with_capacity(self.vcpus.len());
+        for v in std::mem::take(&mut self.vcpus) {
+            match v.start() {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    stop_all(&mut handles);
+                    return Err(os_err("spawn a vCPU thread")(e));
+                }
+            }
+        }
+        let reason = loop {
+            if let Some(r) = self.exit.reason() {
+                break r;
+            }
+            if let Err(e) = self.events.run() {
+                stop_all(&mut handles);
+                return Err(VmError::EventLoop(e));
+            }
+        };
+        tracing::info!(elapsed_us = crate::since_start_us(), %reason, "milestone: guest exit");
+        stop_all(&mut handles);
+        let flushed = self.serial.lock().unwrap_or_else(|p| p.into_inner()).flush();
+        if let Err(e) = flushed {
+            tracing::warn!(error = %e, "cannot flush serial output");
+        }
+        tracing::debug!(exit_fd = self.exit.eventfd().as_raw_fd(), "VM torn down");
+        Ok(reason)
+    }
+}
+
+fn stop_all(handles: &mut [VcpuHandle]) {
+    for h in handles.iter_mut() {
+        h.stop(Duration::from_secs(2));
+    }
+}
