@@ -26,8 +26,14 @@ fn main() {
         println!("cargo:rerun-if-changed={}", nano.join(p).display());
     }
     // The nano guest shares the SYPAS codec with the host.
-    println!("cargo:rerun-if-changed={}", root.join("proto/src").display());
-    println!("cargo:rerun-if-changed={}", root.join("proto/Cargo.toml").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("proto/src").display()
+    );
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("proto/Cargo.toml").display()
+    );
 
     let target_dir = out.join("nano-target");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -62,14 +68,20 @@ fn main() {
     let status = cmd
         .status()
         .unwrap_or_else(|e| panic!("cannot run cargo to build guest/nano: {e}"));
-    assert!(status.success(), "building guest/nano failed ({status}); see the output above");
+    assert!(
+        status.success(),
+        "building guest/nano failed ({status}); see the output above"
+    );
     let built = find_elf(&target_dir);
-    std::fs::copy(&built, &dest)
-        .unwrap_or_else(|e| panic!("cannot copy {}: {e}", built.display()));
+    std::fs::copy(&built, &dest).unwrap_or_else(|e| panic!("cannot copy {}: {e}", built.display()));
 }
 
 fn find_elf(target_dir: &Path) -> PathBuf {
     let p = target_dir.join("release/cell0-nano");
-    assert!(p.is_file(), "guest/nano built, but {} is missing", p.display());
+    assert!(
+        p.is_file(),
+        "guest/nano built, but {} is missing",
+        p.display()
+    );
     p
 }

@@ -42,7 +42,9 @@ pub enum BootError {
     #[error("the initrd is empty")]
     EmptyInitrd,
     /// The initrd does not fit between the kernel and the end of low RAM.
-    #[error("the initrd ({size} bytes) does not fit in guest memory ({free} bytes free above the kernel)")]
+    #[error(
+        "the initrd ({size} bytes) does not fit in guest memory ({free} bytes free above the kernel)"
+    )]
     InitrdTooLarge {
         /// Initrd size.
         size: u64,
@@ -108,7 +110,10 @@ pub fn load_kernel(mem: &GuestMemoryMmap, mem_size: u64, image: &[u8]) -> Result
     }
     let size = image.len() as u64;
     if size > mem_size.saturating_sub(HIMEM_START) {
-        return Err(BootError::KernelTooLarge { size, mem: mem_size });
+        return Err(BootError::KernelTooLarge {
+            size,
+            mem: mem_size,
+        });
     }
     let highmem = Some(GuestAddress(HIMEM_START));
     if image.starts_with(ELF_MAGIC) {
@@ -170,7 +175,8 @@ pub fn find_smp_note(elf: &[u8]) -> Option<u64> {
             if next > end {
                 break;
             }
-            let name = elf.get(usize::try_from(name_off).ok()?..usize::try_from(name_off + namesz).ok()?)?;
+            let name =
+                elf.get(usize::try_from(name_off).ok()?..usize::try_from(name_off + namesz).ok()?)?;
             if name == b"CELL0\0" && ty == CELL0_NOTE_SMP_ENTRY && descsz == 8 {
                 return Some(u64::from_le_bytes(rd(elf, desc_off)?));
             }
@@ -257,7 +263,11 @@ pub fn write_boot_params(
 ) -> Result<()> {
     linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_ADDR), cmdline)
         .map_err(BootError::WriteCmdline)?;
-    let cmdline_len = cmdline.as_cstring().map_err(BootError::Cmdline)?.as_bytes().len();
+    let cmdline_len = cmdline
+        .as_cstring()
+        .map_err(BootError::Cmdline)?
+        .as_bytes()
+        .len();
 
     let mut params = boot_params::default();
     if let Some(hdr) = kernel.setup_header {
@@ -349,20 +359,29 @@ mod tests {
     #[test]
     fn bad_images_get_typed_errors() {
         let m = mem(16 << 20);
-        assert!(matches!(load_kernel(&m, 16 << 20, &[]), Err(BootError::EmptyKernel)));
+        assert!(matches!(
+            load_kernel(&m, 16 << 20, &[]),
+            Err(BootError::EmptyKernel)
+        ));
         assert!(matches!(
             load_kernel(&m, 16 << 20, &[0x55; 4096]),
             Err(BootError::UnknownKernelFormat)
         ));
         let elf = tiny_elf(false);
-        assert!(matches!(load_kernel(&m, 16 << 20, &elf[..0x30]), Err(BootError::Elf(_))));
+        assert!(matches!(
+            load_kernel(&m, 16 << 20, &elf[..0x30]),
+            Err(BootError::Elf(_))
+        ));
         assert!(matches!(
             load_kernel(&m, 2 << 20, &vec![0u8; 3 << 20]),
             Err(BootError::KernelTooLarge { .. })
         ));
         let mut bz = vec![0u8; 0x1000];
         bz[0x202..0x206].copy_from_slice(BZIMAGE_MAGIC);
-        assert!(matches!(load_kernel(&m, 16 << 20, &bz), Err(BootError::BzImage(_))));
+        assert!(matches!(
+            load_kernel(&m, 16 << 20, &bz),
+            Err(BootError::BzImage(_))
+        ));
     }
 
     #[test]
@@ -386,7 +405,10 @@ mod tests {
             load_initrd(&m, 16 << 20, 0x20_0000, &vec![1u8; 15 << 20]),
             Err(BootError::InitrdTooLarge { .. })
         ));
-        assert!(matches!(load_initrd(&m, 16 << 20, 0x20_0000, &[]), Err(BootError::EmptyInitrd)));
+        assert!(matches!(
+            load_initrd(&m, 16 << 20, 0x20_0000, &[]),
+            Err(BootError::EmptyInitrd)
+        ));
     }
 
     #[test]
@@ -399,7 +421,10 @@ mod tests {
             Err(BootError::CmdlineTooLong { len }) if len == CMDLINE_MAX + 1
         ));
         let c = build_cmdline(&["console=ttyS0", "", " cell0.cpus=2 "]).unwrap();
-        assert_eq!(c.as_cstring().unwrap().to_str().unwrap(), "console=ttyS0 cell0.cpus=2");
+        assert_eq!(
+            c.as_cstring().unwrap().to_str().unwrap(),
+            "console=ttyS0 cell0.cpus=2"
+        );
     }
 
     #[test]
@@ -408,7 +433,11 @@ mod tests {
         let v: Vec<(u64, u64)> = e.iter().map(|x| (x.addr, x.size)).collect();
         assert_eq!(
             v,
-            vec![(0, EBDA_START), (HIMEM_START, (3 << 30) - HIMEM_START), (4 << 30, 2 << 30)]
+            vec![
+                (0, EBDA_START),
+                (HIMEM_START, (3 << 30) - HIMEM_START),
+                (4 << 30, 2 << 30)
+            ]
         );
     }
 

@@ -106,7 +106,14 @@ mod tests {
     use super::*;
 
     fn cfg(vcpus: u64, mem: u64) -> Result<VmConfig, ConfigError> {
-        VmConfig::new(KernelSource::Nano, None, None, vcpus, mem, SerialOutput::Stdout)
+        VmConfig::new(
+            KernelSource::Nano,
+            None,
+            None,
+            vcpus,
+            mem,
+            SerialOutput::Stdout,
+        )
     }
 
     #[test]
@@ -117,13 +124,19 @@ mod tests {
         assert_eq!(cfg(33, 16), Err(ConfigError::Vcpus(33)));
         assert_eq!(cfg(300, 16), Err(ConfigError::Vcpus(300)));
         assert_eq!(cfg(1, 0), Err(ConfigError::Memory(0)));
-        assert_eq!(cfg(1, MAX_MEMORY_MIB + 1), Err(ConfigError::Memory(MAX_MEMORY_MIB + 1)));
+        assert_eq!(
+            cfg(1, MAX_MEMORY_MIB + 1),
+            Err(ConfigError::Memory(MAX_MEMORY_MIB + 1))
+        );
         assert_eq!(cfg(1, 16).unwrap().memory_bytes(), 16 << 20);
     }
 
     #[test]
     fn serial_output_parses() {
-        assert_eq!("stdout".parse::<SerialOutput>().unwrap(), SerialOutput::Stdout);
+        assert_eq!(
+            "stdout".parse::<SerialOutput>().unwrap(),
+            SerialOutput::Stdout
+        );
         assert_eq!(
             "/tmp/x".parse::<SerialOutput>().unwrap(),
             SerialOutput::File(PathBuf::from("/tmp/x"))

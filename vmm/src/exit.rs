@@ -55,7 +55,10 @@ impl std::fmt::Display for StopReason {
             Self::TripleFault => write!(f, "guest crashed: triple fault (KVM_EXIT_SHUTDOWN)"),
             Self::GuestPanic => write!(f, "guest crashed: it reported a panic"),
             Self::FailEntry { reason, cpu } => {
-                write!(f, "KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})")
+                write!(
+                    f,
+                    "KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})"
+                )
             }
             Self::InternalError => write!(f, "guest crashed: KVM internal emulation error"),
             Self::Unexpected(s) => write!(f, "guest stopped on an unhandled exit: {s}"),
@@ -166,7 +169,10 @@ impl ExitSignal {
 
     /// The recorded reason.
     pub fn reason(&self) -> Option<StopReason> {
-        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The eventfd to watch.
@@ -204,7 +210,10 @@ mod tests {
     fn port_io_goes_to_the_bus() {
         let (pio, mmio, dev) = buses();
         let c = ExitCounters::default();
-        assert_eq!(handle_exit(VcpuExit::IoOut(0x3f8, b"hi"), &pio, &mmio, &c), VcpuAction::Continue);
+        assert_eq!(
+            handle_exit(VcpuExit::IoOut(0x3f8, b"hi"), &pio, &mmio, &c),
+            VcpuAction::Continue
+        );
         assert_eq!(dev.lock().unwrap().0, b"hi");
         let mut b = [0u8; 1];
         handle_exit(VcpuExit::IoIn(0x3fd, &mut b), &pio, &mmio, &c);
@@ -249,7 +258,13 @@ mod tests {
             (VcpuExit::SystemEvent(1, &[]), StopReason::PowerOff),
             (VcpuExit::SystemEvent(2, &[]), StopReason::Reset),
             (VcpuExit::SystemEvent(3, &[]), StopReason::GuestPanic),
-            (VcpuExit::FailEntry(0x21, 3), StopReason::FailEntry { reason: 0x21, cpu: 3 }),
+            (
+                VcpuExit::FailEntry(0x21, 3),
+                StopReason::FailEntry {
+                    reason: 0x21,
+                    cpu: 3,
+                },
+            ),
             (VcpuExit::InternalError, StopReason::InternalError),
         ];
         for (exit, want) in cases {
@@ -259,7 +274,10 @@ mod tests {
             handle_exit(VcpuExit::Unknown, &pio, &mmio, &c),
             VcpuAction::Stop(StopReason::Unexpected(_))
         ));
-        assert_eq!(handle_exit(VcpuExit::Intr, &pio, &mmio, &c), VcpuAction::Continue);
+        assert_eq!(
+            handle_exit(VcpuExit::Intr, &pio, &mmio, &c),
+            VcpuAction::Continue
+        );
     }
 
     #[test]

@@ -16,7 +16,11 @@ use clap::{Parser, Subcommand};
 const EXIT_GUEST_CRASH: u8 = 2;
 
 #[derive(Parser, Debug)]
-#[command(name = "cell0-vmm", version, about = "The cell0 micro-VM monitor: one KVM VM per process")]
+#[command(
+    name = "cell0-vmm",
+    version,
+    about = "The cell0 micro-VM monitor: one KVM VM per process"
+)]
 struct Cli {
     /// Log filter (error, warn, info, debug, trace, or a tracing EnvFilter directive).
     #[arg(long, global = true, default_value = "warn")]
@@ -28,7 +32,9 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Boot a VM and run it until the guest resets, powers off or crashes.
-    #[command(after_help = "Examples:\n  cell0-vmm launch                                  # the built-in nano guest\n  cell0-vmm launch --cmdline cell0.test=smp --vcpus 2\n  cell0-vmm launch --kernel vmlinux --initrd initrd.img --memory-mib 512")]
+    #[command(
+        after_help = "Examples:\n  cell0-vmm launch                                  # the built-in nano guest\n  cell0-vmm launch --cmdline cell0.test=smp --vcpus 2\n  cell0-vmm launch --kernel vmlinux --initrd initrd.img --memory-mib 512"
+    )]
     Launch {
         /// Kernel image (ELF or bzImage). Without it, the built-in nano guest boots.
         #[arg(long)]
@@ -71,7 +77,10 @@ fn init_logging(level: &str) -> anyhow::Result<()> {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     init_logging(&cli.log_level)?;
-    tracing::info!(elapsed_us = cell0_vmm::since_start_us(), "milestone: process start");
+    tracing::info!(
+        elapsed_us = cell0_vmm::since_start_us(),
+        "milestone: process start"
+    );
     match cli.cmd {
         Cmd::Launch {
             kernel,

@@ -23,7 +23,9 @@ use crate::arch::{self, KVM_TSS_ADDR, SERIAL_IRQ, cpu, mptable};
 use crate::boot::{self, BootError};
 use crate::config::{DEFAULT_CMDLINE, KernelSource, SerialOutput, VmConfig};
 use crate::exit::{ExitCounters, ExitSignal, StopReason};
-use crate::legacy::{I8042, I8042_PORT, I8042_PORT_LEN, SERIAL_PORT, SERIAL_PORT_LEN, SerialDevice};
+use crate::legacy::{
+    I8042, I8042_PORT, I8042_PORT_LEN, SERIAL_PORT, SERIAL_PORT_LEN, SerialDevice,
+};
 use crate::vcpu::{self, Vcpu, VcpuHandle};
 
 /// Errors that stop a VM from being built or run.
@@ -169,7 +171,8 @@ impl Vm {
     pub fn build(cfg: &VmConfig) -> Result<Self> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
-        vm.set_tss_address(KVM_TSS_ADDR).map_err(kvm_err("set TSS address"))?;
+        vm.set_tss_address(KVM_TSS_ADDR)
+            .map_err(kvm_err("set TSS address"))?;
 
         // Memory before the irqchip: the other order costs ~7 ms on nested KVM.
         let mem_size = cfg.memory_bytes();
@@ -233,12 +236,14 @@ impl Vm {
         let exit = Arc::new(ExitSignal::new().map_err(os_err("create the exit eventfd"))?);
         let out: Box<dyn Write + Send> = match &cfg.serial {
             SerialOutput::Stdout => Box::new(LineWriter::new(std::io::stdout())),
-            SerialOutput::File(p) => Box::new(LineWriter::new(File::create(p).map_err(
-                |source| VmError::SerialOutput {
-                    path: p.display().to_string(),
-                    source,
-                },
-            )?)),
+            SerialOutput::File(p) => {
+                Box::new(LineWriter::new(File::create(p).map_err(|source| {
+                    VmError::SerialOutput {
+                        path: p.display().to_string(),
+                        source,
+                    }
+                })?))
+            }
         };
         let serial_irq = EventFd::new(0).map_err(os_err("create the serial irqfd"))?;
         vm.register_irqfd(&serial_irq, SERIAL_IRQ)
@@ -260,7 +265,9 @@ impl Vm {
         let counters = Arc::new(ExitCounters::default());
         let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
         for i in 0..cfg.vcpus {
-            let fd = vm.create_vcpu(u64::from(i)).map_err(kvm_err("create vCPU"))?;
+            let fd = vm
+                .create_vcpu(u64::from(i))
+                .map_err(kvm_err("create vCPU"))?;
             let mut cpuid = supported.clone();
             cpu::filter_cpuid(&mut cpuid, i, cfg.vcpus);
             fd.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
@@ -328,7 +335,11 @@ impl Vm {
         };
         tracing::info!(elapsed_us = crate::since_start_us(), %reason, "milestone: guest exit");
         stop_all(&mut handles);
-        let flushed = self.serial.lock().unwrap_or_else(|p| p.into_inner()).flush();
+        let flushed = self
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .flush();
         if let Err(e) = flushed {
             tracing::warn!(error = %e, "cannot flush serial output");
         }

@@ -72,7 +72,7 @@ pub const BOOT_GDT: [u64; 4] = [
 /// Decodes GDT entry `index` of `table` into the segment KVM expects.
 pub fn segment_from_gdt(table: &[u64], index: usize) -> kvm_segment {
     let e = table[index];
-    let base = (((e >> 16) & 0xff_ffff) | ((e >> 32) & 0xff00_0000)) as u64;
+    let base = ((e >> 16) & 0xff_ffff) | ((e >> 32) & 0xff00_0000);
     let limit = ((e & 0xffff) | ((e >> 32) & 0xf_0000)) as u32;
     let g = ((e >> 55) & 1) as u8;
     kvm_segment {
@@ -114,7 +114,10 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<()> {
         pd.extend_from_slice(&((i << 21) | 0x83).to_le_bytes());
     }
     mem.write_slice(&pd, GuestAddress(PD_ADDR))
-        .map_err(|source| CpuError::WriteTable { what: "page directory", source })
+        .map_err(|source| CpuError::WriteTable {
+            what: "page directory",
+            source,
+        })
 }
 
 /// Special registers for 64-bit entry, on top of what KVM reports.
@@ -156,21 +159,30 @@ pub fn entry_regs(entry: u64, vcpu_index: u64, stack: u64) -> kvm_regs {
 
 /// Sets sregs, regs, FPU and MSRs for a vCPU entering at `entry`.
 pub fn setup_entry(vcpu: &VcpuFd, entry: u64, vcpu_index: u64) -> Result<()> {
-    let sregs = vcpu
-        .get_sregs()
-        .map_err(|source| CpuError::Ioctl { what: "sregs", source })?;
+    let sregs = vcpu.get_sregs().map_err(|source| CpuError::Ioctl {
+        what: "sregs",
+        source,
+    })?;
     vcpu.set_sregs(&long_mode_sregs(sregs))
-        .map_err(|source| CpuError::Ioctl { what: "sregs", source })?;
+        .map_err(|source| CpuError::Ioctl {
+            what: "sregs",
+            source,
+        })?;
     let stack = if vcpu_index == 0 { BOOT_STACK } else { 0 };
     vcpu.set_regs(&entry_regs(entry, vcpu_index, stack))
-        .map_err(|source| CpuError::Ioctl { what: "regs", source })?;
+        .map_err(|source| CpuError::Ioctl {
+            what: "regs",
+            source,
+        })?;
     let fpu = kvm_fpu {
         fcw: 0x37f,
         mxcsr: 0x1f80,
         ..Default::default()
     };
-    vcpu.set_fpu(&fpu)
-        .map_err(|source| CpuError::Ioctl { what: "FPU", source })?;
+    vcpu.set_fpu(&fpu).map_err(|source| CpuError::Ioctl {
+        what: "FPU",
+        source,
+    })?;
     setup_msrs(vcpu)
 }
 
@@ -204,11 +216,16 @@ fn setup_msrs(vcpu: &VcpuFd) -> Result<()> {
     })
     .collect();
     let msrs = Msrs::from_entries(&entries).map_err(|_| CpuError::Fam { what: "MSR" })?;
-    let n = vcpu
-        .set_msrs(&msrs)
-        .map_err(|source| CpuError::Ioctl { what: "MSRs", source })?;
+    let n = vcpu.set_msrs(&msrs).map_err(|source| CpuError::Ioctl {
+        what: "MSRs",
+        source,
+    })?;
     if n != entries.len() {
-        tracing::warn!(set = n, wanted = entries.len(), "KVM accepted only some boot MSRs");
+        tracing::warn!(
+            set = n,
+            wanted = entries.len(),
+            "KVM accepted only some boot MSRs"
+        );
     }
     Ok(())
 }
@@ -267,15 +284,18 @@ fn with_delivery_mode(reg: u32, mode: u32) -> u32 {
 
 /// Wires LINT0 to ExtINT and LINT1 to NMI, as a PC's BIOS would.
 pub fn setup_lint(vcpu: &VcpuFd) -> Result<()> {
-    let mut l = vcpu
-        .get_lapic()
-        .map_err(|source| CpuError::Ioctl { what: "LAPIC", source })?;
+    let mut l = vcpu.get_lapic().map_err(|source| CpuError::Ioctl {
+        what: "LAPIC",
+        source,
+    })?;
     let v0 = lapic_reg(&l, APIC_LVT0);
     set_lapic_reg(&mut l, APIC_LVT0, with_delivery_mode(v0, APIC_MODE_EXTINT));
     let v1 = lapic_reg(&l, APIC_LVT1);
     set_lapic_reg(&mut l, APIC_LVT1, with_delivery_mode(v1, APIC_MODE_NMI));
-    vcpu.set_lapic(&l)
-        .map_err(|source| CpuError::Ioctl { what: "LAPIC", source })
+    vcpu.set_lapic(&l).map_err(|source| CpuError::Ioctl {
+        what: "LAPIC",
+        source,
+    })
 }
 
 #[cfg(test)]

@@ -62,12 +62,19 @@ pub const MAX_VCPUS: u8 = 32;
 /// Serial IRQ.
 pub const SERIAL_IRQ: u32 = 4;
 
+// The boot stack sits between the zero page and the page tables; the EBDA ends below the kernel.
+const _: () = assert!(BOOT_STACK < PML4_ADDR && BOOT_STACK > ZERO_PAGE + 0x1000);
+const _: () = assert!(EBDA_START + 0x400 <= HIMEM_START);
+
 /// Guest RAM ranges for `size` bytes of memory: one range, or two around the MMIO hole.
 pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
     if size <= MMIO_HOLE_START {
         vec![(0, size)]
     } else {
-        vec![(0, MMIO_HOLE_START), (MMIO_HOLE_END, size - MMIO_HOLE_START)]
+        vec![
+            (0, MMIO_HOLE_START),
+            (MMIO_HOLE_END, size - MMIO_HOLE_START),
+        ]
     }
 }
 
@@ -79,10 +86,7 @@ mod tests {
     fn ram_is_split_around_the_mmio_hole() {
         assert_eq!(ram_ranges(16 << 20), vec![(0, 16 << 20)]);
         assert_eq!(ram_ranges(3 << 30), vec![(0, 3 << 30)]);
-        assert_eq!(
-            ram_ranges(5 << 30),
-            vec![(0, 3 << 30), (4 << 30, 2 << 30)]
-        );
+        assert_eq!(ram_ranges(5 << 30), vec![(0, 3 << 30), (4 << 30, 2 << 30)]);
     }
 
     #[test]
@@ -101,7 +105,5 @@ mod tests {
         for w in r.windows(2) {
             assert!(w[0].0 + w[0].1 <= w[1].0, "{w:x?}");
         }
-        assert!(BOOT_STACK < PML4_ADDR && BOOT_STACK > ZERO_PAGE + 0x1000);
-        assert!(EBDA_START + 0x400 <= HIMEM_START);
     }
 }

@@ -37,7 +37,10 @@ const INT_TYPE_EXTINT: u8 = 3;
 const IOAPIC_PINS: u8 = 24;
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |a, b| a.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// Builds the MP floating pointer followed by the configuration table, for a table placed at `addr`.
@@ -142,6 +145,9 @@ mod tests {
     #[test]
     fn refuses_zero_or_too_many_cpus() {
         assert!(matches!(build(0, 0), Err(MpTableError::TooManyCpus(0))));
-        assert!(matches!(build(0, MAX_VCPUS + 1), Err(MpTableError::TooManyCpus(_))));
+        assert!(matches!(
+            build(0, MAX_VCPUS + 1),
+            Err(MpTableError::TooManyCpus(_))
+        ));
     }
 }
