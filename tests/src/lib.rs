@@ -1,2 +1,123 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Shared helpers for the integration tests in `tests/tests/`.
+//! Shared helpers for the integration tests in `tests/tests/` and the benchmarks.
+//!
+//! Tests that need something the machine lacks (such as `/dev/kvm`) print why
+//! and return early; [`require_kvm!`] does that in one line.
+
+use std::fs::OpenOptions;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// Why KVM is unusable here, or `None` when `/dev/kvm` opens read-write.
+pub fn kvm_unavailable() -> Option<String> {
+    match OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => None,
+        Err(e) => Some(format!("/dev/kvm cannot be opened read-write: {e}")),
+    }
+}
+
+/// Skips the calling test (with a printed reason) when KVM is unusable.
+#[macro_export]
+macro_rules! require_kvm {
+    () => {
+        if let Some(why) = $crate::kvm_unavailable() {
+            eprintln!("SKIP {}: {why}", module_path!());
+            return;
+        }
+    };
+}
+
+/// The directory that holds the workspace's built binaries (`target/<profile>`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    let mut dir = exe.parent().expect("test binary has a directory").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Path to a workspace binary, built by `cargo build --workspace --bins` (or by
+/// `cargo test --workspace`, which builds the bins of packages with integration tests).
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        p.display()
+    );
+    p
+}
+
+/// A `cell0-vmm` command.
+pub fn vmm() -> Command {
+    Command::new(bin("cell0-vmm"))
+}
+
+/// The outcome of one VM run.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit code (None if killed by a signal).
+    pub code: Option<i32>,
+    /// Serial console output.
+    pub serial: String,
+    /// VMM stderr (logs and error line).
+    pub stderr: String,
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Self {
+        Self {
+            code: o.status.code(),
+            serial: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+/// Runs `cell0-vmm launch ARGS` with serial on stdout and returns the outcome.
+pub fn launch(args: &[&str]) -> Run {
+    vmm()
+        .arg("launch")
+        .args(args)
+        .output()
+        .expect("cell0-vmm runs")
+        .into()
+}
+
+/// Runs the built-in nano guest's self-test `test` with extra launch arguments.
+pub fn nano_test(test: &str, extra: &[&str]) -> Run {
+    let cmdline = format!("cell0.test={test}");
+    let mut args = vec!["--cmdline", cmdline.as_str()];
+    args.extend_from_slice(extra);
+    launch(&args)
+}
+
+/// Writes the built-in nano ELF to `path`.
+pub fn write_nano_image(path: &std::path::Path) {
+    let st = vmm()
+        .arg("nano-image")
+        .arg("--out")
+        .arg(path)
+        .status()
+        .expect("cell0-vmm runs");
+    assert!(st.success(), "cell0-vmm nano-image failed");
+}
+
+/// Asserts that a run failed the way a VMM error must: exit status 1, one
+/// `cell0-vmm: error:` line on stderr containing `needle`, and no panic.
+pub fn assert_clean_error(r: &Run, needle: &str) {
+    assert_eq!(r.code, Some(1), "exit status: {r:#?}");
+    assert!(!r.stderr.contains("panicked"), "the VMM panicked: {}", r.stderr);
+    let errs: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("cell0-vmm: error:"))
+        .collect();
+    assert_eq!(errs.len(), 1, "one error line expected: {}", r.stderr);
+    assert!(
+        errs[0].contains(needle),
+        "error line {:?} does not mention {needle:?}",
+        errs[0]
+    );
+}
