@@ -224,9 +224,8 @@ impl Header {
         };
         let flags = u16::from_le_bytes([h[6], h[7]]);
         let channel = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
-        let request_id = u64::from_le_bytes([
-            h[12], h[13], h[14], h[15], h[16], h[17], h[18], h[19],
-        ]);
+        let request_id =
+            u64::from_le_bytes([h[12], h[13], h[14], h[15], h[16], h[17], h[18], h[19]]);
         let payload_len = u32::from_le_bytes([h[20], h[21], h[22], h[23]]);
         if payload_len as usize > max_payload.min(MAX_PAYLOAD) {
             return Err(FrameError::Oversize {
@@ -541,7 +540,9 @@ mod tests {
             Err(FrameError::BadMagic(*b"SX\0\0"))
         );
         assert_eq!(
-            decode_slice(b"GET / HTTP/1.1\r\n\r\n", MAX_PAYLOAD).unwrap_err().code(),
+            decode_slice(b"GET / HTTP/1.1\r\n\r\n", MAX_PAYLOAD)
+                .unwrap_err()
+                .code(),
             ErrorCode::BadMagic
         );
         assert_eq!(
