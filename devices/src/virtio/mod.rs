@@ -1,0 +1,249 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Virtio devices and their MMIO transport.
+//!
+//! A device implements [`VirtioDevice`]: it says what it is (type, features,
+//! queue sizes, config space) and, once the driver sets DRIVER_OK, receives its
+//! queues, the guest memory and an [`Interrupt`] in [`VirtioDevice::activate`].
+//! The [`MmioTransport`] decodes the virtio-mmio (version 2) register window and
+//! drives that life cycle. Queue kicks arrive on one `EventFd` per queue (a KVM
+//! ioeventfd); interrupts leave on one irqfd `EventFd`. The vCPU loop sees neither.
+//!
+//! # Wiring a device into the VMM
+//!
+//! ```no_run
+//! use std::sync::{Arc, Mutex};
+//! use cell0_devices::Bus;
+//! use cell0_devices::virtio::{MmioTransport, VirtioDevice, mmio::NOTIFY_REG_OFFSET};
+//! use cell0_devices::virtio::vsock::Vsock;
+//! use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+//! use vm_memory::{GuestAddress, GuestMemoryMmap};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)])?;
+//! // `--vsock-uds /run/vm0.vsock --cid 3`
+//! let vsock = Arc::new(Mutex::new(Vsock::new(3, "/run/vm0.vsock")?));
+//!
+//! // The device's event handler runs on the VMM's event-manager thread.
+//! let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()?;
+//! em.add_subscriber(vsock.clone());
+//!
+//! // The transport is the bus device for the 4 KiB window.
+//! let (base, irq) = (0xd000_0000u64, 5u32);
+//! let transport = MmioTransport::new(mem.clone(), vsock.clone() as Arc<Mutex<dyn VirtioDevice>>)?;
+//! for (index, evt) in transport.queue_evts().iter().enumerate() {
+//!     // vm.register_ioevent(evt.as_ref(), &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET),
+//!     //                     index as u32)?;
+//!     let _ = (index, evt, base + NOTIFY_REG_OFFSET);
+//! }
+//! // vm.register_irqfd(transport.irqfd(), irq)?;
+//! let mut mmio_bus = Bus::new();
+//! mmio_bus.insert(Arc::new(Mutex::new(transport)), base, 0x1000)?;
+//! let cmdline_part = format!("virtio_mmio.device=4K@{base:#x}:{irq}");
+//! # let _ = cmdline_part;
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod mmio;
+pub mod vsock;
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+pub use mmio::MmioTransport;
+
+/// Guest memory type shared by every virtio device.
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// `VIRTIO_F_VERSION_1`: the device is a virtio 1.x (non-legacy) device.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+/// `VIRTIO_RING_F_EVENT_IDX`: used/avail event index notification suppression.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+
+/// Device status bits (virtio 1.x §2.1).
+pub mod status {
+    use virtio_bindings::virtio_config as c;
+    /// The guest found the device.
+    pub const ACKNOWLEDGE: u32 = c::VIRTIO_CONFIG_S_ACKNOWLEDGE;
+    /// The guest knows how to drive the device.
+    pub const DRIVER: u32 = c::VIRTIO_CONFIG_S_DRIVER;
+    /// The driver is set up and ready to drive the device.
+    pub const DRIVER_OK: u32 = c::VIRTIO_CONFIG_S_DRIVER_OK;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u32 = c::VIRTIO_CONFIG_S_FEATURES_OK;
+    /// The device hit an error it cannot recover from without a reset.
+    pub const NEEDS_RESET: u32 = c::VIRTIO_CONFIG_S_NEEDS_RESET;
+    /// The driver gave up on the device.
+    pub const FAILED: u32 = c::VIRTIO_CONFIG_S_FAILED;
+}
+
+/// InterruptStatus bit: the device used a buffer in at least one queue.
+pub const INT_USED_RING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+/// InterruptStatus bit: the device configuration (or NEEDS_RESET) changed.
+pub const INT_CONFIG: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
+
+/// Errors of the virtio device layer.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioError {
+    /// The transport handed the device a different number of queues than it has.
+    #[error("expected {expected} queues, got {got}")]
+    QueueCount {
+        /// Queues the device has.
+        expected: usize,
+        /// Queues it was given.
+        got: usize,
+    },
+    /// A queue the device needs was not made ready by the driver.
+    #[error("queue {0} is not ready")]
+    QueueNotReady(usize),
+    /// Writing the irqfd failed.
+    #[error("cannot signal the interrupt")]
+    Interrupt(#[source] io::Error),
+    /// Writing an eventfd the device uses internally failed.
+    #[error("cannot write an event file descriptor")]
+    EventFd(#[source] io::Error),
+    /// The device cannot be activated twice without a reset.
+    #[error("device is already active")]
+    AlreadyActive,
+}
+
+/// A queue handed to a device at activation: the virtio-queue state plus the
+/// eventfd the guest's QueueNotify writes signal (the KVM ioeventfd).
+#[derive(Debug)]
+pub struct VirtQueue {
+    /// Queue state as configured by the driver.
+    pub queue: Queue,
+    /// Signalled when the driver notifies this queue.
+    pub notify: Arc<EventFd>,
+}
+
+/// A virtio device, independent of the transport it sits behind.
+pub trait VirtioDevice: Send {
+    /// Virtio device type (`VIRTIO_ID_*`).
+    fn device_type(&self) -> u32;
+    /// Feature bits the device offers.
+    fn avail_features(&self) -> u64;
+    /// Records the features the driver accepted (a subset of [`Self::avail_features`]);
+    /// called once the driver sets FEATURES_OK.
+    fn ack_features(&mut self, features: u64);
+    /// Maximum size of each queue; its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Reads `data.len()` bytes of device config space at `offset`. Bytes past
+    /// the end of the config space read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device config space; out-of-range or read-only writes are ignored.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device with the driver's queues.
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        queues: Vec<VirtQueue>,
+        interrupt: Interrupt,
+    ) -> Result<(), VirtioError>;
+    /// Stops the device and drops its queues, so the transport can start over.
+    fn reset(&mut self);
+    /// Whether [`Self::activate`] succeeded and no reset followed.
+    fn is_activated(&self) -> bool;
+}
+
+#[derive(Debug)]
+struct InterruptInner {
+    status: AtomicU32,
+    needs_reset: AtomicBool,
+    config_generation: AtomicU32,
+    irqfd: EventFd,
+}
+
+/// The interrupt line of one virtio-mmio device: the InterruptStatus register
+/// and the irqfd that KVM turns into the device's GSI. Cloning shares it
+/// between the transport (vCPU thread) and the device (event thread).
+#[derive(Debug, Clone)]
+pub struct Interrupt {
+    inner: Arc<InterruptInner>,
+}
+
+impl Interrupt {
+    /// A fresh, non-blocking irqfd with no interrupt pending.
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            inner: Arc::new(InterruptInner {
+                status: AtomicU32::new(0),
+                needs_reset: AtomicBool::new(false),
+                config_generation: AtomicU32::new(0),
+                irqfd: EventFd::new(EFD_NONBLOCK)?,
+            }),
+        })
+    }
+
+    fn raise(&self, bit: u32) -> Result<(), VirtioError> {
+        self.inner.status.fetch_or(bit, Ordering::SeqCst);
+        self.inner.irqfd.write(1).map_err(VirtioError::Interrupt)
+    }
+
+    /// Sets the used-buffer bit and raises the interrupt.
+    pub fn signal_used_queue(&self) -> Result<(), VirtioError> {
+        self.raise(INT_USED_RING)
+    }
+
+    /// Bumps ConfigGeneration, sets the config-change bit and raises the interrupt.
+    pub fn signal_config_change(&self) -> Result<(), VirtioError> {
+        self.inner.config_generation.fetch_add(1, Ordering::SeqCst);
+        self.raise(INT_CONFIG)
+    }
+
+    /// Marks the device NEEDS_RESET and tells the driver with a config-change interrupt.
+    pub fn set_needs_reset(&self) {
+        if !self.inner.needs_reset.swap(true, Ordering::SeqCst) {
+            tracing::warn!("virtio device needs a reset");
+            if let Err(e) = self.raise(INT_CONFIG) {
+                tracing::warn!(error = %e, "cannot raise the needs-reset interrupt");
+            }
+        }
+    }
+
+    /// Whether the device set NEEDS_RESET since the last reset.
+    pub fn needs_reset(&self) -> bool {
+        self.inner.needs_reset.load(Ordering::SeqCst)
+    }
+
+    /// Current InterruptStatus bits.
+    pub fn status(&self) -> u32 {
+        self.inner.status.load(Ordering::SeqCst)
+    }
+
+    /// InterruptACK: clears `bits`.
+    pub fn ack(&self, bits: u32) {
+        self.inner.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Current ConfigGeneration.
+    pub fn config_generation(&self) -> u32 {
+        self.inner.config_generation.load(Ordering::SeqCst)
+    }
+
+    /// Clears the status bits and NEEDS_RESET (device reset).
+    fn reset(&self) {
+        self.inner.status.store(0, Ordering::SeqCst);
+        self.inner.needs_reset.store(false, Ordering::SeqCst);
+    }
+
+    /// The irqfd to register with KVM (`KVM_IRQFD`) for the device's GSI.
+    pub fn irqfd(&self) -> &EventFd {
+        &self.inner.irqfd
+    }
+}
+
+/// Adds one to `counter`; logs `what` at warn level the first time, at debug after.
+/// This is how guest misbehaviour is "counted in a metric and logged once".
+pub(crate) fn count_and_warn_once(counter: &AtomicU64, what: &str) {
+    if counter.fetch_add(1, Ordering::Relaxed) == 0 {
+        tracing::warn!("{what} (logged once; further ones are counted)");
+    } else {
+        tracing::debug!("{what}");
+    }
+}
