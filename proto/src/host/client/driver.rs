@@ -346,9 +346,9 @@ pub async fn handshake(shared: &Shared, stream: BoxStream) -> Result<LinkIo, Cli
 }
 
 /// Runs connections until the client closes or reconnecting gives up.
-pub async fn drive(shared: Arc<Shared>, mut io: LinkIo) {
+pub async fn drive(shared: Arc<Shared>, mut running: Running) {
     loop {
-        let reason = run_link(&shared, io).await;
+        let reason = run_link(&shared, running).await;
         tracing::debug!(%reason, agent = %shared.config.agent_id, "SYPAS connection ended");
         if shared.closing.load(Ordering::SeqCst) {
             shared.set_state(LinkState::Closed(ClientError::Closed));
@@ -361,7 +361,7 @@ pub async fn drive(shared: Arc<Shared>, mut io: LinkIo) {
         }
         shared.set_state(LinkState::Connecting);
         let mut attempt = 0u32;
-        io = loop {
+        running = loop {
             if policy.max_attempts.is_some_and(|max| attempt >= max) {
                 tracing::warn!(attempts = attempt, "giving up reconnecting");
                 shared.set_state(LinkState::Closed(ClientError::GaveUp { attempts: attempt }));
@@ -377,25 +377,34 @@ pub async fn drive(shared: Arc<Shared>, mut io: LinkIo) {
             }
             attempt += 1;
             match establish(&shared).await {
-                Ok(io) => break io,
+                Ok(io) => break open_link(&shared, io),
                 Err(e) => tracing::debug!(error = %e, attempt, "reconnect failed"),
             }
         };
     }
 }
 
-/// Serves one connection until it ends; fails its pending requests.
-async fn run_link(shared: &Arc<Shared>, io: LinkIo) -> Disconnect {
+/// A connection that is up: its reader, link and writer task.
+pub struct Running {
+    reader: FrameReader<ReadHalf<BoxStream>>,
+    link: Arc<Link>,
+    tx: mpsc::Sender<Outbound>,
+    close_tx: oneshot::Sender<Close>,
+    write_task: tokio::task::JoinHandle<io::Result<()>>,
+}
+
+/// Puts a handshaken connection to use: starts its writer, re-subscribes the
+/// client's topics, and publishes the link so calls can use it at once.
+pub fn open_link(shared: &Arc<Shared>, io: LinkIo) -> Running {
     let LinkIo {
-        mut reader,
+        reader,
         writer,
         welcome,
     } = io;
     shared.set_welcome(welcome);
-    let cfg = &shared.config;
-    let (tx, rx) = mpsc::channel(cfg.outbound_queue.max(1));
+    let (tx, rx) = mpsc::channel(shared.config.outbound_queue.max(1));
     let (close_tx, close_rx) = oneshot::channel();
-    let mut write_task = tokio::spawn(write_loop(writer, rx, close_rx));
+    let write_task = tokio::spawn(write_loop(writer, rx, close_rx));
     let link = Arc::new(Link {
         tx: tx.clone(),
         pending: Mutex::new(Pending::default()),
@@ -407,6 +416,25 @@ async fn run_link(shared: &Arc<Shared>, io: LinkIo) -> Disconnect {
         let _ = tx.try_send(Outbound::Frame(frame));
     }
     shared.set_state(LinkState::Up(link.clone()));
+    Running {
+        reader,
+        link,
+        tx,
+        close_tx,
+        write_task,
+    }
+}
+
+/// Serves one connection until it ends; fails its pending requests.
+async fn run_link(shared: &Arc<Shared>, running: Running) -> Disconnect {
+    let Running {
+        mut reader,
+        link,
+        tx,
+        close_tx,
+        mut write_task,
+    } = running;
+    let cfg = &shared.config;
     if shared.closing.load(Ordering::SeqCst) {
         shared.shutdown.notify_one();
     }

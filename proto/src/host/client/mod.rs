@@ -292,7 +292,8 @@ impl Client {
     }
 
     fn start(shared: Arc<Shared>, io: driver::LinkIo) -> Client {
-        tokio::spawn(driver::drive(shared.clone(), io));
+        let running = driver::open_link(&shared, io);
+        tokio::spawn(driver::drive(shared.clone(), running));
         Client {
             handle: Arc::new(Handle { shared }),
         }
