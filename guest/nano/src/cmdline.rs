@@ -78,14 +78,6 @@ pub fn parse_decimal(s: &[u8]) -> Option<usize> {
     Some(n)
 }
 
-/// The cmdline bytes up to (not including) the first NUL, at most `max`.
-pub fn until_nul(bytes: &[u8]) -> &[u8] {
-    match bytes.iter().position(|b| *b == 0) {
-        Some(end) => &bytes[..end],
-        None => bytes,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,11 +140,5 @@ mod tests {
     fn address_combines_both_halves() {
         assert_eq!(cmdline_address(0x2_0000, 0), 0x2_0000);
         assert_eq!(cmdline_address(0x1000, 1), 0x1_0000_1000);
-    }
-
-    #[test]
-    fn stops_at_nul() {
-        assert_eq!(until_nul(b"abc\0def"), b"abc");
-        assert_eq!(until_nul(b"abc"), b"abc");
     }
 }

@@ -80,3 +80,11 @@ fn panic(info: &PanicInfo<'_>) -> ! {
     }
     die()
 }
+
+/// The precompiled `core` refers to this symbol from its unwind tables; with
+/// panic=abort nothing ever calls it. Release builds drop the reference (LTO);
+/// a dev build needs the symbol to link.
+#[unsafe(no_mangle)]
+extern "C" fn rust_eh_personality() {
+    sys::crash()
+}

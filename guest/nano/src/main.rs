@@ -102,9 +102,15 @@ fn read_cmdline(boot_params: usize) -> &'static [u8] {
         say!("cmdline at {:#x} is outside the identity map", addr);
         die()
     }
+    let start = addr as *const u8;
+    let mut len = 0;
+    // Bytes past the NUL are never touched: they need not be RAM.
     // SAFETY: the VMM wrote a NUL-terminated cmdline of at most
-    // `cmdline_size` bytes there, in guest RAM that nothing writes while the
-    // guest runs; the range is inside the identity map (checked above).
-    let bytes = unsafe { core::slice::from_raw_parts(addr as *const u8, max) };
-    cmdline::until_nul(bytes)
+    // `cmdline_size` bytes there, inside the identity map (checked above).
+    while len < max && unsafe { ptr::read_volatile(start.add(len)) } != 0 {
+        len += 1;
+    }
+    // SAFETY: those `len` bytes were just read; nothing writes them while the
+    // guest runs.
+    unsafe { core::slice::from_raw_parts(start, len) }
 }
