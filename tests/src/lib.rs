@@ -30,7 +30,10 @@ macro_rules! require_kvm {
 /// The directory that holds the workspace's built binaries (`target/<profile>`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("the test knows its own path");
-    let mut dir = exe.parent().expect("test binary has a directory").to_path_buf();
+    let mut dir = exe
+        .parent()
+        .expect("test binary has a directory")
+        .to_path_buf();
     if dir.ends_with("deps") {
         dir.pop();
     }
@@ -108,7 +111,11 @@ pub fn write_nano_image(path: &std::path::Path) {
 /// `cell0-vmm: error:` line on stderr containing `needle`, and no panic.
 pub fn assert_clean_error(r: &Run, needle: &str) {
     assert_eq!(r.code, Some(1), "exit status: {r:#?}");
-    assert!(!r.stderr.contains("panicked"), "the VMM panicked: {}", r.stderr);
+    assert!(
+        !r.stderr.contains("panicked"),
+        "the VMM panicked: {}",
+        r.stderr
+    );
     let errs: Vec<&str> = r
         .stderr
         .lines()

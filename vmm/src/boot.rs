@@ -55,10 +55,15 @@ pub enum BootError {
     #[error("cannot write the initrd into guest memory")]
     WriteInitrd(#[source] vm_memory::GuestMemoryError),
     /// The command line is too long.
-    #[error("the kernel command line is {len} bytes, over the limit of {CMDLINE_MAX}")]
+    #[error(
+        "the kernel command line is {len} bytes, over the limit of {CMDLINE_MAX} \
+         ({added} of them added by cell0-vmm)"
+    )]
     CmdlineTooLong {
         /// Its length.
         len: usize,
+        /// Bytes the VMM appended to the one given.
+        added: usize,
     },
     /// The command line has bad characters.
     #[error("invalid kernel command line")]
@@ -210,7 +215,8 @@ pub fn load_initrd(
     Ok(addr)
 }
 
-/// Builds the command line, checking the length limit.
+/// Builds the command line from the user's part (first) and the parts the VMM
+/// appends, checking the length limit.
 pub fn build_cmdline(parts: &[&str]) -> Result<Cmdline> {
     let joined = parts
         .iter()
@@ -219,7 +225,11 @@ pub fn build_cmdline(parts: &[&str]) -> Result<Cmdline> {
         .collect::<Vec<_>>()
         .join(" ");
     if joined.len() > CMDLINE_MAX {
-        return Err(BootError::CmdlineTooLong { len: joined.len() });
+        let user = parts.first().map_or(0, |s| s.trim().len());
+        return Err(BootError::CmdlineTooLong {
+            len: joined.len(),
+            added: joined.len() - user,
+        });
     }
     let mut c = Cmdline::new(CMDLINE_MAX + 1).map_err(BootError::Cmdline)?;
     if !joined.is_empty() {
@@ -418,7 +428,11 @@ mod tests {
         let long = "a".repeat(CMDLINE_MAX + 1);
         assert!(matches!(
             build_cmdline(&[&long]),
-            Err(BootError::CmdlineTooLong { len }) if len == CMDLINE_MAX + 1
+            Err(BootError::CmdlineTooLong { len, added: 0 }) if len == CMDLINE_MAX + 1
+        ));
+        assert!(matches!(
+            build_cmdline(&[&ok, "cell0.cpus=2"]),
+            Err(BootError::CmdlineTooLong { added: 13, .. })
         ));
         let c = build_cmdline(&["console=ttyS0", "", " cell0.cpus=2 "]).unwrap();
         assert_eq!(

@@ -13,26 +13,47 @@ fn help_lists_launch_options() {
     let o = vmm().args(["launch", "--help"]).output().unwrap();
     assert!(o.status.success());
     let s = String::from_utf8_lossy(&o.stdout);
-    for opt in ["--kernel", "--initrd", "--cmdline", "--vcpus", "--memory-mib", "--serial", "--log-level"] {
+    for opt in [
+        "--kernel",
+        "--initrd",
+        "--cmdline",
+        "--vcpus",
+        "--memory-mib",
+        "--serial",
+        "--log-level",
+    ] {
         assert!(s.contains(opt), "{opt} missing from help:\n{s}");
     }
 }
 
 #[test]
 fn bad_log_level_is_a_clean_error() {
-    let o = vmm().args(["--log-level", "lo[ud", "launch"]).output().unwrap();
+    let o = vmm()
+        .args(["--log-level", "lo[ud", "launch"])
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(1));
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(e.starts_with("cell0-vmm: error: invalid --log-level"), "{e}");
+    assert!(
+        e.starts_with("cell0-vmm: error: invalid --log-level"),
+        "{e}"
+    );
 }
 
 #[test]
 fn nano_image_is_an_elf_with_the_smp_note() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("nano.elf");
-    let o = vmm().args(["nano-image", "--out"]).arg(&p).output().unwrap();
+    let o = vmm()
+        .args(["nano-image", "--out"])
+        .arg(&p)
+        .output()
+        .unwrap();
     assert!(o.status.success());
     let b = std::fs::read(&p).unwrap();
     assert_eq!(&b[..4], b"\x7fELF");
-    assert!(cell0_vmm::boot::find_smp_note(&b).is_some(), "nano guest lacks the CELL0 SMP note");
+    assert!(
+        cell0_vmm::boot::find_smp_note(&b).is_some(),
+        "nano guest lacks the CELL0 SMP note"
+    );
 }
