@@ -22,6 +22,10 @@ pub mod msg;
 #[cfg(feature = "host")]
 pub mod host;
 
+/// The `bytes` and `prost` this crate is built with, for callers (such as the
+/// nano guest) that should not name their own versions.
+pub use {bytes, prost};
+
 pub use code::ErrorCode;
 pub use frame::{
     Decoded, Frame, FrameDecoder, FrameError, HEADER_LEN, Header, Kind, MAGIC, MAX_PAYLOAD,
