@@ -26,8 +26,9 @@ pub const TSS_STRIDE: u64 = 1 << TSS_SHIFT;
 /// Limit (size - 1) of a TSS without an I/O permission bitmap.
 pub const TSS_LIMIT: u32 = 0x67;
 
-/// Most vCPUs the nano guest supports (vCPU index 0..MAX_CPUS-1).
-pub const MAX_CPUS: usize = 16;
+/// Most vCPUs the nano guest supports (vCPU index 0..MAX_CPUS-1); cell0-vmm
+/// accepts 1 to 32.
+pub const MAX_CPUS: usize = 32;
 
 /// log2 of the size of a CPU's ring-0 area (ring-0 stack plus its record).
 /// The areas are aligned to their size, so a stub finds its CPU's record by
