@@ -40,6 +40,16 @@ impl std::str::FromStr for SerialOutput {
     }
 }
 
+/// The vsock device: guest CID and the host Unix socket of the hybrid backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// Guest context id (3 ..= u32::MAX - 1).
+    pub cid: u64,
+    /// Host socket: host processes connect here and send `CONNECT <port>`;
+    /// guest connections to port P go to `<uds>_P`.
+    pub uds: PathBuf,
+}
+
 /// Invalid configuration values.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -49,6 +59,12 @@ pub enum ConfigError {
     /// Memory size out of range.
     #[error("--memory-mib must be between 1 and {MAX_MEMORY_MIB}, got {0}")]
     Memory(u64),
+    /// Vsock CID reserved or out of range.
+    #[error("--cid must be between 3 and 4294967294, got {0}")]
+    Cid(u64),
+    /// Only one of the vsock options was given.
+    #[error("--vsock-uds and --cid go together")]
+    VsockHalf,
 }
 
 /// A VM to launch.
@@ -66,6 +82,8 @@ pub struct VmConfig {
     pub memory_mib: u64,
     /// Serial console output.
     pub serial: SerialOutput,
+    /// Optional virtio-vsock device.
+    pub vsock: Option<VsockConfig>,
 }
 
 impl VmConfig {
@@ -92,7 +110,27 @@ impl VmConfig {
             vcpus,
             memory_mib,
             serial,
+            vsock: None,
         })
+    }
+
+    /// Adds a vsock device from the `--vsock-uds`/`--cid` pair (both or neither).
+    pub fn with_vsock(
+        mut self,
+        uds: Option<PathBuf>,
+        cid: Option<u64>,
+    ) -> Result<Self, ConfigError> {
+        self.vsock = match (uds, cid) {
+            (None, None) => None,
+            (Some(uds), Some(cid)) => {
+                if !(3..u64::from(u32::MAX)).contains(&cid) {
+                    return Err(ConfigError::Cid(cid));
+                }
+                Some(VsockConfig { cid, uds })
+            }
+            _ => return Err(ConfigError::VsockHalf),
+        };
+        Ok(self)
     }
 
     /// Guest memory in bytes.
@@ -129,6 +167,34 @@ mod tests {
             Err(ConfigError::Memory(MAX_MEMORY_MIB + 1))
         );
         assert_eq!(cfg(1, 16).unwrap().memory_bytes(), 16 << 20);
+    }
+
+    #[test]
+    fn vsock_options() {
+        let c = cfg(1, 16).unwrap();
+        assert_eq!(c.clone().with_vsock(None, None).unwrap().vsock, None);
+        let v = c
+            .clone()
+            .with_vsock(Some("/tmp/v.sock".into()), Some(3))
+            .unwrap();
+        assert_eq!(v.vsock.unwrap().cid, 3);
+        assert_eq!(
+            c.clone().with_vsock(Some("/x".into()), Some(2)),
+            Err(ConfigError::Cid(2))
+        );
+        assert_eq!(
+            c.clone()
+                .with_vsock(Some("/x".into()), Some(u64::from(u32::MAX))),
+            Err(ConfigError::Cid(u64::from(u32::MAX)))
+        );
+        assert_eq!(
+            c.clone().with_vsock(None, Some(3)),
+            Err(ConfigError::VsockHalf)
+        );
+        assert_eq!(
+            c.with_vsock(Some("/x".into()), None),
+            Err(ConfigError::VsockHalf)
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 pub mod arch;
 pub mod boot;
 pub mod config;
+pub mod device_manager;
 pub mod exit;
 pub mod legacy;
 pub mod nano;

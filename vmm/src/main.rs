@@ -54,6 +54,14 @@ enum Cmd {
         /// Serial console output: "stdout" or a file path.
         #[arg(long, default_value = "stdout")]
         serial: SerialOutput,
+        /// Host Unix socket of the hybrid virtio-vsock device (with --cid). Host
+        /// processes connect to it and send "CONNECT <port>"; guest connections to
+        /// port P go to "<PATH>_P".
+        #[arg(long, requires = "cid")]
+        vsock_uds: Option<PathBuf>,
+        /// Guest vsock context id (3 or more; with --vsock-uds).
+        #[arg(long, requires = "vsock_uds")]
+        cid: Option<u64>,
     },
     /// Write the built-in nano guest ELF to a file.
     NanoImage {
@@ -89,9 +97,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             vcpus,
             memory_mib,
             serial,
+            vsock_uds,
+            cid,
         } => {
             let kernel = kernel.map_or(KernelSource::Nano, KernelSource::Path);
-            let cfg = VmConfig::new(kernel, initrd, cmdline, vcpus, memory_mib, serial)?;
+            let cfg = VmConfig::new(kernel, initrd, cmdline, vcpus, memory_mib, serial)?
+                .with_vsock(vsock_uds, cid)?;
             let reason = Vm::build(&cfg)?.run()?;
             if reason.is_clean() {
                 Ok(ExitCode::SUCCESS)

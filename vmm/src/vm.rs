@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cell0_devices::Bus;
+use cell0_devices::virtio::vsock::Vsock;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{
     KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_mp_state, kvm_pit_config,
@@ -22,6 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::{self, KVM_TSS_ADDR, SERIAL_IRQ, cpu, mptable};
 use crate::boot::{self, BootError};
 use crate::config::{DEFAULT_CMDLINE, KernelSource, SerialOutput, VmConfig};
+use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::exit::{ExitCounters, ExitSignal, StopReason};
 use crate::legacy::{
     I8042, I8042_PORT, I8042_PORT_LEN, SERIAL_PORT, SERIAL_PORT_LEN, SerialDevice,
@@ -93,6 +95,12 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    /// A virtio device could not be placed.
+    #[error(transparent)]
+    Device(#[from] DeviceManagerError),
+    /// The vsock device could not be created.
+    #[error("cannot create the vsock device")]
+    Vsock(#[from] cell0_devices::virtio::vsock::VsockError),
     /// The event loop failed.
     #[error("the event loop failed")]
     EventLoop(#[source] event_manager::Error),
@@ -216,13 +224,6 @@ impl Vm {
             }
             None => None,
         };
-        let cpus_arg = format!("cell0.cpus={}", cfg.vcpus);
-        let mut parts = vec![cfg.cmdline.as_deref().unwrap_or(DEFAULT_CMDLINE)];
-        if kernel.smp_entry.is_some() {
-            parts.push(&cpus_arg);
-        }
-        let cmdline = boot::build_cmdline(&parts)?;
-        boot::write_boot_params(&mem, mem_size, &kernel, &cmdline, initrd)?;
         cpu::write_boot_tables(&mem)?;
         mptable::write(&mem, cfg.vcpus)?;
         tracing::debug!(
@@ -256,7 +257,30 @@ impl Vm {
             I8042_PORT,
             I8042_PORT_LEN,
         )?;
-        let mmio = Bus::new();
+        let mut mmio = Bus::new();
+        let mut events = EventManager::<Subscriber>::new().map_err(VmError::EventLoop)?;
+        events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { exit: exit.clone() })));
+        let mut devices = DeviceManager::new();
+        if let Some(v) = &cfg.vsock {
+            let dev = Arc::new(Mutex::new(Vsock::new(v.cid, &v.uds)?));
+            let slot = devices.add_virtio(&vm, &mem, &mut mmio, dev.clone())?;
+            events.add_subscriber(dev);
+            tracing::debug!(cid = v.cid, uds = %v.uds.display(), base = format_args!("{:#x}", slot.base), irq = slot.irq, "virtio-vsock added");
+        }
+
+        // Command line: the user's (or the default), then what the VMM adds.
+        let mut parts = vec![
+            cfg.cmdline
+                .clone()
+                .unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
+        ];
+        parts.extend(devices.cmdline_entries());
+        if kernel.smp_entry.is_some() {
+            parts.push(format!("cell0.cpus={}", cfg.vcpus));
+        }
+        let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+        let cmdline = boot::build_cmdline(&parts)?;
+        boot::write_boot_params(&mem, mem_size, &kernel, &cmdline, initrd)?;
 
         // vCPUs.
         let supported = kvm
@@ -291,9 +315,6 @@ impl Vm {
                 counters: counters.clone(),
             });
         }
-
-        let mut events = EventManager::<Subscriber>::new().map_err(VmError::EventLoop)?;
-        events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { exit: exit.clone() })));
 
         Ok(Self {
             _kvm: kvm,
