@@ -665,6 +665,19 @@ impl Verifier {
     }
 }
 
+/// The clock fields of a quote, unauthenticated (for diagnostics; verification
+/// checks them under the signature).
+pub fn quote_clock(quote: &QuoteBundle) -> Option<ClockInfo> {
+    use tss_esapi::traits::UnMarshall;
+    let a = tss_esapi::structures::Attest::unmarshall(&quote.attest).ok()?;
+    let c = a.clock_info();
+    Some(ClockInfo {
+        clock: c.clock(),
+        reset_count: c.reset_count(),
+        restart_count: c.restart_count(),
+    })
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
