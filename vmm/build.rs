@@ -22,7 +22,7 @@ fn main() {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let root = manifest_dir.parent().expect("vmm/ has a parent");
     let nano = root.join("guest/nano");
-    for p in ["src", "Cargo.toml", "Cargo.lock", "build.rs", "nano.ld"] {
+    for p in ["src", "Cargo.toml", "Cargo.lock", "build.rs"] {
         println!("cargo:rerun-if-changed={}", nano.join(p).display());
     }
     // The nano guest shares the SYPAS codec with the host.

@@ -122,6 +122,53 @@ fn panic_self_test_ends_the_vmm_with_a_crash_status() {
 }
 
 #[test]
+fn serial_irq_self_test_takes_the_uart_interrupt() {
+    require_kvm!();
+    let r = nano_test("serial-irq", &[]);
+    assert_eq!(r.code, Some(0), "{r:#?}");
+    assert_eq!(
+        r.serial,
+        format!(
+            "{READY}cell0-nano: serial-irq: THR-empty interrupt on IRQ 4, vector 0x41\n\
+             cell0-nano: test serial-irq passed\n"
+        )
+    );
+}
+
+#[test]
+fn rust_panic_in_the_guest_is_a_crash() {
+    require_kvm!();
+    let r = nano_test("rust-panic", &[]);
+    assert_eq!(r.code, Some(2), "{r:#?}");
+    let lines: Vec<&str> = r.serial.lines().collect();
+    assert_eq!(lines.len(), 3, "{}", r.serial);
+    assert_eq!(lines[0], "cell0-nano: ready");
+    assert!(
+        lines[1].starts_with("cell0-nano: panic at src/"),
+        "{}",
+        lines[1]
+    );
+    assert!(
+        lines[1].ends_with(": deliberate panic from test rust-panic"),
+        "{}",
+        lines[1]
+    );
+    assert_eq!(lines[2], "cell0-nano: crashing the VM (triple fault)");
+}
+
+#[test]
+fn smp_with_32_vcpus() {
+    require_kvm!();
+    let r = nano_test("smp", &["--vcpus", "32"]);
+    assert_eq!(r.code, Some(0), "{r:#?}");
+    assert!(
+        r.serial
+            .ends_with("cell0-nano: smp 32/32 cpus online\ncell0-nano: test smp passed\n")
+    );
+    assert_eq!(r.serial.matches(" online\n").count(), 33);
+}
+
+#[test]
 fn unknown_self_test_is_a_crash() {
     require_kvm!();
     let r = nano_test("bogus", &[]);
