@@ -84,6 +84,8 @@ pub struct VmConfig {
     pub serial: SerialOutput,
     /// Optional virtio-vsock device.
     pub vsock: Option<VsockConfig>,
+    /// Optional per-VM API socket.
+    pub api_sock: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -111,6 +113,24 @@ impl VmConfig {
             memory_mib,
             serial,
             vsock: None,
+            api_sock: None,
+        })
+    }
+
+    /// A JSON description of the VM, as the API's `describe` returns it.
+    pub fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "kernel": match &self.kernel {
+                KernelSource::Nano => "nano".to_string(),
+                KernelSource::Path(p) => p.display().to_string(),
+            },
+            "initrd": self.initrd.as_ref().map(|p| p.display().to_string()),
+            "cmdline": self.cmdline,
+            "vcpus": self.vcpus,
+            "memory_mib": self.memory_mib,
+            "vsock": self.vsock.as_ref().map(|v| serde_json::json!({
+                "cid": v.cid, "uds": v.uds.display().to_string()
+            })),
         })
     }
 

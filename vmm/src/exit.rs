@@ -20,6 +20,8 @@ pub enum StopReason {
     Reset,
     /// The guest powered off (KVM shutdown system event).
     PowerOff,
+    /// A `stop` request on the API socket.
+    Stopped,
     /// The guest halted with no way to wake up (only seen without an in-kernel irqchip).
     Halted,
     /// KVM_EXIT_SHUTDOWN: a triple fault, i.e. a guest crash.
@@ -42,7 +44,10 @@ pub enum StopReason {
 impl StopReason {
     /// True when the guest ended on purpose (reset or power-off), false on a crash.
     pub fn is_clean(&self) -> bool {
-        matches!(self, Self::Reset | Self::PowerOff | Self::Halted)
+        matches!(
+            self,
+            Self::Reset | Self::PowerOff | Self::Stopped | Self::Halted
+        )
     }
 }
 
@@ -52,6 +57,7 @@ impl std::fmt::Display for StopReason {
             Self::Reset => write!(f, "guest reset"),
             Self::PowerOff => write!(f, "guest powered off"),
             Self::Halted => write!(f, "guest halted"),
+            Self::Stopped => write!(f, "stopped through the API socket"),
             Self::TripleFault => write!(f, "guest crashed: triple fault (KVM_EXIT_SHUTDOWN)"),
             Self::GuestPanic => write!(f, "guest crashed: it reported a panic"),
             Self::FailEntry { reason, cpu } => {

@@ -3,6 +3,7 @@
 //!
 //! See docs/ARCHITECTURE.md for the code map.
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod config;

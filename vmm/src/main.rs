@@ -62,6 +62,9 @@ enum Cmd {
         /// Guest vsock context id (3 or more; with --vsock-uds).
         #[arg(long, requires = "vsock_uds")]
         cid: Option<u64>,
+        /// Per-VM API socket (JSON lines: describe, stop, quote).
+        #[arg(long)]
+        api_sock: Option<PathBuf>,
     },
     /// Write the built-in nano guest ELF to a file.
     NanoImage {
@@ -99,10 +102,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             serial,
             vsock_uds,
             cid,
+            api_sock,
         } => {
             let kernel = kernel.map_or(KernelSource::Nano, KernelSource::Path);
             let cfg = VmConfig::new(kernel, initrd, cmdline, vcpus, memory_mib, serial)?
                 .with_vsock(vsock_uds, cid)?;
+            let cfg = VmConfig { api_sock, ..cfg };
             let reason = Vm::build(&cfg)?.run()?;
             if reason.is_clean() {
                 Ok(ExitCode::SUCCESS)

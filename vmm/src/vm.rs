@@ -20,6 +20,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::api::{ApiContext, ApiExtension, ApiServer};
 use crate::arch::{self, KVM_TSS_ADDR, SERIAL_IRQ, cpu, mptable};
 use crate::boot::{self, BootError};
 use crate::config::{DEFAULT_CMDLINE, KernelSource, SerialOutput, VmConfig};
@@ -101,6 +102,9 @@ pub enum VmError {
     /// The vsock device could not be created.
     #[error("cannot create the vsock device")]
     Vsock(#[from] cell0_devices::virtio::vsock::VsockError),
+    /// The API socket could not be started.
+    #[error(transparent)]
+    Api(#[from] crate::api::ApiError),
     /// The event loop failed.
     #[error("the event loop failed")]
     EventLoop(#[source] event_manager::Error),
@@ -148,6 +152,8 @@ pub struct Vm {
     serial: Arc<Mutex<SerialDevice>>,
     exit: Arc<ExitSignal>,
     events: EventManager<Subscriber>,
+    api: Option<(std::path::PathBuf, serde_json::Value)>,
+    extensions: Vec<Box<dyn ApiExtension>>,
 }
 
 fn read_file(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>> {
@@ -324,6 +330,8 @@ impl Vm {
             serial,
             exit,
             events,
+            api: cfg.api_sock.clone().map(|p| (p, cfg.describe())),
+            extensions: Vec::new(),
         })
     }
 
@@ -332,8 +340,24 @@ impl Vm {
         &self.vm
     }
 
+    /// Adds ops to the API socket (such as `quote`).
+    pub fn add_api_extension(&mut self, ext: Box<dyn ApiExtension>) {
+        self.extensions.push(ext);
+    }
+
     /// Runs the guest until it stops; returns why.
     pub fn run(mut self) -> Result<StopReason> {
+        let _api = match self.api.take() {
+            Some((path, describe)) => Some(ApiServer::start(
+                &path,
+                ApiContext {
+                    describe,
+                    exit: self.exit.clone(),
+                    extensions: std::mem::take(&mut self.extensions),
+                },
+            )?),
+            None => None,
+        };
         vcpu::install_kick_handler().map_err(os_err("install the vCPU kick handler"))?;
         let mut handles: Vec<VcpuHandle> = Vec::with_capacity(self.vcpus.len());
         for v in std::mem::take(&mut self.vcpus) {

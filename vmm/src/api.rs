@@ -1,0 +1,223 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The per-VM control socket: a small JSON-over-Unix-socket API.
+//!
+//! One request per line, one response per line. Requests are JSON objects with
+//! an `op` field; responses are `{"ok":true,...}` or
+//! `{"ok":false,"error":{"code":"...","message":"..."}}`.
+//!
+//! | op | request fields | response fields |
+//! |---|---|---|
+//! | `describe` | — | `vm`: config and state |
+//! | `stop` | — | — (the VM then stops; `cell0-vmm` exits 0) |
+//! | `quote` | `nonce` (hex, 32 bytes) | see docs/ATTESTATION.md (needs `--tpm`) |
+//!
+//! The API runs on its own thread so a slow request (a TPM quote) never stalls
+//! the event loop or the vCPUs. Connections are served one at a time.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::exit::{ExitSignal, StopReason};
+
+/// Longest request line accepted.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// Errors of the API socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Binding the socket failed.
+    #[error("cannot listen on the API socket {path}")]
+    Bind {
+        /// Path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Spawning the API thread failed.
+    #[error("cannot start the API thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// A request handler for ops beyond the built-in ones (e.g. `quote`).
+pub trait ApiExtension: Send + Sync {
+    /// Handles `op` with the full request; `None` if this extension does not know `op`.
+    fn handle(&self, op: &str, req: &Value) -> Option<Value>;
+}
+
+/// What the API reports and can act on.
+pub struct ApiContext {
+    /// Static description of the VM.
+    pub describe: Value,
+    /// Used by `stop`.
+    pub exit: Arc<ExitSignal>,
+    /// Extra ops.
+    pub extensions: Vec<Box<dyn ApiExtension>>,
+}
+
+/// An error response.
+pub fn error(code: &str, message: impl std::fmt::Display) -> Value {
+    json!({"ok": false, "error": {"code": code, "message": message.to_string()}})
+}
+
+/// Answers one request line.
+pub fn respond(ctx: &ApiContext, line: &str) -> Value {
+    let req: Value = match serde_json::from_str(line) {
+        Ok(v) => v,
+        Err(e) => return error("bad_request", format_args!("request is not JSON: {e}")),
+    };
+    let Some(op) = req.get("op").and_then(Value::as_str) else {
+        return error("bad_request", "request has no string field \"op\"");
+    };
+    match op {
+        "describe" => {
+            json!({"ok": true, "vm": ctx.describe.clone(), "uptime_us": crate::since_start_us()})
+        }
+        "stop" => {
+            ctx.exit.signal(StopReason::Stopped);
+            json!({"ok": true})
+        }
+        _ => ctx
+            .extensions
+            .iter()
+            .find_map(|e| e.handle(op, &req))
+            .unwrap_or_else(|| error("unknown_op", format_args!("unknown op {op:?}"))),
+    }
+}
+
+fn serve_conn(ctx: &ApiContext, stream: UnixStream) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream.take(u64::MAX));
+    let mut line = String::new();
+    loop {
+        line.clear();
+        reader.get_mut().set_limit(MAX_REQUEST as u64 + 1);
+        let n = reader.read_line(&mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if n > MAX_REQUEST {
+            let e = error(
+                "too_large",
+                format_args!("request over {MAX_REQUEST} bytes"),
+            );
+            writeln!(writer, "{e}")?;
+            return Ok(());
+        }
+        let resp = respond(ctx, line.trim_end());
+        writeln!(writer, "{resp}")?;
+    }
+}
+
+/// The API socket; removes its path on drop.
+#[derive(Debug)]
+pub struct ApiServer {
+    path: PathBuf,
+}
+
+impl ApiServer {
+    /// Binds `path` and serves it on a new thread.
+    pub fn start(path: &Path, ctx: ApiContext) -> Result<Self, ApiError> {
+        let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind {
+            path: path.display().to_string(),
+            source,
+        })?;
+        std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    match conn {
+                        Ok(s) => {
+                            if let Err(e) = serve_conn(&ctx, s) {
+                                tracing::debug!(error = %e, "API connection ended");
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "API accept failed"),
+                    }
+                }
+            })
+            .map_err(ApiError::Thread)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo;
+    impl ApiExtension for Echo {
+        fn handle(&self, op: &str, req: &Value) -> Option<Value> {
+            (op == "echo").then(|| json!({"ok": true, "got": req["x"].clone()}))
+        }
+    }
+
+    fn ctx() -> ApiContext {
+        ApiContext {
+            describe: json!({"vcpus": 2}),
+            exit: Arc::new(ExitSignal::new().unwrap()),
+            extensions: vec![Box::new(Echo)],
+        }
+    }
+
+    #[test]
+    fn ops_and_errors() {
+        let c = ctx();
+        assert_eq!(respond(&c, r#"{"op":"describe"}"#)["vm"]["vcpus"], 2);
+        assert_eq!(respond(&c, r#"{"op":"echo","x":7}"#)["got"], 7);
+        assert_eq!(respond(&c, "{nope")["error"]["code"], "bad_request");
+        assert_eq!(respond(&c, r#"{"op":3}"#)["error"]["code"], "bad_request");
+        assert_eq!(
+            respond(&c, r#"{"op":"fly"}"#)["error"]["code"],
+            "unknown_op"
+        );
+        assert_eq!(c.exit.reason(), None);
+        assert_eq!(respond(&c, r#"{"op":"stop"}"#)["ok"], true);
+        assert_eq!(c.exit.reason(), Some(StopReason::Stopped));
+    }
+
+    #[test]
+    fn serves_a_socket_line_by_line_and_refuses_huge_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("api.sock");
+        let srv = ApiServer::start(&p, ctx()).unwrap();
+        let s = UnixStream::connect(&p).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        writeln!(w, r#"{{"op":"describe"}}"#).unwrap();
+        writeln!(w, r#"{{"op":"echo","x":"y"}}"#).unwrap();
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        assert_eq!(serde_json::from_str::<Value>(&l).unwrap()["ok"], true);
+        l.clear();
+        r.read_line(&mut l).unwrap();
+        assert_eq!(serde_json::from_str::<Value>(&l).unwrap()["got"], "y");
+        // A request over the limit gets an error and the connection closes.
+        let big = "x".repeat(MAX_REQUEST + 10);
+        writeln!(w, "{big}").unwrap();
+        l.clear();
+        r.read_line(&mut l).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Value>(&l).unwrap()["error"]["code"],
+            "too_large"
+        );
+        l.clear();
+        assert_eq!(r.read_line(&mut l).unwrap(), 0);
+        drop(srv);
+        assert!(!p.exists(), "the socket path is removed");
+    }
+}
