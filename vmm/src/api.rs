@@ -216,7 +216,8 @@ mod tests {
             "too_large"
         );
         l.clear();
-        assert_eq!(r.read_line(&mut l).unwrap(), 0);
+        // Closed: EOF, or a reset because the rest of the request was never read.
+        assert!(matches!(r.read_line(&mut l), Ok(0) | Err(_)));
         drop(srv);
         assert!(!p.exists(), "the socket path is removed");
     }
