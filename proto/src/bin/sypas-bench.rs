@@ -51,6 +51,10 @@ struct Args {
     /// Calls in flight for the bulk figure.
     #[arg(long, default_value_t = 8)]
     bulk_window: usize,
+    /// Run everything on one thread (tokio current-thread runtime) instead of
+    /// the multi-thread runtime.
+    #[arg(long)]
+    current_thread: bool,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -60,6 +64,7 @@ struct Args {
 struct Report {
     transport: &'static str,
     server: &'static str,
+    runtime: &'static str,
     payload_bytes: usize,
     round_trip: common::Latency,
     pipelined_messages: usize,
@@ -102,10 +107,21 @@ async fn pipelined(
     Ok(start.elapsed())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     common::init_tracing();
     let args = Args::parse();
+    let runtime = if args.current_thread {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    }
+    .enable_all()
+    .build()
+    .context("starting the tokio runtime")?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let dir = tempfile::tempdir().context("temporary directory")?;
     let (path, server_kind) = match &args.socket {
         Some(p) => (p.clone(), "external"),
@@ -154,6 +170,11 @@ async fn main() -> anyhow::Result<()> {
     let report = Report {
         transport: "unix",
         server: server_kind,
+        runtime: if args.current_thread {
+            "current-thread"
+        } else {
+            "multi-thread"
+        },
         payload_bytes: args.size,
         round_trip,
         pipelined_messages: args.pipelined,
@@ -169,8 +190,8 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "SYPAS host benchmark (Unix socket, {} echo server)",
-            report.server
+            "SYPAS host benchmark (Unix socket, {} echo server, {} runtime)",
+            report.server, report.runtime
         );
         println!(
             "  round trip, {} B CALL/REPLY: {}",
