@@ -232,9 +232,40 @@ async fn a_killed_echo_server_process_fails_the_call_without_a_hang() {
     assert!(matches!(err, ClientError::Disconnected(_)), "got {err:?}");
 }
 
+/// Grants echo plus a marker right naming the server, and records HELLO tokens.
+struct Marked {
+    name: &'static str,
+    tokens: Arc<Mutex<Vec<Bytes>>>,
+}
+
+impl Marked {
+    fn grant(&self) -> Grant {
+        Grant {
+            rights: vec![Right::new("echo", "*"), Right::new("marker", self.name)],
+            token_expiry: 0,
+        }
+    }
+}
+
+impl HelloHook for Marked {
+    async fn hello(&self, hello: &Hello) -> Result<Grant, ServiceError> {
+        self.tokens.lock().unwrap().push(hello.token.clone());
+        Ok(self.grant())
+    }
+
+    async fn refresh(&self, _session: &Session, _refresh: &Refresh) -> Result<Grant, ServiceError> {
+        Ok(self.grant())
+    }
+}
+
 #[tokio::test]
 async fn the_client_reconnects_after_the_server_restarts() {
-    let server = TestServer::start(Server::new(EchoService::new())).await;
+    let tokens = Arc::new(Mutex::new(Vec::new()));
+    let first = Server::new(EchoService::new()).with_hello_hook(Marked {
+        name: "first",
+        tokens: tokens.clone(),
+    });
+    let server = TestServer::start(first).await;
     let config = ClientConfig {
         reconnect: ReconnectPolicy {
             max_attempts: None,
@@ -242,11 +273,19 @@ async fn the_client_reconnects_after_the_server_restarts() {
             max_backoff: Duration::from_millis(100),
         },
         call_timeout: Duration::from_secs(20),
+        token: Bytes::from_static(b"tok1"),
         ..quick_config("re")
     };
     let client = Client::connect(server.endpoint(), config).await.unwrap();
-    let first = client.welcome().unwrap().session_id;
+    assert!(
+        client
+            .welcome()
+            .unwrap()
+            .rights
+            .contains(&Right::new("marker", "first"))
+    );
     client.call("echo", "echo", &b"1"[..]).await.unwrap();
+    client.refresh(Bytes::from_static(b"tok2")).await.unwrap();
     let (dir, path) = server.kill().await;
     guard("noticing the loss", async {
         while client.is_connected() {
@@ -260,19 +299,134 @@ async fn the_client_reconnects_after_the_server_restarts() {
         tokio::spawn(async move { client.call("echo", "echo", &b"2"[..]).await })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let server = TestServer::start_at(Server::new(EchoService::new()), dir, path).await;
+    let second = Server::new(EchoService::new()).with_hello_hook(Marked {
+        name: "second",
+        tokens: tokens.clone(),
+    });
+    let _server = TestServer::start_at(second, dir, path).await;
     let reply = guard("call across the restart", pending)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(&reply.payload[..], b"2");
     assert!(client.is_connected());
-    assert_eq!(
-        client.welcome().unwrap().session_id,
-        first,
-        "a new server counts from 1 again"
+    // The reconnect said HELLO again, with the refreshed token, and the
+    // client holds the new server's WELCOME.
+    assert!(
+        client
+            .welcome()
+            .unwrap()
+            .rights
+            .contains(&Right::new("marker", "second"))
     );
-    drop(server);
+    assert_eq!(
+        *tokens.lock().unwrap(),
+        vec![Bytes::from_static(b"tok1"), Bytes::from_static(b"tok2")]
+    );
+}
+
+#[tokio::test]
+async fn subscriptions_survive_a_reconnect() {
+    let server = TestServer::start(Server::new(Topics::default())).await;
+    let config = ClientConfig {
+        reconnect: ReconnectPolicy {
+            max_attempts: None,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(50),
+        },
+        ..quick_config("sub")
+    };
+    let subscriber = Client::connect(server.endpoint(), config).await.unwrap();
+    let mut events = subscriber.events().unwrap();
+    subscriber.subscribe("t").await.unwrap();
+    let (dir, path) = server.kill().await;
+    guard("noticing the loss", async {
+        while subscriber.is_connected() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let server = TestServer::start_at(Server::new(Topics::default()), dir, path).await;
+    guard("reconnecting", async {
+        while !subscriber.is_connected() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let publisher = server.client().await;
+    // The re-SUBSCRIBE races the publisher's first EVENT; publish until delivered.
+    let event = guard("event after reconnect", async {
+        loop {
+            publisher.publish("t", &b"again"[..]).await.unwrap();
+            if let Ok(Some(e)) =
+                tokio::time::timeout(Duration::from_millis(50), events.recv()).await
+            {
+                break e;
+            }
+        }
+    })
+    .await;
+    assert_eq!(&event.payload[..], b"again");
+}
+
+#[tokio::test]
+async fn a_client_runs_over_any_stream() {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let server = Server::new(EchoService::new());
+    let serving = tokio::spawn(async move { server.serve_connection(b).await });
+    let client = Client::from_stream(a, quick_config("duplex"))
+        .await
+        .unwrap();
+    let payload = pattern(200_000, 9);
+    let reply = client.call("echo", "echo", payload.clone()).await.unwrap();
+    assert_eq!(reply.payload, payload);
+    guard("goodbye", client.goodbye("done")).await.unwrap();
+    guard("server side", serving).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_server_that_breaks_framing_fails_the_call_and_is_told_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let fake = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (r, mut w) = stream.into_split();
+        let mut reader = cell0_proto::host::conn::FrameReader::new(r, 1 << 20);
+        let hello = reader.next().await.unwrap().unwrap();
+        let welcome = Frame::from_message(Kind::Welcome, hello.request_id, &Welcome::default());
+        tokio::io::AsyncWriteExt::write_all(&mut w, &welcome.to_vec().unwrap())
+            .await
+            .unwrap();
+        let call = reader.next().await.unwrap().unwrap();
+        assert_eq!(call.kind, Kind::Call);
+        tokio::io::AsyncWriteExt::write_all(&mut w, b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            .await
+            .unwrap();
+        // The client answers with ERROR(BAD_MAGIC) and closes.
+        loop {
+            match reader.next().await {
+                Ok(Some(f)) if f.kind == Kind::Error => {
+                    return f.decode_message::<cell0_proto::msg::ErrorMsg>().unwrap();
+                }
+                Ok(Some(_)) => {}
+                other => panic!("no ERROR from the client: {other:?}"),
+            }
+        }
+    });
+    let client = Client::connect(Endpoint::Unix(path), quick_config("b"))
+        .await
+        .unwrap();
+    let err = guard("call", client.call("echo", "echo", Bytes::new()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ClientError::Disconnected(Disconnect::Protocol(_))),
+        "got {err:?}"
+    );
+    assert_eq!(err.code(), Some(ErrorCode::BadMagic));
+    let told = guard("fake server", fake).await.unwrap();
+    assert_eq!(told.error_code(), Some(ErrorCode::BadMagic));
 }
 
 #[tokio::test]

@@ -212,3 +212,24 @@ async fn goodbye_is_echoed_and_the_server_closes() {
     assert_eq!(raw.next_frame().await.kind, Kind::Goodbye);
     raw.expect_closed().await;
 }
+
+#[tokio::test]
+async fn server_limits_payload_size_and_idle_time() {
+    let config = cell0_proto::host::ServerConfig {
+        max_payload: 1024,
+        idle_timeout: Some(std::time::Duration::from_millis(200)),
+        ..Default::default()
+    };
+    let server = TestServer::start(Server::new(EchoService::new()).with_config(config)).await;
+    let mut raw = Raw::connect(&server.path).await;
+    raw.hello().await;
+    raw.send(&header(1, Kind::Call.as_u8(), 2, 2000)).await;
+    raw.expect_error(0, ErrorCode::Oversize).await;
+    raw.expect_closed().await;
+
+    let mut idle = Raw::connect(&server.path).await;
+    idle.hello().await;
+    let msg = idle.expect_error(0, ErrorCode::Timeout).await;
+    assert!(msg.message.contains("idle"));
+    idle.expect_closed().await;
+}
