@@ -27,4 +27,4 @@ pub use formats::{ActivationResponse, AkBundle, CredentialChallenge, Nonce, Quot
 pub use manifest::{Manifest, VmmBuild};
 pub use measure::{BootInputs, VmmIdentity, boot_events, hash_file};
 pub use verify::{Failure, TrustedAk, Verdict, Verifier, VerifyError};
-pub use vtpm::{LocalCa, Vtpm, VtpmError, VtpmOptions};
+pub use vtpm::{LocalCa, StartTimings, Vtpm, VtpmError, VtpmOptions};

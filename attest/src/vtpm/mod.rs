@@ -22,7 +22,7 @@ mod tpm;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use setup::LocalCa;
 
@@ -204,6 +204,18 @@ struct Started {
     pid: u32,
     port: u16,
     ak: AkBundle,
+    timings: StartTimings,
+}
+
+/// Where a vTPM's start-up time went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StartTimings {
+    /// swtpm_setup: EK creation and certificate (zero when the state existed).
+    pub manufacture: Duration,
+    /// swtpm started until it answered on its control channel.
+    pub swtpm_ready: Duration,
+    /// ESAPI connection, AK creation and load, EK certificate read.
+    pub ak: Duration,
 }
 
 /// A running vTPM for one VM. Dropping it stops swtpm and removes its files
@@ -216,6 +228,7 @@ pub struct Vtpm {
     dir: PathBuf,
     keep_state: bool,
     ak: AkBundle,
+    timings: StartTimings,
     measured: std::sync::Mutex<bool>,
 }
 
@@ -273,6 +286,7 @@ impl Vtpm {
             dir,
             keep_state: opts.keep_state,
             ak: started.ak,
+            timings: started.timings,
             measured: std::sync::Mutex::new(false),
         })
     }
@@ -295,6 +309,11 @@ impl Vtpm {
     /// Where [`Vtpm::measure_boot`] writes the event log.
     pub fn event_log_path(&self) -> PathBuf {
         self.dir.join("event-log.jsonl")
+    }
+
+    /// Where start-up time went.
+    pub fn start_timings(&self) -> StartTimings {
+        self.timings
     }
 
     /// The AK and EK certificate, for enrollment with a verifier.
@@ -441,13 +460,24 @@ fn worker_start(
     dir: &Path,
 ) -> Result<(SwtpmProcess, TpmConn, Started), VtpmError> {
     let state = dir.join("state");
+    let t = Instant::now();
     if !state.join("tpm2-00.permall").exists() {
         setup::manufacture(opts, ca, &state, &dir.join("swtpm_setup.log"))?;
     }
+    let manufacture = t.elapsed();
+    let t = Instant::now();
     let mut proc = SwtpmProcess::start(opts, &state, &dir.join("swtpm.log"))?;
+    let swtpm_ready = t.elapsed();
+    let t = Instant::now();
     let mut conn = TpmConn::open(proc.port()).map_err(|e| explain(&mut proc, e))?;
     let ek_cert = conn.ek_cert().map_err(|e| explain(&mut proc, e))?;
+    let timings = StartTimings {
+        manufacture,
+        swtpm_ready,
+        ak: t.elapsed(),
+    };
     let started = Started {
+        timings,
         pid: proc.pid(),
         port: proc.port(),
         ak: AkBundle {

@@ -187,10 +187,10 @@ impl SwtpmProcess {
         }
     }
 
-    /// Stops swtpm: it normally exits by itself once the TPM client is gone
-    /// (`-t`); otherwise it is asked to shut down, then killed.
+    /// Stops swtpm: asks it to shut down on the control channel, then kills it
+    /// if it has not exited within 2 s.
     pub(crate) fn stop(&mut self) {
-        if self.wait_for(Duration::from_millis(500)).is_some() {
+        if self.exited().is_some() {
             self.child = None;
             return;
         }
