@@ -176,7 +176,7 @@ impl VtpmOptions {
             ca_dir: ca_dir.into(),
             swtpm: PathBuf::from("swtpm"),
             swtpm_setup: PathBuf::from("swtpm_setup"),
-            swtpm_localca: PathBuf::from("/usr/bin/swtpm_localca"),
+            swtpm_localca: PathBuf::from("swtpm_localca"),
             ready_timeout: Duration::from_secs(10),
             setup_timeout: Duration::from_secs(60),
             keep_state: false,

@@ -48,12 +48,13 @@ impl LocalCa {
             "swtpm-localca.options",
             "--platform-manufacturer cell0\n--platform-version 1.0\n--platform-model cell0-vmm\n",
         )?;
+        let localca = find_program(swtpm_localca).unwrap_or_else(|| swtpm_localca.to_path_buf());
         ca.write_if_changed(
             "swtpm_setup.conf",
             &format!(
                 "create_certs_tool = {}\ncreate_certs_tool_config = {d}/swtpm-localca.conf\n\
                  create_certs_tool_options = {d}/swtpm-localca.options\nactive_pcr_banks = sha256\n",
-                swtpm_localca.display()
+                localca.display()
             ),
         )?;
         Ok(ca)
@@ -111,6 +112,15 @@ pub(crate) fn manufacture(
     state_dir: &Path,
     log_path: &Path,
 ) -> Result<(), VtpmError> {
+    // swtpm_setup only reports a failed certificate tool in its log; say which
+    // program is missing up front.
+    for program in [&opts.swtpm_setup, &opts.swtpm_localca] {
+        if find_program(program).is_none() {
+            return Err(VtpmError::NotInstalled {
+                program: program.clone(),
+            });
+        }
+    }
     let parent = std::process::id();
     let mut cmd = Command::new(&opts.swtpm_setup);
     cmd.arg("--tpm2")
@@ -168,5 +178,17 @@ pub(crate) fn manufacture(
     Err(VtpmError::Setup {
         status: status.to_string(),
         log: tail,
+    })
+}
+
+/// `program` itself if it is a path, else the first match in `PATH`.
+pub(crate) fn find_program(program: &Path) -> Option<PathBuf> {
+    if program.components().count() > 1 {
+        return program.is_file().then(|| program.to_path_buf());
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(program))
+            .find(|p| p.is_file())
     })
 }

@@ -31,7 +31,6 @@ fn in_path(program: &str) -> bool {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
         .unwrap_or(false)
-        || Path::new("/usr/bin").join(program).is_file()
 }
 
 /// One CA directory for all tests of a test binary run (swtpm_localca locks it).
@@ -46,7 +45,7 @@ pub fn options(run_dir: &Path) -> VtpmOptions {
 /// The test CA's certificates; the CA is created by the first vTPM
 /// manufactured with it, so one is started if needed.
 pub fn ca_bundle() -> String {
-    let ca = LocalCa::open(&ca_dir(), Path::new("/usr/bin/swtpm_localca")).unwrap();
+    let ca = LocalCa::open(&ca_dir(), Path::new("swtpm_localca")).unwrap();
     if let Ok(b) = ca.bundle_pem() {
         return b;
     }
