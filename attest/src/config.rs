@@ -282,6 +282,42 @@ mod tests {
         assert_ne!(a.digest(), d.digest());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn device_order_never_matters_and_every_field_counts(
+            vcpus in 1u32..64,
+            memory_mib in 1u64..65536,
+            cid in proptest::option::of(3u64..1000),
+            shm_mib in 0u64..1024,
+            n in 0usize..6,
+            rot in 0usize..6,
+            value in "\\PC{0,20}",
+        ) {
+            let devices: Vec<DeviceSpec> = (0..n)
+                .map(|i| {
+                    DeviceSpec::new("virtio-blk", Some(0xd000_0000 + 0x1000 * i as u64), Some(5 + i as u32))
+                        .with_option("serial", value.clone())
+                })
+                .collect();
+            let a = VmConfig { vcpus, memory_mib, vsock_cid: cid, shm_mib, devices: devices.clone() };
+            let mut b = a.clone();
+            b.devices.rotate_left(rot.min(n));
+            proptest::prop_assert_eq!(a.digest(), b.digest());
+            let mut c = a.clone();
+            c.memory_mib += 1;
+            proptest::prop_assert_ne!(a.digest(), c.digest());
+            let mut d = a.clone();
+            d.vcpus += 1;
+            proptest::prop_assert_ne!(a.digest(), d.digest());
+            let mut e = a.clone();
+            e.shm_mib += 1;
+            proptest::prop_assert_ne!(a.digest(), e.digest());
+            // Every encoding has exactly one line per item.
+            let text = String::from_utf8(a.canonical_bytes().unwrap_or_default()).unwrap_or_default();
+            proptest::prop_assert_eq!(text.lines().count(), 5 + n);
+        }
+    }
+
     #[test]
     fn bad_identifiers_and_duplicates_are_rejected() {
         let mut c = sample();

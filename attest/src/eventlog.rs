@@ -254,6 +254,28 @@ mod tests {
         assert_eq!(EventLog::from_jsonl(&text).ok(), Some(log));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn parsing_arbitrary_text_never_panics(text in "\\PC{0,400}") {
+            let _ = EventLog::from_jsonl(&text);
+        }
+
+        #[test]
+        fn jsonl_round_trips(descs in proptest::collection::vec("\\PC{0,40}", 0..8)) {
+            let log = EventLog {
+                events: descs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| {
+                        let kind = EventType::BOOT_ORDER[i % EventType::BOOT_ORDER.len()];
+                        Event { pcr: kind.pcr(), digest: Sha256Digest::of(d.as_bytes()), kind, description: d.clone() }
+                    })
+                    .collect(),
+            };
+            proptest::prop_assert_eq!(EventLog::from_jsonl(&log.to_jsonl()).ok(), Some(log));
+        }
+    }
+
     #[test]
     fn bad_records_name_their_line() {
         let text = "\n{\"pcr\":8}\n";

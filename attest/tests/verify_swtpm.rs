@@ -478,3 +478,60 @@ fn ek_certificate_from_an_untrusted_ca_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn no_mutation_of_a_real_quote_verifies() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+
+    if !swtpm_available("no_mutation_of_a_real_quote_verifies") {
+        return;
+    }
+    let boot = Boot::honest();
+    let mut v = Verifier::new(&ca_bundle()).unwrap();
+    let a = start_enrolled(&mut v, "vm", &boot);
+    let manifest = boot.manifest();
+    let nonce = Nonce::random();
+    let quote = a.vtpm.quote(&nonce).unwrap();
+    assert!(
+        v.clone()
+            .verify_with_nonce("vm", &nonce, &quote, &a.log, &manifest)
+            .is_trusted()
+    );
+
+    // Which part to corrupt, where, and how.
+    let strategy = (0usize..4, any::<prop::sample::Index>(), 1u8..=255);
+    let mut runner = TestRunner::new(Config::with_cases(256));
+    runner
+        .run(&strategy, |(part, at, xor)| {
+            let mut q = quote.clone();
+            let mut log = a.log.clone();
+            match part {
+                0 => {
+                    let i = at.index(q.attest.len());
+                    q.attest[i] ^= xor;
+                }
+                1 => {
+                    let i = at.index(q.signature.len());
+                    q.signature[i] ^= xor;
+                }
+                2 => {
+                    let e = at.index(log.events.len());
+                    log.events[e].digest.0[at.index(32)] ^= xor;
+                }
+                _ => {
+                    let pcr = cell0_attest::MEASURED_PCRS[at.index(6)];
+                    if let Some(d) = q.pcrs.get_mut(&pcr) {
+                        d.0[0] ^= xor;
+                    }
+                }
+            }
+            let verdict = v
+                .clone()
+                .verify_with_nonce("vm", &nonce, &q, &log, &manifest);
+            prop_assert!(!verdict.is_trusted(), "a corrupted quote verified");
+            prop_assert!(!verdict.failures().is_empty());
+            Ok(())
+        })
+        .unwrap();
+}
