@@ -291,3 +291,28 @@ fn no_orphan_swtpm_after_owner_is_sigkilled() {
     let dir_text = dir.path().display().to_string();
     assert_eq!(live_processes_mentioning(&dir_text), Vec::<u32>::new());
 }
+
+#[test]
+fn hung_swtpm_is_killed_after_the_operation_timeout() {
+    if !swtpm_available("hung_swtpm_is_killed_after_the_operation_timeout") {
+        return;
+    }
+    let run = tempfile::tempdir().unwrap();
+    let mut opts = options(run.path());
+    opts.op_timeout = Duration::from_millis(500);
+    let vtpm = Vtpm::start(&opts).unwrap();
+    let pid = vtpm.swtpm_pid();
+    // SAFETY: stopping a child process this test owns.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGSTOP) }, 0);
+    let err = vtpm.quote(&Nonce::random()).unwrap_err();
+    assert!(
+        matches!(err, VtpmError::Unresponsive { waited } if waited == Duration::from_millis(500)),
+        "{err}"
+    );
+    // The hung swtpm was killed; later calls say it exited.
+    assert!(matches!(vtpm.read_pcrs(), Err(VtpmError::Exited { .. })));
+    let t = Instant::now();
+    drop(vtpm);
+    assert!(t.elapsed() < Duration::from_secs(30));
+    assert!(!is_alive(pid));
+}

@@ -32,7 +32,7 @@ use crate::formats::{
     RESPONSE_FORMAT,
 };
 use crate::measure::{BootInputs, MeasureError, boot_events};
-use process::SwtpmProcess;
+use process::{Killer, SwtpmProcess};
 use tpm::TpmConn;
 
 /// The environment variable that overrides the default CA directory.
@@ -142,6 +142,12 @@ pub enum VtpmError {
         /// The challenge's AK name (hex).
         got: String,
     },
+    /// swtpm did not answer a command in time; it was killed.
+    #[error("swtpm did not answer within {waited:?} and was killed")]
+    Unresponsive {
+        /// The limit.
+        waited: Duration,
+    },
     /// The worker thread is gone (it panicked).
     #[error("the vTPM worker thread has stopped")]
     WorkerGone,
@@ -164,12 +170,16 @@ pub struct VtpmOptions {
     pub ready_timeout: Duration,
     /// How long manufacturing (swtpm_setup) may take.
     pub setup_timeout: Duration,
+    /// How long one operation (measure, quote, activate, read) may take before
+    /// swtpm is declared hung and killed.
+    pub op_timeout: Duration,
     /// Keep `<run_dir>/vtpm/` when the vTPM stops (default: remove it).
     pub keep_state: bool,
 }
 
 impl VtpmOptions {
-    /// Defaults: programs from `PATH`, 10 s readiness, 60 s manufacturing.
+    /// Defaults: programs from `PATH`, 10 s readiness, 60 s manufacturing, 30 s
+    /// per operation.
     pub fn new(run_dir: impl Into<PathBuf>, ca_dir: impl Into<PathBuf>) -> Self {
         VtpmOptions {
             run_dir: run_dir.into(),
@@ -179,6 +189,7 @@ impl VtpmOptions {
             swtpm_localca: PathBuf::from("swtpm_localca"),
             ready_timeout: Duration::from_secs(10),
             setup_timeout: Duration::from_secs(60),
+            op_timeout: Duration::from_secs(30),
             keep_state: false,
         }
     }
@@ -202,6 +213,7 @@ enum Request {
 
 struct Started {
     pid: u32,
+    killer: Killer,
     port: u16,
     ak: AkBundle,
     timings: StartTimings,
@@ -223,6 +235,8 @@ pub struct StartTimings {
 pub struct Vtpm {
     tx: Option<mpsc::Sender<Request>>,
     worker: Option<JoinHandle<()>>,
+    killer: Killer,
+    op_timeout: Duration,
     pid: u32,
     port: u16,
     dir: PathBuf,
@@ -281,6 +295,8 @@ impl Vtpm {
         Ok(Vtpm {
             tx: Some(tx),
             worker: Some(worker),
+            killer: started.killer,
+            op_timeout: opts.op_timeout,
             pid: started.pid,
             port: started.port,
             dir,
@@ -376,7 +392,20 @@ impl Vtpm {
             .ok_or(VtpmError::WorkerGone)?
             .send(make(rtx))
             .map_err(|_| VtpmError::WorkerGone)?;
-        rrx.recv().map_err(|_| VtpmError::WorkerGone)?
+        match rrx.recv_timeout(self.op_timeout) {
+            Ok(res) => res,
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(VtpmError::WorkerGone),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // A hung swtpm blocks the worker in a read; killing it ends
+                // the read, and the worker reports the exit to later calls.
+                tracing::error!(pid = self.pid, "swtpm is unresponsive, killing it");
+                self.killer.kill();
+                let _ = rrx.recv_timeout(Duration::from_secs(5));
+                Err(VtpmError::Unresponsive {
+                    waited: self.op_timeout,
+                })
+            }
+        }
     }
 }
 
@@ -386,6 +415,15 @@ impl Drop for Vtpm {
         // connection and stops swtpm.
         self.tx = None;
         if let Some(w) = self.worker.take() {
+            // Bounded: a hung swtpm is killed so the worker can finish.
+            let end = std::time::Instant::now() + Duration::from_secs(5);
+            while !w.is_finished() && std::time::Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if !w.is_finished() {
+                tracing::error!(pid = self.pid, "vTPM did not stop, killing swtpm");
+                self.killer.kill();
+            }
             let _ = w.join();
         }
         if !self.keep_state {
@@ -479,6 +517,7 @@ fn worker_start(
     let started = Started {
         timings,
         pid: proc.pid(),
+        killer: proc.killer(),
         port: proc.port(),
         ak: AkBundle {
             format: AK_FORMAT.to_string(),

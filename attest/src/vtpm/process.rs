@@ -17,9 +17,11 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{VtpmError, VtpmOptions};
@@ -31,9 +33,52 @@ const CMD_SHUTDOWN: u32 = 3;
 /// How often a port that turned out to be taken is replaced by another.
 const PORT_ATTEMPTS: u32 = 8;
 
+/// Kills one swtpm through a pidfd, so a recycled pid is never hit. Usable
+/// from any thread while the worker owns the process.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Killer {
+    pidfd: Option<Arc<OwnedFd>>,
+}
+
+impl Killer {
+    fn for_pid(pid: u32) -> Self {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            tracing::warn!(
+                pid,
+                "pidfd_open failed; swtpm cannot be killed from other threads"
+            );
+            return Killer { pidfd: None };
+        }
+        // SAFETY: fd is a fresh pidfd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        Killer {
+            pidfd: Some(Arc::new(fd)),
+        }
+    }
+
+    /// Sends SIGKILL; a no-op once the process is gone.
+    pub(crate) fn kill(&self) {
+        if let Some(fd) = &self.pidfd {
+            // SAFETY: pidfd_send_signal on a pidfd we own, with no siginfo.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                );
+            }
+        }
+    }
+}
+
 /// A running swtpm.
 pub(crate) struct SwtpmProcess {
     child: Option<Child>,
+    killer: Killer,
     port: u16,
     pid: u32,
     log_path: PathBuf,
@@ -117,6 +162,7 @@ impl SwtpmProcess {
         };
         let pid = child.id();
         let mut p = SwtpmProcess {
+            killer: Killer::for_pid(pid),
             child: Some(child),
             port,
             pid,
@@ -167,6 +213,11 @@ impl SwtpmProcess {
     /// The swtpm process id.
     pub(crate) fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// A handle that kills this swtpm from another thread.
+    pub(crate) fn killer(&self) -> Killer {
+        self.killer.clone()
     }
 
     /// `Ok` while swtpm runs; the typed error once it has exited.
