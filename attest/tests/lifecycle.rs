@@ -316,3 +316,34 @@ fn hung_swtpm_is_killed_after_the_operation_timeout() {
     assert!(t.elapsed() < Duration::from_secs(30));
     assert!(!is_alive(pid));
 }
+
+#[test]
+fn a_port_taken_before_swtpm_binds_it_is_retried() {
+    if !swtpm_available("a_port_taken_before_swtpm_binds_it_is_retried") {
+        return;
+    }
+    let run = manufactured_run_dir();
+    let bin = tempfile::tempdir().unwrap();
+    let count = bin.path().join("count");
+    // Loses the race twice, then runs the real swtpm.
+    let real = std::env::split_paths(&std::env::var_os("PATH").unwrap())
+        .map(|d| d.join("swtpm"))
+        .find(|p| p.is_file())
+        .unwrap();
+    let fake = fake_program(
+        bin.path(),
+        "swtpm",
+        &format!(
+            "n=$(cat {c} 2>/dev/null || echo 0); echo $((n+1)) > {c}\n\
+             if [ \"$n\" -lt 2 ]; then echo 'swtpm: Could not open TCP socket: Address already in use' >&2; exit 1; fi\n\
+             exec {real} \"$@\"",
+            c = count.display(),
+            real = real.display()
+        ),
+    );
+    let mut opts = options(run.path());
+    opts.swtpm = fake;
+    let vtpm = Vtpm::start(&opts).unwrap();
+    assert_eq!(std::fs::read_to_string(&count).unwrap().trim(), "3");
+    assert!(vtpm.read_pcrs().is_ok());
+}
