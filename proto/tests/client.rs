@@ -494,19 +494,22 @@ async fn a_silent_peer_is_declared_dead_and_calls_fail() {
 async fn heartbeats_keep_an_idle_connection_alive() {
     let server = TestServer::start(Server::new(EchoService::new())).await;
     let config = ClientConfig {
-        ping_interval: Some(Duration::from_millis(10)),
-        dead_peer_timeout: Duration::from_millis(300),
+        ping_interval: Some(Duration::from_millis(20)),
+        dead_peer_timeout: Duration::from_millis(800),
         ..quick_config("alive")
     };
     let client = Client::connect(server.endpoint(), config).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Idle for more than twice the dead-peer deadline: only PONGs arrive.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
     assert!(client.is_connected());
     assert!(client.call("echo", "echo", Bytes::new()).await.is_ok());
 }
 
 #[tokio::test]
 async fn goodbye_waits_for_in_flight_calls_then_closes() {
-    let server = TestServer::start(Server::new(EchoService::new())).await;
+    let echo = Server::new(EchoService::new());
+    let handler = echo.handler().clone();
+    let server = TestServer::start(echo).await;
     let client = server.client().await;
     let slow = {
         let client = client.clone();
@@ -516,7 +519,12 @@ async fn goodbye_waits_for_in_flight_calls_then_closes() {
                 .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    guard("the call reaching the server", async {
+        while handler.calls() == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
     let other = client.clone();
     guard("goodbye", client.goodbye("bye")).await.unwrap();
     assert!(guard("slow call", slow).await.unwrap().is_ok());
@@ -527,16 +535,30 @@ async fn goodbye_waits_for_in_flight_calls_then_closes() {
 
 #[tokio::test]
 async fn dropping_the_client_says_goodbye() {
-    let server = TestServer::start(Server::new(EchoService::new())).await;
-    let mut raw_listener_check = Raw::connect(&server.path).await;
-    raw_listener_check.hello().await;
-    let client = server.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bye.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let fake = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (r, mut w) = stream.into_split();
+        let mut reader = cell0_proto::host::conn::FrameReader::new(r, 1 << 20);
+        let hello = reader.next().await.unwrap().unwrap();
+        let welcome = Frame::from_message(Kind::Welcome, hello.request_id, &Welcome::default());
+        tokio::io::AsyncWriteExt::write_all(&mut w, &welcome.to_vec().unwrap())
+            .await
+            .unwrap();
+        let mut kinds = Vec::new();
+        while let Ok(Some(f)) = reader.next().await {
+            kinds.push(f.kind);
+        }
+        kinds
+    });
+    let client = Client::connect(Endpoint::Unix(path), quick_config("drop"))
+        .await
+        .unwrap();
     drop(client);
-    // The server is unaffected.
-    raw_listener_check
-        .send_frame(&Frame::new(Kind::Ping, 2, Vec::new()))
-        .await;
-    assert_eq!(raw_listener_check.next_frame().await.kind, Kind::Pong);
+    let kinds = guard("the fake server", fake).await.unwrap();
+    assert_eq!(kinds, vec![Kind::Goodbye], "then a clean EOF");
 }
 
 #[tokio::test]
