@@ -136,7 +136,10 @@ fn new_queues(max_sizes: &[u16]) -> Result<Vec<QueueSlot>, MmioError> {
         .enumerate()
         .map(|(index, &size)| {
             Queue::new(size)
-                .map(|queue| QueueSlot { queue, bad_config: false })
+                .map(|queue| QueueSlot {
+                    queue,
+                    bad_config: false,
+                })
                 .map_err(|_| MmioError::QueueMaxSize { index, size })
         })
         .collect()
@@ -145,17 +148,22 @@ fn new_queues(max_sizes: &[u16]) -> Result<Vec<QueueSlot>, MmioError> {
 impl MmioTransport {
     /// Builds the transport for `device`. `mem` is the VMM's guest memory (a clone
     /// shares the mappings). Creates one queue eventfd per device queue and the irqfd.
-    pub fn new(
-        mem: GuestMemory,
-        device: Arc<Mutex<dyn VirtioDevice>>,
-    ) -> Result<Self, MmioError> {
+    pub fn new(mem: GuestMemory, device: Arc<Mutex<dyn VirtioDevice>>) -> Result<Self, MmioError> {
         let (device_type, avail_features, max_sizes) = {
             let d = lock(&device);
-            (d.device_type(), d.avail_features(), d.queue_max_sizes().to_vec())
+            (
+                d.device_type(),
+                d.avail_features(),
+                d.queue_max_sizes().to_vec(),
+            )
         };
         let queues = new_queues(&max_sizes)?;
         let queue_evts = (0..max_sizes.len())
-            .map(|_| EventFd::new(EFD_NONBLOCK).map(Arc::new).map_err(MmioError::EventFd))
+            .map(|_| {
+                EventFd::new(EFD_NONBLOCK)
+                    .map(Arc::new)
+                    .map_err(MmioError::EventFd)
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             device,
@@ -204,7 +212,11 @@ impl MmioTransport {
 
     /// The device status as the driver reads it.
     pub fn device_status(&self) -> u32 {
-        let nr = if self.interrupt.needs_reset() { status::NEEDS_RESET } else { 0 };
+        let nr = if self.interrupt.needs_reset() {
+            status::NEEDS_RESET
+        } else {
+            0
+        };
         self.status | nr
     }
 
@@ -232,9 +244,9 @@ impl MmioTransport {
                 .max_sizes
                 .get(self.queue_sel as usize)
                 .map_or(0, |&s| u32::from(s)),
-            regs::VIRTIO_MMIO_QUEUE_READY => {
-                self.selected_queue().map_or(0, |q| u32::from(q.queue.ready()))
-            }
+            regs::VIRTIO_MMIO_QUEUE_READY => self
+                .selected_queue()
+                .map_or(0, |q| u32::from(q.queue.ready())),
             regs::VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
             regs::VIRTIO_MMIO_STATUS => self.device_status(),
             regs::VIRTIO_MMIO_CONFIG_GENERATION => self.interrupt.config_generation(),
@@ -327,7 +339,10 @@ impl MmioTransport {
     fn wrong_state(&self, what: &str) {
         count_and_warn_once(
             &self.metrics.write_in_wrong_state,
-            &format!("virtio-mmio: {what} written in device status {:#x}", self.status),
+            &format!(
+                "virtio-mmio: {what} written in device status {:#x}",
+                self.status
+            ),
         );
     }
 
@@ -411,7 +426,9 @@ impl MmioTransport {
         let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
         for (i, slot) in self.queues.iter_mut().enumerate() {
             if slot.queue.ready() && (slot.bad_config || !slot.queue.is_valid(&self.mem)) {
-                return self.fail(&format!("queue {i} is set up outside guest memory or badly"));
+                return self.fail(&format!(
+                    "queue {i} is set up outside guest memory or badly"
+                ));
             }
             slot.queue.set_event_idx(event_idx);
         }
@@ -420,7 +437,10 @@ impl MmioTransport {
         let mut queues = Vec::with_capacity(self.queues.len());
         for (i, (slot, evt)) in self.queues.iter().zip(&self.queue_evts).enumerate() {
             match Queue::try_from(slot.queue.state()) {
-                Ok(queue) => queues.push(VirtQueue { queue, notify: evt.clone() }),
+                Ok(queue) => queues.push(VirtQueue {
+                    queue,
+                    notify: evt.clone(),
+                }),
                 Err(e) => return self.fail(&format!("queue {i} state is invalid: {e}")),
             }
         }

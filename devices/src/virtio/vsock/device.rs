@@ -17,8 +17,8 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::packet::{PKT_HEADER_SIZE, PacketError, chain_is_complete};
 use super::{
-    MAX_PKT_BUF_SIZE, QUEUE_SIZES, RXQ_INDEX, TXQ_INDEX, UnixMuxer, VsockBackend,
-    VsockError, VsockMetrics, VsockPacket,
+    MAX_PKT_BUF_SIZE, QUEUE_SIZES, RXQ_INDEX, TXQ_INDEX, UnixMuxer, VsockBackend, VsockError,
+    VsockMetrics, VsockPacket,
 };
 use crate::virtio::{
     GuestMemory, Interrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtQueue, VirtioDevice,
@@ -193,8 +193,7 @@ impl<B: VsockBackend> Vsock<B> {
                 }
                 // Re-enable kicks; if buffers arrived meanwhile and there is
                 // something to send, go on.
-                if !q.enable_notification(mem)? || backend_empty || !self.backend.has_pending_rx()
-                {
+                if !q.enable_notification(mem)? || backend_empty || !self.backend.has_pending_rx() {
                     return Ok(());
                 }
             }
@@ -250,7 +249,10 @@ fn tx_one<B: VsockBackend>(
     m: &VsockMetrics,
 ) -> bool {
     if !chain_is_complete(&chain) {
-        count_and_warn_once(&m.tx_bad_chain, "vsock: TX descriptor chain loops or is too long");
+        count_and_warn_once(
+            &m.tx_bad_chain,
+            "vsock: TX descriptor chain loops or is too long",
+        );
         return false;
     }
     match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_BUF_SIZE) {
@@ -281,7 +283,10 @@ fn finish_queue(
     m: &VsockMetrics,
 ) {
     if let Err(e) = res {
-        count_and_warn_once(&m.queue_errors, &format!("vsock: queue {index} is corrupt: {e}"));
+        count_and_warn_once(
+            &m.queue_errors,
+            &format!("vsock: queue {index} is corrupt: {e}"),
+        );
         a.broken = true;
         a.interrupt.set_needs_reset();
         return;
@@ -328,7 +333,11 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        tracing::debug!(offset, len = data.len(), "vsock: guest wrote read-only config space");
+        tracing::debug!(
+            offset,
+            len = data.len(),
+            "vsock: guest wrote read-only config space"
+        );
     }
 
     fn activate(
@@ -353,8 +362,13 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
                 }
             }
             self.activate_evt.write(1).map_err(VirtioError::EventFd)?;
-            self.active =
-                Some(Active { mem, queues, interrupt, broken: false, tx_stalled: false });
+            self.active = Some(Active {
+                mem,
+                queues,
+                interrupt,
+                broken: false,
+                tx_stalled: false,
+            });
             Ok(())
         })();
         match &res {

@@ -31,9 +31,16 @@ impl<B: VsockBackend> Vsock<B> {
         let Some(a) = self.active.as_ref() else {
             return;
         };
-        for (index, data) in [(RXQ_INDEX, EV_RXQ), (TXQ_INDEX, EV_TXQ), (EVQ_INDEX, EV_EVQ)] {
+        for (index, data) in [
+            (RXQ_INDEX, EV_RXQ),
+            (TXQ_INDEX, EV_TXQ),
+            (EVQ_INDEX, EV_EVQ),
+        ] {
             if let Some(q) = a.queues.get(index) {
-                add_or_keep(ops, Events::with_data(q.notify.as_ref(), data, EventSet::IN));
+                add_or_keep(
+                    ops,
+                    Events::with_data(q.notify.as_ref(), data, EventSet::IN),
+                );
             }
         }
         add_or_keep(
@@ -61,7 +68,10 @@ impl<B: VsockBackend> Vsock<B> {
 
 impl<B: VsockBackend> MutEventSubscriber for Vsock<B> {
     fn init(&mut self, ops: &mut EventOps<'_>) {
-        add_or_keep(ops, Events::with_data(&self.activate_evt, EV_ACTIVATE, EventSet::IN));
+        add_or_keep(
+            ops,
+            Events::with_data(&self.activate_evt, EV_ACTIVATE, EventSet::IN),
+        );
         self.watch_runtime(ops);
     }
 

@@ -104,7 +104,10 @@ impl VsockMetrics {
 
     /// Reads one counter by name (tests and diagnostics).
     pub fn get(&self, name: &str) -> Option<u64> {
-        self.snapshot().into_iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+        self.snapshot()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v)
     }
 }
 

@@ -136,8 +136,14 @@ impl<S: VsockStream> VsockConnection<S> {
         peer_port: u32,
         peer_buf_alloc: u32,
     ) -> Self {
-        let mut c =
-            Self::new(ConnState::PeerInit, stream, peer_cid, local_port, peer_port, peer_buf_alloc);
+        let mut c = Self::new(
+            ConnState::PeerInit,
+            stream,
+            peer_cid,
+            local_port,
+            peer_port,
+            peer_buf_alloc,
+        );
         c.pending = PEND_RESPONSE;
         c
     }
@@ -145,7 +151,14 @@ impl<S: VsockStream> VsockConnection<S> {
     /// A host-initiated connection: a REQUEST to the guest is pending, and the
     /// guest has [`super::CONN_TIMEOUT`] to answer.
     pub fn new_local_init(stream: S, peer_cid: u64, local_port: u32, peer_port: u32) -> Self {
-        let mut c = Self::new(ConnState::LocalInit, stream, peer_cid, local_port, peer_port, 0);
+        let mut c = Self::new(
+            ConnState::LocalInit,
+            stream,
+            peer_cid,
+            local_port,
+            peer_port,
+            0,
+        );
         c.pending = PEND_REQUEST;
         c.expiry = Some(Instant::now() + CONN_TIMEOUT);
         c
@@ -228,7 +241,10 @@ impl<S: VsockStream> VsockConnection<S> {
             return None;
         }
         let mut ev = EventSet::empty();
-        if self.can_read_host() && self.pending & PEND_RW == 0 && self.peer_avail_credit() > 0 {
+        // Without credit, watch for host data only until a CREDIT_REQUEST went
+        // out (a level-triggered readable stream would wake us in a loop).
+        let credit = self.peer_avail_credit() > 0 || !self.credit_requested;
+        if self.can_read_host() && self.pending & PEND_RW == 0 && credit {
             ev |= EventSet::IN;
         }
         if !self.ctl_buf.is_empty() || !self.tx_buf.is_empty() {
@@ -259,7 +275,10 @@ impl<S: VsockStream> VsockConnection<S> {
     fn bogus(&mut self, m: &VsockMetrics, op: u16) {
         count_and_warn_once(
             &m.bogus_op,
-            &format!("vsock: guest sent op {op} in connection state {:?}", self.state),
+            &format!(
+                "vsock: guest sent op {op} in connection state {:?}",
+                self.state
+            ),
         );
         self.kill();
     }
@@ -443,7 +462,12 @@ impl<S: VsockStream> VsockConnection<S> {
         if evset.contains(EventSet::HANG_UP) && !self.host_hup {
             self.host_hung_up();
         } else if evset.contains(EventSet::IN) && self.can_read_host() {
-            self.pending |= PEND_RW;
+            if self.peer_avail_credit() > 0 {
+                self.pending |= PEND_RW;
+            } else if !self.credit_requested {
+                self.credit_requested = true;
+                self.pending |= PEND_CREDIT_REQUEST;
+            }
         }
     }
 
@@ -518,7 +542,11 @@ impl<S: VsockStream> VsockConnection<S> {
     }
 
     /// Reads host data into the guest buffer. `Ok(true)`: `pkt` holds an RW packet.
-    fn read_host(&mut self, pkt: &mut VsockPacket<'_>, m: &VsockMetrics) -> Result<bool, VsockError> {
+    fn read_host(
+        &mut self,
+        pkt: &mut VsockPacket<'_>,
+        m: &VsockMetrics,
+    ) -> Result<bool, VsockError> {
         self.pending &= !PEND_RW;
         if !self.can_read_host() {
             return Ok(false);
@@ -567,7 +595,3 @@ impl<S: VsockStream> VsockConnection<S> {
         }
     }
 }
-
-#[cfg(test)]
-#[path = "connection_tests.rs"]
-mod tests;

@@ -36,7 +36,11 @@ pub(crate) fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     }
     // SAFETY: socket(2) takes no pointers; the result is checked below.
     let fd = unsafe {
-        libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
     };
     if fd < 0 {
         return Err(io::Error::last_os_error());
@@ -59,7 +63,10 @@ pub(crate) fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
 }
 
 #[cfg(test)]
-mod tests {
+mod tests;
+
+#[cfg(test)]
+mod connect_tests {
     use super::*;
     use std::io::{Read, Write};
     use std::os::unix::net::UnixListener;
@@ -78,6 +85,9 @@ mod tests {
         c.read_exact(&mut b).unwrap();
         assert_eq!(&b, b"hi");
         let long = dir.path().join("x".repeat(200));
-        assert_eq!(connect_nonblocking(&long).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(
+            connect_nonblocking(&long).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
     }
 }

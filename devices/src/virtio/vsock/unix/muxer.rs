@@ -7,8 +7,8 @@
 //! yet, and the host stream of every connection.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
 use std::collections::HashSet;
+use std::collections::{BinaryHeap, HashMap};
 use std::io::{ErrorKind, Read};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -104,7 +104,10 @@ impl UnixMuxer {
         metrics: Arc<VsockMetrics>,
     ) -> Result<Self, VsockError> {
         let path = uds_path.as_ref().to_path_buf();
-        let bind_err = |source| VsockError::Bind { path: path.clone(), source };
+        let bind_err = |source| VsockError::Bind {
+            path: path.clone(),
+            source,
+        };
         let host_sock = UnixListener::bind(&path).map_err(bind_err)?;
         Self::with_listener(cid, host_sock, path.clone(), metrics).inspect_err(|_| {
             let _ = std::fs::remove_file(&path);
@@ -117,14 +120,22 @@ impl UnixMuxer {
         host_sock_path: PathBuf,
         metrics: Arc<VsockMetrics>,
     ) -> Result<Self, VsockError> {
-        host_sock.set_nonblocking(true).map_err(VsockError::EventSource)?;
+        host_sock
+            .set_nonblocking(true)
+            .map_err(VsockError::EventSource)?;
         let epoll = Epoll::new().map_err(VsockError::EventSource)?;
         let timer = TimerFd::new().map_err(|e| VsockError::EventSource(e.into()))?;
         let mut fds = HashMap::new();
-        for (fd, l) in [(host_sock.as_raw_fd(), Listener::HostSock), (timer.as_raw_fd(), Listener::Timer)]
-        {
+        for (fd, l) in [
+            (host_sock.as_raw_fd(), Listener::HostSock),
+            (timer.as_raw_fd(), Listener::Timer),
+        ] {
             epoll
-                .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, fd as u64))
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, fd as u64),
+                )
                 .map_err(VsockError::EventSource)?;
             fds.insert(fd, l);
         }
@@ -165,7 +176,10 @@ impl UnixMuxer {
 
     fn enq_rst(&mut self, local_port: u32, peer_port: u32) {
         // send_pkt checked for room before getting here.
-        self.rxq.push(MuxerRx::Rst { local_port, peer_port });
+        self.rxq.push(MuxerRx::Rst {
+            local_port,
+            peer_port,
+        });
     }
 
     fn set_watch(&mut self, fd: RawFd, old: Option<EventSet>, new: Option<EventSet>) -> bool {
@@ -173,7 +187,9 @@ impl UnixMuxer {
         let res = match (old, new) {
             (None, Some(n)) => self.epoll.ctl(ControlOperation::Add, fd, ev(n)),
             (Some(o), Some(n)) if o != n => self.epoll.ctl(ControlOperation::Modify, fd, ev(n)),
-            (Some(_), None) => self.epoll.ctl(ControlOperation::Delete, fd, ev(EventSet::empty())),
+            (Some(_), None) => self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, ev(EventSet::empty())),
             _ => Ok(()),
         };
         if let Err(e) = res {
@@ -205,7 +221,11 @@ impl UnixMuxer {
                 self.killq.push(Reverse((t, key)));
             }
         }
-        let (fd, old, new) = (e.conn.stream().as_raw_fd(), e.registered, e.conn.polled_evset());
+        let (fd, old, new) = (
+            e.conn.stream().as_raw_fd(),
+            e.registered,
+            e.conn.polled_evset(),
+        );
         if self.set_watch(fd, old, new) {
             match new {
                 Some(_) => self.fds.insert(fd, Listener::Conn(key)),
@@ -229,7 +249,13 @@ impl UnixMuxer {
         VsockMetrics::inc(&self.metrics.conns_added);
         self.conns.insert(
             key,
-            ConnEntry { conn, registered: None, queued: false, deadline: None, host_initiated },
+            ConnEntry {
+                conn,
+                registered: None,
+                queued: false,
+                deadline: None,
+                host_initiated,
+            },
         );
         self.after_conn_op(key);
     }
@@ -257,7 +283,10 @@ impl UnixMuxer {
                 p => p + 1,
             };
             let p = self.last_local_port;
-            let key = ConnKey { local_port: p, peer_port };
+            let key = ConnKey {
+                local_port: p,
+                peer_port,
+            };
             if !self.conns.contains_key(&key) && self.local_ports.insert(p) {
                 return Some(p);
             }
@@ -321,7 +350,13 @@ impl UnixMuxer {
                 continue;
             }
             self.fds.insert(fd, Listener::PendingHost);
-            self.pending_host.insert(fd, PendingHost { stream, line: Vec::new() });
+            self.pending_host.insert(
+                fd,
+                PendingHost {
+                    stream,
+                    line: Vec::new(),
+                },
+            );
         }
     }
 
@@ -375,7 +410,14 @@ impl UnixMuxer {
             return;
         };
         let conn = VsockConnection::new_local_init(p.stream, self.cid, local_port, port);
-        self.add_conn(ConnKey { local_port, peer_port: port }, conn, true);
+        self.add_conn(
+            ConnKey {
+                local_port,
+                peer_port: port,
+            },
+            conn,
+            true,
+        );
     }
 
     fn arm_timer(&mut self) {
@@ -386,7 +428,9 @@ impl UnixMuxer {
         self.timer_deadline = next;
         let res = match next {
             Some(t) => {
-                let d = t.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+                let d = t
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1));
                 self.timer.reset(d, None)
             }
             None => self.timer.clear(),
@@ -465,7 +509,10 @@ impl VsockChannel for UnixMuxer {
                 return Err(VsockError::NoData);
             };
             match item {
-                MuxerRx::Rst { local_port, peer_port } => {
+                MuxerRx::Rst {
+                    local_port,
+                    peer_port,
+                } => {
                     VsockMetrics::inc(&self.metrics.rst_sent);
                     let h = Header {
                         src_cid: VSOCK_HOST_CID,
@@ -519,7 +566,10 @@ impl VsockChannel for UnixMuxer {
             }
             return Ok(());
         }
-        let key = ConnKey { local_port, peer_port };
+        let key = ConnKey {
+            local_port,
+            peer_port,
+        };
         if let Some(e) = self.conns.get_mut(&key) {
             e.conn.send_pkt(pkt, &self.metrics);
             self.after_conn_op(key);
@@ -534,7 +584,10 @@ impl VsockChannel for UnixMuxer {
             | VSOCK_OP_CREDIT_UPDATE
             | VSOCK_OP_CREDIT_REQUEST => self.enq_rst(local_port, peer_port),
             _ => {
-                count_and_warn_once(&self.metrics.bogus_op, &format!("vsock: guest sent op {op}"));
+                count_and_warn_once(
+                    &self.metrics.bogus_op,
+                    &format!("vsock: guest sent op {op}"),
+                );
                 self.enq_rst(local_port, peer_port);
             }
         }
@@ -596,7 +649,8 @@ impl VsockBackend for UnixMuxer {
         // Dropping the streams closes them (and takes them out of the epoll set).
         self.conns.clear();
         self.pending_host.clear();
-        self.fds.retain(|_, l| matches!(l, Listener::HostSock | Listener::Timer));
+        self.fds
+            .retain(|_, l| matches!(l, Listener::HostSock | Listener::Timer));
         self.rxq.clear();
         self.killq.clear();
         self.local_ports.clear();

@@ -37,7 +37,10 @@ pub struct RxQueue {
 
 impl Default for RxQueue {
     fn default() -> Self {
-        Self { q: VecDeque::with_capacity(MUXER_RXQ_SIZE), synced: true }
+        Self {
+            q: VecDeque::with_capacity(MUXER_RXQ_SIZE),
+            synced: true,
+        }
     }
 }
 
@@ -92,12 +95,24 @@ mod tests {
     fn bounded_and_marks_out_of_sync() {
         let mut q = RxQueue::default();
         for p in 0..MUXER_RXQ_SIZE as u32 {
-            assert!(q.push(MuxerRx::Rst { local_port: p, peer_port: p }));
+            assert!(q.push(MuxerRx::Rst {
+                local_port: p,
+                peer_port: p
+            }));
         }
         assert!(q.is_full());
-        assert!(!q.push(MuxerRx::Rst { local_port: 0, peer_port: 0 }));
+        assert!(!q.push(MuxerRx::Rst {
+            local_port: 0,
+            peer_port: 0
+        }));
         assert!(!q.is_synced());
-        assert_eq!(q.pop(), Some(MuxerRx::Rst { local_port: 0, peer_port: 0 }));
+        assert_eq!(
+            q.pop(),
+            Some(MuxerRx::Rst {
+                local_port: 0,
+                peer_port: 0
+            })
+        );
         q.clear();
         assert!(q.is_empty() && q.is_synced());
     }
