@@ -347,3 +347,41 @@ fn a_port_taken_before_swtpm_binds_it_is_retried() {
     assert_eq!(std::fs::read_to_string(&count).unwrap().trim(), "3");
     assert!(vtpm.read_pcrs().is_ok());
 }
+
+#[test]
+fn record_boot_takes_only_a_boot_log_once() {
+    if !swtpm_available("record_boot_takes_only_a_boot_log_once") {
+        return;
+    }
+    let run = tempfile::tempdir().unwrap();
+    let vtpm = Vtpm::start(&options(run.path())).unwrap();
+    let boot = Boot::honest();
+    // Hash first (as a VMM would while the vTPM starts), then record.
+    let log = cell0_attest::boot_events(&boot.inputs()).unwrap();
+    let mut reordered = log.clone();
+    reordered.events.swap(2, 3);
+    assert!(matches!(
+        vtpm.record_boot(&reordered),
+        Err(VtpmError::NotABootLog)
+    ));
+    let mut short = log.clone();
+    short.events.pop();
+    assert!(matches!(
+        vtpm.record_boot(&short),
+        Err(VtpmError::NotABootLog)
+    ));
+    // Refusals extend nothing.
+    assert!(
+        vtpm.read_pcrs()
+            .unwrap()
+            .values()
+            .all(|v| *v == cell0_attest::Sha256Digest::ZERO)
+    );
+    vtpm.record_boot(&log).unwrap();
+    assert_eq!(vtpm.read_pcrs().unwrap(), log.replay());
+    assert!(matches!(
+        vtpm.record_boot(&log),
+        Err(VtpmError::AlreadyMeasured)
+    ));
+    assert_eq!(vtpm.read_pcrs().unwrap(), log.replay());
+}

@@ -85,7 +85,10 @@ fn honest_boot_verifies_and_quotes_stay_fresh() {
         [Failure::NoNonceIssued { .. }]
     ));
     // Measuring a second boot into the same vTPM is refused.
-    assert!(a.vtpm.measure_boot(&boot.inputs()).is_err());
+    assert!(matches!(
+        a.vtpm.measure_boot(&boot.inputs()),
+        Err(cell0_attest::VtpmError::AlreadyMeasured)
+    ));
 }
 
 #[test]

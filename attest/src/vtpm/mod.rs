@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 pub use setup::LocalCa;
 
-use crate::eventlog::{EventLog, EventLogError, PcrValues};
+use crate::eventlog::{EventLog, EventLogError, EventType, PcrValues};
 use crate::formats::{
     AK_FORMAT, ActivationResponse, AkBundle, CredentialChallenge, Nonce, QUOTE_FORMAT, QuoteBundle,
     RESPONSE_FORMAT,
@@ -125,6 +125,9 @@ pub enum VtpmError {
         /// What was wrong.
         what: &'static str,
     },
+    /// `record_boot` was given events out of the boot order.
+    #[error("the events are not a cell0 boot (DESIGN.md §5 order and PCRs)")]
+    NotABootLog,
     /// `measure_boot` was called twice.
     #[error("this vTPM has already measured a boot; start a new vTPM for a new boot")]
     AlreadyMeasured,
@@ -341,6 +344,25 @@ impl Vtpm {
     /// DESIGN.md §5 and writes the event log. Call it once, before the first
     /// vCPU runs.
     pub fn measure_boot(&self, inputs: &BootInputs<'_>) -> Result<EventLog, VtpmError> {
+        // Hash in the caller's thread; only the extends go to the worker.
+        let log = boot_events(inputs)?;
+        self.record_boot(&log)?;
+        Ok(log)
+    }
+
+    /// The second half of [`Vtpm::measure_boot`]: extends the events of
+    /// [`boot_events`](crate::boot_events) and writes the event log. A VMM can
+    /// hash the inputs while the vTPM starts, then call this. Once per vTPM;
+    /// only logs in the boot order of DESIGN.md §5 are accepted.
+    pub fn record_boot(&self, log: &EventLog) -> Result<(), VtpmError> {
+        let layout: Vec<(u8, EventType)> = log.events.iter().map(|e| (e.pcr, e.kind)).collect();
+        let expected: Vec<(u8, EventType)> = EventType::BOOT_ORDER
+            .iter()
+            .map(|t| (t.pcr(), *t))
+            .collect();
+        if layout != expected {
+            return Err(VtpmError::NotABootLog);
+        }
         let mut measured = self
             .measured
             .lock()
@@ -348,12 +370,10 @@ impl Vtpm {
         if *measured {
             return Err(VtpmError::AlreadyMeasured);
         }
-        // Hash in the caller's thread; only the extends go to the worker.
-        let log = boot_events(inputs)?;
         *measured = true;
         self.call(|r| Request::Extend(log.clone(), r))?;
         log.write_file(&self.event_log_path())?;
-        Ok(log)
+        Ok(())
     }
 
     /// Quotes the measured PCRs with `nonce` as qualifying data.
