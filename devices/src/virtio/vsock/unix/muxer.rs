@@ -634,8 +634,13 @@ impl VsockEpollListener for UnixMuxer {
                         self.after_conn_op(key);
                     }
                 }
-                // Deregistered while this batch was pending.
-                None => {}
+                // Deregistered while this batch was pending; anything else in
+                // the set that nobody owns must go, or it would wake us forever.
+                None => {
+                    let _ = self
+                        .epoll
+                        .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                }
             }
         }
         self.sweep_timeouts();
