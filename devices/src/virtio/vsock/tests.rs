@@ -456,3 +456,14 @@ fn header_of_parsed_packet_matches_what_the_guest_wrote() {
     let got: Header = h.dev().backend().tx[0].hdr;
     assert_eq!(got, hd);
 }
+
+#[test]
+fn malicious_head_index_past_the_queue_marks_needs_reset() {
+    let mem = test_mem();
+    let mut h = Harness::new(&mem, test_dev());
+    h.drv.publish(TXQ_INDEX, 300);
+    h.kick(TXQ_INDEX);
+    assert_eq!(h.metric("tx_bad_chain"), 1);
+    assert_eq!(h.metric("queue_errors"), 1);
+    assert!(h.irq.needs_reset());
+}

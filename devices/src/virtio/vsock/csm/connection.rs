@@ -595,3 +595,7 @@ impl<S: VsockStream> VsockConnection<S> {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "connection_tests.rs"]
+mod tests;
