@@ -86,6 +86,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// Optional per-VM API socket.
     pub api_sock: Option<PathBuf>,
+    /// Measured boot into a per-VM vTPM.
+    pub tpm: Option<crate::tpm::TpmConfig>,
 }
 
 impl VmConfig {
@@ -114,6 +116,7 @@ impl VmConfig {
             serial,
             vsock: None,
             api_sock: None,
+            tpm: None,
         })
     }
 
@@ -131,6 +134,7 @@ impl VmConfig {
             "vsock": self.vsock.as_ref().map(|v| serde_json::json!({
                 "cid": v.cid, "uds": v.uds.display().to_string()
             })),
+            "tpm": self.tpm.is_some(),
         })
     }
 

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use cell0_vmm::config::{KernelSource, SerialOutput, VmConfig};
+use cell0_vmm::tpm::TpmConfig;
 use cell0_vmm::vm::Vm;
 use clap::{Parser, Subcommand};
 
@@ -35,37 +36,7 @@ enum Cmd {
     #[command(
         after_help = "Examples:\n  cell0-vmm launch                                  # the built-in nano guest\n  cell0-vmm launch --cmdline cell0.test=smp --vcpus 2\n  cell0-vmm launch --kernel vmlinux --initrd initrd.img --memory-mib 512"
     )]
-    Launch {
-        /// Kernel image (ELF or bzImage). Without it, the built-in nano guest boots.
-        #[arg(long)]
-        kernel: Option<PathBuf>,
-        /// Initial ramdisk.
-        #[arg(long)]
-        initrd: Option<PathBuf>,
-        /// Kernel command line (default: "console=ttyS0 reboot=k panic=1 pci=off").
-        #[arg(long)]
-        cmdline: Option<String>,
-        /// Number of vCPUs (1-32).
-        #[arg(long, default_value_t = 1)]
-        vcpus: u64,
-        /// Guest memory in MiB.
-        #[arg(long, default_value_t = 128)]
-        memory_mib: u64,
-        /// Serial console output: "stdout" or a file path.
-        #[arg(long, default_value = "stdout")]
-        serial: SerialOutput,
-        /// Host Unix socket of the hybrid virtio-vsock device (with --cid). Host
-        /// processes connect to it and send "CONNECT <port>"; guest connections to
-        /// port P go to "<PATH>_P".
-        #[arg(long, requires = "cid")]
-        vsock_uds: Option<PathBuf>,
-        /// Guest vsock context id (3 or more; with --vsock-uds).
-        #[arg(long, requires = "vsock_uds")]
-        cid: Option<u64>,
-        /// Per-VM API socket (JSON lines: describe, stop, quote).
-        #[arg(long)]
-        api_sock: Option<PathBuf>,
-    },
+    Launch(Box<LaunchArgs>),
     /// Write the built-in nano guest ELF to a file.
     NanoImage {
         /// Output path.
@@ -74,8 +45,60 @@ enum Cmd {
     },
 }
 
+#[derive(clap::Args, Debug)]
+struct LaunchArgs {
+    /// Kernel image (ELF or bzImage). Without it, the built-in nano guest boots.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line (default: "console=ttyS0 reboot=k panic=1 pci=off").
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Number of vCPUs (1-32).
+    #[arg(long, default_value_t = 1)]
+    vcpus: u64,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 128)]
+    memory_mib: u64,
+    /// Serial console output: "stdout" or a file path.
+    #[arg(long, default_value = "stdout")]
+    serial: SerialOutput,
+    /// Host Unix socket of the hybrid virtio-vsock device (with --cid). Host
+    /// processes connect to it and send "CONNECT <port>"; guest connections to
+    /// port P go to "<PATH>_P".
+    #[arg(long, requires = "cid")]
+    vsock_uds: Option<PathBuf>,
+    /// Guest vsock context id (3 or more; with --vsock-uds).
+    #[arg(long, requires = "vsock_uds")]
+    cid: Option<u64>,
+    /// Per-VM API socket (JSON lines: describe, stop, and with --tpm ak, activate, quote).
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+    /// Measured boot: start a swtpm vTPM for this VM and extend PCRs 0/4/8/9/11/12
+    /// before the first vCPU runs (needs --run-dir).
+    #[arg(long, requires = "run_dir")]
+    tpm: bool,
+    /// The VM's run directory (vTPM state, event log).
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Agent id, measured into PCR 12.
+    #[arg(long, default_value = "")]
+    agent_id: String,
+    /// Workload command word, measured into PCR 12 (repeat for each argument).
+    #[arg(long = "command")]
+    command: Vec<String>,
+}
+
 fn init_logging(level: &str) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
+    // tss-esapi logs every context open/close at info: keep it at warn unless asked.
+    let directives = if level.contains("tss_esapi") {
+        level.to_string()
+    } else {
+        format!("{level},tss_esapi=warn")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .map_err(|e| anyhow::anyhow!("invalid --log-level {level:?}: {e}"))?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -93,21 +116,38 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         "milestone: process start"
     );
     match cli.cmd {
-        Cmd::Launch {
-            kernel,
-            initrd,
-            cmdline,
-            vcpus,
-            memory_mib,
-            serial,
-            vsock_uds,
-            cid,
-            api_sock,
-        } => {
+        Cmd::Launch(a) => {
+            let LaunchArgs {
+                kernel,
+                initrd,
+                cmdline,
+                vcpus,
+                memory_mib,
+                serial,
+                vsock_uds,
+                cid,
+                api_sock,
+                tpm,
+                run_dir,
+                agent_id,
+                command,
+            } = *a;
             let kernel = kernel.map_or(KernelSource::Nano, KernelSource::Path);
             let cfg = VmConfig::new(kernel, initrd, cmdline, vcpus, memory_mib, serial)?
                 .with_vsock(vsock_uds, cid)?;
-            let cfg = VmConfig { api_sock, ..cfg };
+            let tpm = match (tpm, run_dir) {
+                (true, Some(run_dir)) => Some(TpmConfig {
+                    run_dir,
+                    agent_id,
+                    command,
+                }),
+                _ => None,
+            };
+            let cfg = VmConfig {
+                api_sock,
+                tpm,
+                ..cfg
+            };
             let reason = Vm::build(&cfg)?.run()?;
             if reason.is_clean() {
                 Ok(ExitCode::SUCCESS)

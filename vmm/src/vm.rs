@@ -29,7 +29,9 @@ use crate::exit::{ExitCounters, ExitSignal, StopReason};
 use crate::legacy::{
     I8042, I8042_PORT, I8042_PORT_LEN, SERIAL_PORT, SERIAL_PORT_LEN, SerialDevice,
 };
+use crate::tpm::{self, Measured, PendingVtpm, TpmApi};
 use crate::vcpu::{self, Vcpu, VcpuHandle};
+use cell0_attest::DeviceSpec;
 
 /// Errors that stop a VM from being built or run.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +107,9 @@ pub enum VmError {
     /// The API socket could not be started.
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
+    /// Measured boot failed.
+    #[error(transparent)]
+    Tpm(#[from] crate::tpm::TpmError),
     /// The event loop failed.
     #[error("the event loop failed")]
     EventLoop(#[source] event_manager::Error),
@@ -154,6 +159,8 @@ pub struct Vm {
     events: EventManager<Subscriber>,
     api: Option<(std::path::PathBuf, serde_json::Value)>,
     extensions: Vec<Box<dyn ApiExtension>>,
+    // Dropped with the VM: stops swtpm and removes its state.
+    _vtpm: Option<Arc<cell0_attest::Vtpm>>,
 }
 
 fn read_file(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>> {
@@ -183,6 +190,8 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
 impl Vm {
     /// Builds the VM: everything up to, but not including, the first vCPU entry.
     pub fn build(cfg: &VmConfig) -> Result<Self> {
+        // swtpm takes the longest to start: begin it first, join before measuring.
+        let pending_tpm = cfg.tpm.as_ref().map(PendingVtpm::start);
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
         vm.set_tss_address(KVM_TSS_ADDR)
@@ -222,10 +231,13 @@ impl Vm {
             }
         };
         let kernel = boot::load_kernel(&mem, mem_size, image)?;
-        let initrd = match &cfg.initrd {
-            Some(p) => {
-                let data = read_file("initrd", p)?;
-                let addr = boot::load_initrd(&mem, mem_size, kernel.end, &data)?;
+        let initrd_data = match &cfg.initrd {
+            Some(p) => Some(read_file("initrd", p)?),
+            None => None,
+        };
+        let initrd = match &initrd_data {
+            Some(data) => {
+                let addr = boot::load_initrd(&mem, mem_size, kernel.end, data)?;
                 Some((addr, data.len() as u64))
             }
             None => None,
@@ -267,9 +279,18 @@ impl Vm {
         let mut events = EventManager::<Subscriber>::new().map_err(VmError::EventLoop)?;
         events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { exit: exit.clone() })));
         let mut devices = DeviceManager::new();
+        let mut measured_devices = vec![
+            DeviceSpec::new("serial", Some(SERIAL_PORT), Some(SERIAL_IRQ)),
+            DeviceSpec::new("i8042", Some(I8042_PORT), None),
+        ];
         if let Some(v) = &cfg.vsock {
             let dev = Arc::new(Mutex::new(Vsock::new(v.cid, &v.uds)?));
             let slot = devices.add_virtio(&vm, &mem, &mut mmio, dev.clone())?;
+            measured_devices.push(DeviceSpec::new(
+                "virtio-vsock",
+                Some(slot.base),
+                Some(slot.irq),
+            ));
             events.add_subscriber(dev);
             tracing::debug!(cid = v.cid, uds = %v.uds.display(), base = format_args!("{:#x}", slot.base), irq = slot.irq, "virtio-vsock added");
         }
@@ -287,6 +308,40 @@ impl Vm {
         let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
         let cmdline = boot::build_cmdline(&parts)?;
         boot::write_boot_params(&mem, mem_size, &kernel, &cmdline, initrd)?;
+
+        // Measured boot, before any vCPU exists.
+        let mut extensions: Vec<Box<dyn ApiExtension>> = Vec::new();
+        let vtpm = match (pending_tpm, &cfg.tpm) {
+            (Some(pending), Some(tcfg)) => {
+                let vtpm = Arc::new(pending.wait()?);
+                let cmdline_str = cmdline.as_cstring().map_err(BootError::Cmdline)?;
+                let log = tpm::measure(
+                    &vtpm,
+                    tcfg,
+                    &Measured {
+                        kernel: image,
+                        cmdline: &cmdline_str.to_string_lossy(),
+                        initrd: initrd_data.as_deref(),
+                        vcpus: cfg.vcpus,
+                        memory_mib: cfg.memory_mib,
+                        vsock_cid: cfg.vsock.as_ref().map(|v| v.cid),
+                        shm_mib: 0,
+                        devices: measured_devices,
+                    },
+                )?;
+                tracing::info!(
+                    elapsed_us = crate::since_start_us(),
+                    events = log.events.len(),
+                    "milestone: boot measured into the vTPM"
+                );
+                extensions.push(Box::new(TpmApi {
+                    vtpm: vtpm.clone(),
+                    log,
+                }));
+                Some(vtpm)
+            }
+            _ => None,
+        };
 
         // vCPUs.
         let supported = kvm
@@ -331,7 +386,8 @@ impl Vm {
             exit,
             events,
             api: cfg.api_sock.clone().map(|p| (p, cfg.describe())),
-            extensions: Vec::new(),
+            extensions,
+            _vtpm: vtpm,
         })
     }
 
