@@ -51,6 +51,10 @@ pub struct Vsock<B: VsockBackend> {
     /// watching the queues and the backend.
     pub(crate) activate_evt: EventFd,
     pub(crate) active: Option<Active>,
+    /// The queue eventfds of the last activation. They stay watched after a
+    /// reset, so they must stay readable here too, or a guest kicking a reset
+    /// device would wake the event loop forever.
+    pub(crate) queue_evts: Vec<Arc<EventFd>>,
 }
 
 impl Vsock<UnixMuxer> {
@@ -87,6 +91,7 @@ impl<B: VsockBackend> Vsock<B> {
             metrics,
             activate_evt: EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventSource)?,
             active: None,
+            queue_evts: Vec::new(),
         })
     }
 
@@ -362,6 +367,7 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
                 }
             }
             self.activate_evt.write(1).map_err(VirtioError::EventFd)?;
+            self.queue_evts = queues.iter().map(|q| q.notify.clone()).collect();
             self.active = Some(Active {
                 mem,
                 queues,

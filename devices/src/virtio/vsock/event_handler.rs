@@ -53,16 +53,13 @@ impl<B: VsockBackend> Vsock<B> {
         );
     }
 
-    /// Clears a queue eventfd; returns false when the device is not active.
+    /// Clears a queue eventfd (active or not); returns whether the device is active.
     fn drain_queue_evt(&self, index: usize) -> bool {
-        let Some(a) = self.active.as_ref() else {
-            return false;
-        };
-        if let Some(q) = a.queues.get(index) {
+        if let Some(evt) = self.queue_evts.get(index) {
             // Non-blocking: nothing to read just means a spurious wake-up.
-            let _ = q.notify.read();
+            let _ = evt.read();
         }
-        true
+        self.active.is_some()
     }
 }
 
