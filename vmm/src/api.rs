@@ -15,12 +15,14 @@
 //! the event loop or the vCPUs. Connections are served one at a time.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::RawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::exit::{ExitSignal, StopReason};
 
@@ -48,6 +50,11 @@ pub enum ApiError {
 pub trait ApiExtension: Send + Sync {
     /// Handles `op` with the full request; `None` if this extension does not know `op`.
     fn handle(&self, op: &str, req: &Value) -> Option<Value>;
+
+    /// File descriptors to pass (SCM_RIGHTS) with a successful answer to `op`.
+    fn fds(&self, _op: &str) -> Vec<RawFd> {
+        Vec::new()
+    }
 }
 
 /// What the API reports and can act on.
@@ -67,26 +74,50 @@ pub fn error(code: &str, message: impl std::fmt::Display) -> Value {
 
 /// Answers one request line.
 pub fn respond(ctx: &ApiContext, line: &str) -> Value {
+    respond_with_fds(ctx, line).0
+}
+
+/// Answers one request line, with the descriptors to pass along.
+pub fn respond_with_fds(ctx: &ApiContext, line: &str) -> (Value, Vec<RawFd>) {
     let req: Value = match serde_json::from_str(line) {
         Ok(v) => v,
-        Err(e) => return error("bad_request", format_args!("request is not JSON: {e}")),
+        Err(e) => {
+            return (
+                error("bad_request", format_args!("request is not JSON: {e}")),
+                vec![],
+            );
+        }
     };
     let Some(op) = req.get("op").and_then(Value::as_str) else {
-        return error("bad_request", "request has no string field \"op\"");
+        return (
+            error("bad_request", "request has no string field \"op\""),
+            vec![],
+        );
     };
     match op {
-        "describe" => {
-            json!({"ok": true, "vm": ctx.describe.clone(), "uptime_us": crate::since_start_us()})
-        }
+        "describe" => (
+            json!({"ok": true, "vm": ctx.describe.clone(), "uptime_us": crate::since_start_us()}),
+            vec![],
+        ),
         "stop" => {
             ctx.exit.signal(StopReason::Stopped);
-            json!({"ok": true})
+            (json!({"ok": true}), vec![])
         }
         _ => ctx
             .extensions
             .iter()
-            .find_map(|e| e.handle(op, &req))
-            .unwrap_or_else(|| error("unknown_op", format_args!("unknown op {op:?}"))),
+            .find_map(|e| {
+                e.handle(op, &req).map(|v| {
+                    let fds = if v["ok"] == true { e.fds(op) } else { vec![] };
+                    (v, fds)
+                })
+            })
+            .unwrap_or_else(|| {
+                (
+                    error("unknown_op", format_args!("unknown op {op:?}")),
+                    vec![],
+                )
+            }),
     }
 }
 
@@ -110,8 +141,17 @@ fn serve_conn(ctx: &ApiContext, stream: UnixStream) -> std::io::Result<()> {
             writeln!(writer, "{e}")?;
             return Ok(());
         }
-        let resp = respond(ctx, line.trim_end());
-        writeln!(writer, "{resp}")?;
+        let (resp, fds) = respond_with_fds(ctx, line.trim_end());
+        if fds.is_empty() {
+            writeln!(writer, "{resp}")?;
+        } else {
+            let msg = format!("{resp}\n");
+            let n = writer
+                .send_with_fds(&[msg.as_bytes()], &fds)
+                .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+            // The descriptors went with the first byte; send any rest plainly.
+            writer.write_all(&msg.as_bytes()[n..])?;
+        }
     }
 }
 

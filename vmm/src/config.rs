@@ -62,6 +62,9 @@ pub enum ConfigError {
     /// Vsock CID reserved or out of range.
     #[error("--cid must be between 3 and 4294967294, got {0}")]
     Cid(u64),
+    /// Shared-memory window too large.
+    #[error("--shm-mib must be at most {max}, got {0}", max = crate::shm::MAX_SHM_MIB)]
+    Shm(u64),
     /// Only one of the vsock options was given.
     #[error("--vsock-uds and --cid go together")]
     VsockHalf,
@@ -88,6 +91,8 @@ pub struct VmConfig {
     pub api_sock: Option<PathBuf>,
     /// Measured boot into a per-VM vTPM.
     pub tpm: Option<crate::tpm::TpmConfig>,
+    /// Shared-memory window size in MiB (0: none).
+    pub shm_mib: u64,
 }
 
 impl VmConfig {
@@ -117,7 +122,17 @@ impl VmConfig {
             vsock: None,
             api_sock: None,
             tpm: None,
+            shm_mib: 0,
         })
+    }
+
+    /// Sets the shared-memory window size.
+    pub fn with_shm(mut self, mib: u64) -> Result<Self, ConfigError> {
+        if mib > crate::shm::MAX_SHM_MIB {
+            return Err(ConfigError::Shm(mib));
+        }
+        self.shm_mib = mib;
+        Ok(self)
     }
 
     /// A JSON description of the VM, as the API's `describe` returns it.
@@ -135,6 +150,7 @@ impl VmConfig {
                 "cid": v.cid, "uds": v.uds.display().to_string()
             })),
             "tpm": self.tpm.is_some(),
+            "shm_mib": self.shm_mib,
         })
     }
 

@@ -11,6 +11,7 @@ pub mod device_manager;
 pub mod exit;
 pub mod legacy;
 pub mod nano;
+pub mod shm;
 pub mod tpm;
 pub mod vcpu;
 pub mod vm;

@@ -73,6 +73,10 @@ struct LaunchArgs {
     /// Guest vsock context id (3 or more; with --vsock-uds).
     #[arg(long, requires = "vsock_uds")]
     cid: Option<u64>,
+    /// Shared-memory window in MiB, mapped above guest RAM and passed to the router
+    /// over the API socket (0: none).
+    #[arg(long, default_value_t = 0)]
+    shm_mib: u64,
     /// Per-VM API socket (JSON lines: describe, stop, and with --tpm ak, activate, quote).
     #[arg(long)]
     api_sock: Option<PathBuf>,
@@ -127,6 +131,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 vsock_uds,
                 cid,
                 api_sock,
+                shm_mib,
                 tpm,
                 run_dir,
                 agent_id,
@@ -134,7 +139,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } = *a;
             let kernel = kernel.map_or(KernelSource::Nano, KernelSource::Path);
             let cfg = VmConfig::new(kernel, initrd, cmdline, vcpus, memory_mib, serial)?
-                .with_vsock(vsock_uds, cid)?;
+                .with_vsock(vsock_uds, cid)?
+                .with_shm(shm_mib)?;
             let tpm = match (tpm, run_dir) {
                 (true, Some(run_dir)) => Some(TpmConfig {
                     run_dir,
@@ -145,6 +151,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let cfg = VmConfig {
                 api_sock,
+                shm_mib,
                 tpm,
                 ..cfg
             };

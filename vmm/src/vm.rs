@@ -29,6 +29,7 @@ use crate::exit::{ExitCounters, ExitSignal, StopReason};
 use crate::legacy::{
     I8042, I8042_PORT, I8042_PORT_LEN, SERIAL_PORT, SERIAL_PORT_LEN, SerialDevice,
 };
+use crate::shm::{ShmApi, ShmWindow};
 use crate::tpm::{self, Measured, PendingVtpm, TpmApi};
 use crate::vcpu::{self, Vcpu, VcpuHandle};
 use cell0_attest::DeviceSpec;
@@ -107,6 +108,9 @@ pub enum VmError {
     /// The API socket could not be started.
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
+    /// The shared-memory window could not be set up.
+    #[error(transparent)]
+    Shm(#[from] crate::shm::ShmError),
     /// Measured boot failed.
     #[error(transparent)]
     Tpm(#[from] crate::tpm::TpmError),
@@ -161,6 +165,7 @@ pub struct Vm {
     extensions: Vec<Box<dyn ApiExtension>>,
     // Dropped with the VM: stops swtpm and removes its state.
     _vtpm: Option<Arc<cell0_attest::Vtpm>>,
+    _shm: Option<ShmWindow>,
 }
 
 fn read_file(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>> {
@@ -208,6 +213,13 @@ impl Vm {
             source,
         })?;
         register_memory(&vm, &mem)?;
+        let shm = if cfg.shm_mib > 0 {
+            let slot = mem.num_regions() as u32;
+            let gpa = crate::shm::window_gpa(&arch::ram_ranges(mem_size));
+            Some(ShmWindow::new(&vm, slot, gpa, cfg.shm_mib)?)
+        } else {
+            None
+        };
         vm.create_irq_chip().map_err(kvm_err("create irqchip"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
@@ -295,6 +307,20 @@ impl Vm {
             tracing::debug!(cid = v.cid, uds = %v.uds.display(), base = format_args!("{:#x}", slot.base), irq = slot.irq, "virtio-vsock added");
         }
 
+        let mut extensions: Vec<Box<dyn ApiExtension>> = Vec::new();
+        if let Some(w) = &shm {
+            measured_devices.push(DeviceSpec::new("shm", Some(w.gpa), None));
+            let file = w
+                .file()
+                .try_clone()
+                .map_err(os_err("duplicate the shm memfd"))?;
+            extensions.push(Box::new(ShmApi {
+                size: w.size,
+                gpa: w.gpa,
+                file,
+            }));
+        }
+
         // Command line: the user's (or the default), then what the VMM adds.
         let mut parts = vec![
             cfg.cmdline
@@ -302,6 +328,9 @@ impl Vm {
                 .unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
         ];
         parts.extend(devices.cmdline_entries());
+        if let Some(w) = &shm {
+            parts.push(w.cmdline_entry());
+        }
         if kernel.smp_entry.is_some() {
             parts.push(format!("cell0.cpus={}", cfg.vcpus));
         }
@@ -310,7 +339,6 @@ impl Vm {
         boot::write_boot_params(&mem, mem_size, &kernel, &cmdline, initrd)?;
 
         // Measured boot, before any vCPU exists.
-        let mut extensions: Vec<Box<dyn ApiExtension>> = Vec::new();
         let vtpm = match (pending_tpm, &cfg.tpm) {
             (Some(pending), Some(tcfg)) => {
                 let vtpm = Arc::new(pending.wait()?);
@@ -325,7 +353,7 @@ impl Vm {
                         vcpus: cfg.vcpus,
                         memory_mib: cfg.memory_mib,
                         vsock_cid: cfg.vsock.as_ref().map(|v| v.cid),
-                        shm_mib: 0,
+                        shm_mib: cfg.shm_mib,
                         devices: measured_devices,
                     },
                 )?;
@@ -388,6 +416,7 @@ impl Vm {
             api: cfg.api_sock.clone().map(|p| (p, cfg.describe())),
             extensions,
             _vtpm: vtpm,
+            _shm: shm,
         })
     }
 
