@@ -38,6 +38,9 @@ const MAX_PENDING_HOST: usize = 64;
 const MAX_CONNECT_LINE: usize = 32;
 /// Epoll events handled per wake-up (the set is level-triggered: the rest come next time).
 const EVENTS_PER_WAKE: usize = 64;
+/// How long the listening socket is left alone after `accept` failed (out of
+/// descriptors, say): it stays readable, and watching it would spin the loop.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// A connection's identity: (host port, guest port). The guest CID is fixed per device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -83,6 +86,8 @@ pub struct UnixMuxer {
     epoll: Epoll,
     timer: TimerFd,
     timer_deadline: Option<Instant>,
+    /// Set while the listening socket is out of the epoll set after a failed accept.
+    accept_paused_until: Option<Instant>,
     conns: HashMap<ConnKey, ConnEntry>,
     pending_host: HashMap<RawFd, PendingHost>,
     fds: HashMap<RawFd, Listener>,
@@ -92,6 +97,9 @@ pub struct UnixMuxer {
     last_local_port: u32,
     max_conns: usize,
     metrics: Arc<VsockMetrics>,
+    /// Test hook: the next accept fails as if the process were out of descriptors.
+    #[cfg(test)]
+    pub(crate) fail_next_accept: bool,
 }
 
 impl UnixMuxer {
@@ -146,6 +154,7 @@ impl UnixMuxer {
             epoll,
             timer,
             timer_deadline: None,
+            accept_paused_until: None,
             conns: HashMap::new(),
             pending_host: HashMap::new(),
             fds,
@@ -155,6 +164,8 @@ impl UnixMuxer {
             last_local_port: LOCAL_PORT_BASE - 1,
             max_conns: DEFAULT_MAX_CONNECTIONS,
             metrics,
+            #[cfg(test)]
+            fail_next_accept: false,
         })
     }
 
@@ -324,14 +335,28 @@ impl UnixMuxer {
         }
     }
 
+    fn accept(&mut self) -> std::io::Result<UnixStream> {
+        #[cfg(test)]
+        if std::mem::take(&mut self.fail_next_accept) {
+            return Err(std::io::Error::from_raw_os_error(libc::EMFILE));
+        }
+        self.host_sock.accept().map(|(s, _)| s)
+    }
+
     fn accept_host(&mut self) {
         for _ in 0..EVENTS_PER_WAKE {
-            let stream = match self.host_sock.accept() {
-                Ok((s, _)) => s,
+            let stream = match self.accept() {
+                Ok(s) => s,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    tracing::warn!(error = %e, "vsock: accept on the host socket failed");
+                    tracing::warn!(error = %e, "vsock: accept on the host socket failed, pausing");
+                    let fd = self.host_sock.as_raw_fd();
+                    if self.set_watch(fd, Some(EventSet::IN), None) {
+                        self.fds.remove(&fd);
+                        self.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+                        self.arm_timer();
+                    }
                     return;
                 }
             };
@@ -421,7 +446,13 @@ impl UnixMuxer {
     }
 
     fn arm_timer(&mut self) {
-        let next = self.killq.peek().map(|Reverse((t, _))| *t);
+        let next = match (
+            self.killq.peek().map(|Reverse((t, _))| *t),
+            self.accept_paused_until,
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if next == self.timer_deadline {
             return;
         }
@@ -442,6 +473,15 @@ impl UnixMuxer {
 
     fn sweep_timeouts(&mut self) {
         let now = Instant::now();
+        if self.accept_paused_until.is_some_and(|t| t <= now) {
+            let fd = self.host_sock.as_raw_fd();
+            if self.set_watch(fd, None, Some(EventSet::IN)) {
+                self.fds.insert(fd, Listener::HostSock);
+                self.accept_paused_until = None;
+            } else {
+                self.accept_paused_until = Some(now + ACCEPT_BACKOFF);
+            }
+        }
         while let Some(&Reverse((t, key))) = self.killq.peek() {
             if t > now {
                 break;

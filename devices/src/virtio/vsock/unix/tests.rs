@@ -673,3 +673,26 @@ fn metrics_are_shared_between_device_and_muxer() {
     assert_eq!(m.get("conns_added"), Some(1));
     assert_eq!(m.get("rx_packets"), Some(1));
 }
+
+#[test]
+fn failed_accept_pauses_the_listener_instead_of_spinning() {
+    let env = Env::new();
+    let mem = test_mem();
+    let mut h = Harness::new(&mem, env.dev(16));
+    h.give_rx(4, 256);
+    h.dev().backend_mut().fail_next_accept = true;
+    let _c = env.host_connect(b"CONNECT 5\n");
+    // pump() fails if the still-readable listener kept waking the loop.
+    h.pump();
+    assert!(h.drv.take_rx().is_empty());
+    // After the back-off the listener is watched again and the host gets through.
+    let mut got = Vec::new();
+    for _ in 0..50 {
+        h.wait(50);
+        got.extend(h.drv.take_rx());
+        if !got.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(ops(&got), [VSOCK_OP_REQUEST]);
+}
