@@ -157,15 +157,27 @@ mod tests {
         bus.insert(d(), 0x1000, 0x100).unwrap();
         assert_eq!(
             bus.insert(d(), 0x10ff, 1),
-            Err(BusError::Overlap { base: 0x10ff, len: 1 })
+            Err(BusError::Overlap {
+                base: 0x10ff,
+                len: 1
+            })
         );
         assert_eq!(
             bus.insert(d(), 0xf00, 0x101),
-            Err(BusError::Overlap { base: 0xf00, len: 0x101 })
+            Err(BusError::Overlap {
+                base: 0xf00,
+                len: 0x101
+            })
         );
         bus.insert(d(), 0x1100, 0x10).unwrap();
         bus.insert(d(), 0xf00, 0x100).unwrap();
-        assert!(matches!(bus.insert(d(), 0, 0), Err(BusError::InvalidRange { .. })));
-        assert!(matches!(bus.insert(d(), u64::MAX, 2), Err(BusError::InvalidRange { .. })));
+        assert!(matches!(
+            bus.insert(d(), 0, 0),
+            Err(BusError::InvalidRange { .. })
+        ));
+        assert!(matches!(
+            bus.insert(d(), u64::MAX, 2),
+            Err(BusError::InvalidRange { .. })
+        ));
     }
 }
