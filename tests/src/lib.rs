@@ -128,3 +128,43 @@ pub fn assert_clean_error(r: &Run, needle: &str) {
         errs[0]
     );
 }
+
+/// A host process the test owns; killed and reaped on drop.
+#[derive(Debug)]
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits (bounded) until `path` exists.
+pub fn wait_for_path(path: &std::path::Path, timeout: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if path.exists() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    false
+}
+
+/// Starts `sypas-echo-server` on `socket` and waits until it listens.
+pub fn start_echo_server(socket: &std::path::Path) -> ChildGuard {
+    let child = Command::new(bin("sypas-echo-server"))
+        .arg("--socket")
+        .arg(socket)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("sypas-echo-server starts");
+    let g = ChildGuard(child);
+    assert!(
+        wait_for_path(socket, std::time::Duration::from_secs(10)),
+        "sypas-echo-server did not create {}",
+        socket.display()
+    );
+    g
+}

@@ -1,4 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 //! Bad launch inputs: each gives a clear one-line error, exit status 1, no panic.
 
 use cell0_tests::{assert_clean_error, launch, require_kvm, write_nano_image};

@@ -1,4 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 //! Boots the built-in nano guest on /dev/kvm and checks exactly what it printed.
 //! The expected outputs are those documented in guest/nano/README.md.
 
