@@ -55,7 +55,7 @@ SECTIONS
     nano_image_end = .;
 
     /DISCARD/ : {{
-        *(.eh_frame .eh_frame_hdr .eh_frame.*)
+        *(.eh_frame .eh_frame_hdr .eh_frame.* .gcc_except_table .gcc_except_table.*)
         *(.note.GNU-stack .note.gnu.* .comment)
         *(.dynamic .dynsym .dynstr .interp .gnu.hash .hash)
     }}

@@ -36,7 +36,7 @@ pub struct Shared<T>(UnsafeCell<T>);
 unsafe impl<T> Sync for Shared<T> {}
 
 impl<T> Shared<T> {
-    const fn new(value: T) -> Self {
+    pub const fn new(value: T) -> Self {
         Self(UnsafeCell::new(value))
     }
 

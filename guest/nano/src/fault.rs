@@ -88,3 +88,10 @@ fn panic(info: &PanicInfo<'_>) -> ! {
 extern "C" fn rust_eh_personality() {
     sys::crash()
 }
+
+/// The precompiled `alloc` refers to this from its cleanup paths; with
+/// panic=abort nothing unwinds, so nothing ever calls it.
+#[unsafe(no_mangle)]
+extern "C" fn _Unwind_Resume() -> ! {
+    sys::crash()
+}

@@ -69,6 +69,9 @@ pub const TIMER_VECTOR: u8 = 0x40;
 pub const SERIAL_VECTOR: u8 = 0x41;
 /// Vector of the IPI that wakes application processors.
 pub const WAKE_VECTOR: u8 = 0x42;
+/// Vector of the first virtio-mmio device's interrupt; device k (in cmdline
+/// order) gets `VIRTIO_VECTOR_BASE + k`.
+pub const VIRTIO_VECTOR_BASE: u8 = 0x50;
 /// LAPIC spurious-interrupt vector (no EOI for it).
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 

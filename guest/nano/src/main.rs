@@ -7,15 +7,22 @@
 #![no_std]
 #![no_main]
 
+extern crate alloc;
+
 mod arch;
 mod console;
 mod fault;
+mod galloc;
 mod lapic;
 mod mem;
+mod nettest;
 mod selftest;
 mod smp;
+mod sypas;
 mod sys;
 mod time;
+mod virtio;
+mod vsock;
 
 use core::ptr;
 
@@ -49,13 +56,18 @@ fn bsp_main(boot_params: usize) -> ! {
             die()
         }
     };
+    galloc::init(boot_params);
     say!("ready");
     if let Some(name) = opts.test {
         let Some(test) = selftest::find(name) else {
             say!("unknown test '{}'", Escaped(name));
             die()
         };
-        match (test.run)(opts.cpus) {
+        let ctx = selftest::Ctx {
+            cpus: opts.cpus,
+            cmdline: line,
+        };
+        match (test.run)(&ctx) {
             Ok(()) => say!("test {} passed", test.name),
             Err(why) => {
                 say!("test {} failed: {}", test.name, why);
@@ -72,7 +84,8 @@ fn reset() -> ! {
     sys::halt()
 }
 
-fn read_u32(addr: usize) -> u32 {
+/// Reads a u32 of the zero page (or any guest RAM below 4 GiB).
+pub fn read_u32(addr: usize) -> u32 {
     // SAFETY: `addr` lies in the zero page, which the VMM placed in guest RAM
     // below 4 GiB (the identity map covers it); unaligned reads are fine.
     unsafe { ptr::read_unaligned(addr as *const u32) }

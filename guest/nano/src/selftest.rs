@@ -3,47 +3,90 @@
 //! README.md for the exact output) and returns; a failure is an `Err` whose
 //! text ends up in `test NAME failed: ...`.
 
+use alloc::string::String;
+use core::fmt;
 use core::ptr;
 use core::sync::atomic::Ordering;
 
 use cell0_nano::layout::{IDENTITY_MAP_END, SERIAL_PORT, SERIAL_VECTOR, TIMER_VECTOR};
 
 use crate::arch::IRQ_COUNTS;
-use crate::{lapic, say, smp, sys, time};
+use crate::{lapic, nettest, say, smp, sys, time};
 
-/// A self-test: its name and body (given the vCPU count from the cmdline).
+/// Why a self-test failed: the text after `test NAME failed: `.
+#[derive(Debug)]
+pub struct Fail(pub String);
+
+impl From<&str> for Fail {
+    fn from(s: &str) -> Self {
+        Self(String::from(s))
+    }
+}
+
+impl fmt::Display for Fail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a self-test gets: the vCPU count and the whole cmdline (for its own
+/// `cell0.*` keys and the `virtio_mmio.device=` entries).
+pub struct Ctx<'a> {
+    /// vCPUs (`cell0.cpus`).
+    pub cpus: usize,
+    /// The kernel cmdline.
+    pub cmdline: &'a [u8],
+}
+
+/// A self-test: its name and body.
 pub struct SelfTest {
     /// Name after `cell0.test=`.
     pub name: &'static str,
     /// The test.
-    pub run: fn(cpus: usize) -> Result<(), &'static str>,
+    pub run: fn(&Ctx<'_>) -> Result<(), Fail>,
 }
 
 /// Every self-test.
 pub const TESTS: &[SelfTest] = &[
     SelfTest {
         name: "serial",
-        run: serial,
+        run: |c| serial(c.cpus).map_err(Fail::from),
     },
     SelfTest {
         name: "irq",
-        run: irq,
+        run: |c| irq(c.cpus).map_err(Fail::from),
     },
     SelfTest {
         name: "serial-irq",
-        run: serial_irq,
+        run: |c| serial_irq(c.cpus).map_err(Fail::from),
     },
     SelfTest {
         name: "smp",
-        run: smp::test,
+        run: |c| smp::test(c.cpus).map_err(Fail::from),
     },
     SelfTest {
         name: "panic",
-        run: fault,
+        run: |c| fault(c.cpus).map_err(Fail::from),
     },
     SelfTest {
         name: "rust-panic",
-        run: rust_panic,
+        run: |c| rust_panic(c.cpus).map_err(Fail::from),
+    },
+    SelfTest {
+        name: "sypas-echo",
+        run: nettest::sypas_echo,
+    },
+    SelfTest {
+        name: "sypas-serve",
+        run: nettest::sypas_serve,
+    },
+    SelfTest {
+        name: "vsock-flood",
+        run: nettest::vsock_flood,
+    },
+    SelfTest {
+        name: "sypas-bench",
+        run: nettest::sypas_bench,
     },
 ];
 
