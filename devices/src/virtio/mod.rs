@@ -44,8 +44,13 @@
 //! # }
 //! ```
 
+pub mod blk;
 pub mod mmio;
+pub mod rng;
 pub mod vsock;
+
+#[cfg(test)]
+pub(crate) mod test_utils;
 
 use std::io;
 use std::sync::Arc;
