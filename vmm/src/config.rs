@@ -50,6 +50,37 @@ pub struct VsockConfig {
     pub uds: PathBuf,
 }
 
+/// A virtio-blk disk: `--disk PATH[,ro]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The image file (or block device).
+    pub path: PathBuf,
+    /// The guest may not write.
+    pub read_only: bool,
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (path, read_only) = match s.rsplit_once(',') {
+            Some((p, "ro")) => (p, true),
+            Some((p, "rw")) => (p, false),
+            // A comma inside a directory name is part of the path.
+            Some((_, opt)) if !opt.contains('/') => {
+                return Err(ConfigError::DiskOption(opt.to_string()));
+            }
+            _ => (s, false),
+        };
+        if path.is_empty() {
+            return Err(ConfigError::DiskOption(s.to_string()));
+        }
+        Ok(Self {
+            path: PathBuf::from(path),
+            read_only,
+        })
+    }
+}
+
 /// Invalid configuration values.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -68,6 +99,9 @@ pub enum ConfigError {
     /// Only one of the vsock options was given.
     #[error("--vsock-uds and --cid go together")]
     VsockHalf,
+    /// A `--disk` value that is not `PATH`, `PATH,ro` or `PATH,rw`.
+    #[error("--disk takes PATH, PATH,ro or PATH,rw; got {0:?}")]
+    DiskOption(String),
 }
 
 /// A VM to launch.
@@ -93,6 +127,10 @@ pub struct VmConfig {
     pub tpm: Option<crate::tpm::TpmConfig>,
     /// Shared-memory window size in MiB (0: none).
     pub shm_mib: u64,
+    /// virtio-blk disks, in the order given.
+    pub disks: Vec<DiskConfig>,
+    /// Whether the guest gets a virtio-rng device.
+    pub rng: bool,
 }
 
 impl VmConfig {
@@ -123,6 +161,8 @@ impl VmConfig {
             api_sock: None,
             tpm: None,
             shm_mib: 0,
+            disks: Vec::new(),
+            rng: false,
         })
     }
 
@@ -151,6 +191,10 @@ impl VmConfig {
             })),
             "tpm": self.tpm.is_some(),
             "shm_mib": self.shm_mib,
+            "disks": self.disks.iter().map(|d| serde_json::json!({
+                "path": d.path.display().to_string(), "read_only": d.read_only
+            })).collect::<Vec<_>>(),
+            "rng": self.rng,
         })
     }
 
@@ -235,6 +279,27 @@ mod tests {
             c.with_vsock(Some("/x".into()), None),
             Err(ConfigError::VsockHalf)
         );
+    }
+
+    #[test]
+    fn disk_options_parse() {
+        let d: DiskConfig = "/img/root.ext4,ro".parse().unwrap();
+        assert_eq!(d.path, PathBuf::from("/img/root.ext4"));
+        assert!(d.read_only);
+        let d: DiskConfig = "/a,b/disk.img".parse().unwrap();
+        assert_eq!(
+            d,
+            DiskConfig {
+                path: PathBuf::from("/a,b/disk.img"),
+                read_only: false
+            }
+        );
+        assert!(!"x.img,rw".parse::<DiskConfig>().unwrap().read_only);
+        assert_eq!(
+            "x.img,rx".parse::<DiskConfig>(),
+            Err(ConfigError::DiskOption("rx".into()))
+        );
+        assert!(",ro".parse::<DiskConfig>().is_err());
     }
 
     #[test]

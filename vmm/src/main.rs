@@ -8,7 +8,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use cell0_vmm::config::{KernelSource, SerialOutput, VmConfig};
+use cell0_vmm::config::{DiskConfig, KernelSource, SerialOutput, VmConfig};
 use cell0_vmm::tpm::TpmConfig;
 use cell0_vmm::vm::Vm;
 use clap::{Parser, Subcommand};
@@ -93,6 +93,13 @@ struct LaunchArgs {
     /// Workload command word, measured into PCR 12 (repeat for each argument).
     #[arg(long = "command")]
     command: Vec<String>,
+    /// A virtio-blk disk backed by an image file: PATH, PATH,ro or PATH,rw
+    /// (repeat for more disks; Linux names them vda, vdb, … in this order).
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    disks: Vec<DiskConfig>,
+    /// Give the guest a virtio-rng device (entropy from the host's getrandom).
+    #[arg(long)]
+    rng: bool,
 }
 
 fn init_logging(level: &str) -> anyhow::Result<()> {
@@ -136,6 +143,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 run_dir,
                 agent_id,
                 command,
+                disks,
+                rng,
             } = *a;
             let kernel = kernel.map_or(KernelSource::Nano, KernelSource::Path);
             let cfg = VmConfig::new(kernel, initrd, cmdline, vcpus, memory_mib, serial)?
@@ -153,6 +162,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 api_sock,
                 shm_mib,
                 tpm,
+                disks,
+                rng,
                 ..cfg
             };
             let reason = Vm::build(&cfg)?.run()?;

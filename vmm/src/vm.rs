@@ -9,6 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cell0_devices::Bus;
+use cell0_devices::virtio::blk::Block;
+use cell0_devices::virtio::rng::Rng;
 use cell0_devices::virtio::vsock::Vsock;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{
@@ -105,6 +107,12 @@ pub enum VmError {
     /// The vsock device could not be created.
     #[error("cannot create the vsock device")]
     Vsock(#[from] cell0_devices::virtio::vsock::VsockError),
+    /// A virtio-blk disk could not be opened.
+    #[error("cannot create the virtio-blk device")]
+    Block(#[from] cell0_devices::virtio::blk::BlockError),
+    /// The virtio-rng device could not be created.
+    #[error("cannot create the virtio-rng device")]
+    Rng(#[from] cell0_devices::virtio::rng::RngError),
     /// The API socket could not be started.
     #[error(transparent)]
     Api(#[from] crate::api::ApiError),
@@ -305,6 +313,31 @@ impl Vm {
             ));
             events.add_subscriber(dev);
             tracing::debug!(cid = v.cid, uds = %v.uds.display(), base = format_args!("{:#x}", slot.base), irq = slot.irq, "virtio-vsock added");
+        }
+        for d in &cfg.disks {
+            let dev = Arc::new(Mutex::new(Block::open(&d.path, d.read_only)?));
+            let slot = devices.add_virtio(&vm, &mem, &mut mmio, dev.clone())?;
+            measured_devices.push(
+                DeviceSpec::new("virtio-blk", Some(slot.base), Some(slot.irq))
+                    .with_option("read_only", d.read_only.to_string()),
+            );
+            events.add_subscriber(dev);
+            tracing::debug!(path = %d.path.display(), read_only = d.read_only, base = format_args!("{:#x}", slot.base), irq = slot.irq, "virtio-blk added");
+        }
+        if cfg.rng {
+            let dev = Arc::new(Mutex::new(Rng::new()?));
+            let slot = devices.add_virtio(&vm, &mem, &mut mmio, dev.clone())?;
+            measured_devices.push(DeviceSpec::new(
+                "virtio-rng",
+                Some(slot.base),
+                Some(slot.irq),
+            ));
+            events.add_subscriber(dev);
+            tracing::debug!(
+                base = format_args!("{:#x}", slot.base),
+                irq = slot.irq,
+                "virtio-rng added"
+            );
         }
 
         let mut extensions: Vec<Box<dyn ApiExtension>> = Vec::new();
