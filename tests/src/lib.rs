@@ -168,3 +168,70 @@ pub fn start_echo_server(socket: &std::path::Path) -> ChildGuard {
     );
     g
 }
+
+/// A minimal ELF kernel that loads at 1 MiB and halts forever with interrupts
+/// off (`cli; hlt; jmp .-1`): a guest that stays up until the VMM stops it.
+/// `tweak` is written into an unused byte, to make kernels that differ by one byte.
+pub fn idle_elf(tweak: u8) -> Vec<u8> {
+    let mut e = vec![0u8; 0x200];
+    e[0..4].copy_from_slice(b"\x7fELF");
+    e[4] = 2; // 64-bit
+    e[5] = 1; // little endian
+    e[6] = 1;
+    e[0x10..0x12].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    e[0x12..0x14].copy_from_slice(&62u16.to_le_bytes()); // x86_64
+    e[0x14..0x18].copy_from_slice(&1u32.to_le_bytes());
+    e[0x18..0x20].copy_from_slice(&0x10_0000u64.to_le_bytes()); // entry
+    e[0x20..0x28].copy_from_slice(&0x40u64.to_le_bytes()); // phoff
+    e[0x34..0x36].copy_from_slice(&0x40u16.to_le_bytes());
+    e[0x36..0x38].copy_from_slice(&0x38u16.to_le_bytes());
+    e[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
+    let ph = 0x40;
+    e[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    e[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes()); // R+X
+    e[ph + 8..ph + 16].copy_from_slice(&0x100u64.to_le_bytes());
+    e[ph + 16..ph + 24].copy_from_slice(&0x10_0000u64.to_le_bytes());
+    e[ph + 24..ph + 32].copy_from_slice(&0x10_0000u64.to_le_bytes());
+    e[ph + 32..ph + 40].copy_from_slice(&0x10u64.to_le_bytes());
+    e[ph + 40..ph + 48].copy_from_slice(&0x10u64.to_le_bytes());
+    e[0x100..0x104].copy_from_slice(&[0xfa, 0xf4, 0xeb, 0xfd]);
+    e[0x1ff] = tweak;
+    e
+}
+
+/// One request on a VM's JSON-lines API socket.
+pub fn api_request(api: &std::path::Path, req: &serde_json::Value) -> serde_json::Value {
+    use std::io::{BufRead, Write};
+    let s = std::os::unix::net::UnixStream::connect(api).expect("API socket accepts");
+    let mut w = s.try_clone().expect("clone");
+    writeln!(w, "{req}").expect("request written");
+    let mut l = String::new();
+    std::io::BufReader::new(s)
+        .read_line(&mut l)
+        .expect("response read");
+    serde_json::from_str(&l).expect("response is JSON")
+}
+
+/// Pids of live swtpm processes whose command line mentions `needle`.
+pub fn swtpm_pids_with(needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        let state = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        // Zombies (state Z) are dead; their parent just has not reaped them.
+        let zombie = state
+            .rsplit(')')
+            .next()
+            .is_some_and(|s| s.trim_start().starts_with('Z'));
+        if cmd.starts_with("swtpm ") && cmd.contains(needle) && !zombie {
+            out.push(pid);
+        }
+    }
+    out
+}

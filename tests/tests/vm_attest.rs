@@ -1,0 +1,268 @@
+// SPDX-License-Identifier: Apache-2.0
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+//! Measured boot through `cell0-vmm launch --tpm` on real VMs with a real swtpm:
+//! enrollment over the API socket, quotes, and verdicts from cell0-attest's verifier.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use cell0_attest::{
+    AkBundle, DeviceSpec, EventLog, EventType, Failure, LocalCa, Manifest, QuoteBundle,
+    Sha256Digest, Verdict, Verifier, VmConfig, VmmBuild, WorkloadSpec,
+};
+use cell0_tests::{
+    ChildGuard, api_request, bin, idle_elf, require_kvm, swtpm_pids_with, vmm, wait_for_path,
+};
+use serde_json::json;
+
+const CMDLINE: &str = "console=ttyS0 cell0.agent=test";
+
+fn swtpm_missing() -> bool {
+    let missing = ["swtpm", "swtpm_setup", "swtpm_localca"].iter().any(|p| {
+        !std::env::var_os("PATH")
+            .map(|path| std::env::split_paths(&path).any(|d| d.join(p).is_file()))
+            .unwrap_or(false)
+    });
+    if missing {
+        eprintln!("SKIP: swtpm is not installed (apt-get install swtpm swtpm-tools)");
+    }
+    missing
+}
+
+struct Vm {
+    child: ChildGuard,
+    api: PathBuf,
+    run: PathBuf,
+}
+
+/// Launches an idle guest with --tpm; `kernel` is written into `dir`.
+fn launch(dir: &Path, name: &str, ca: &Path, kernel: &[u8], cmdline: &str, mem: u64) -> Vm {
+    let k = dir.join(format!("{name}.elf"));
+    std::fs::write(&k, kernel).unwrap();
+    let api = dir.join(format!("{name}.api"));
+    let run = dir.join(format!("{name}.run"));
+    let child = vmm()
+        .env("CELL0_TPM_CA_DIR", ca)
+        .arg("launch")
+        .arg("--kernel")
+        .arg(&k)
+        .args(["--cmdline", cmdline, "--memory-mib", &mem.to_string()])
+        .args([
+            "--tpm",
+            "--agent-id",
+            "agent-1",
+            "--command",
+            "python3",
+            "--command",
+            "agent.py",
+        ])
+        .arg("--run-dir")
+        .arg(&run)
+        .arg("--api-sock")
+        .arg(&api)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let child = ChildGuard(child);
+    assert!(
+        wait_for_path(&api, Duration::from_secs(60)),
+        "the VMM did not open its API socket"
+    );
+    Vm { child, api, run }
+}
+
+/// What the verifier expects of an honest boot of `kernel` with `cmdline` and `mem`.
+fn manifest(kernel: &[u8], cmdline: &str, mem: u64) -> Manifest {
+    let config = VmConfig {
+        vcpus: 1,
+        memory_mib: mem,
+        vsock_cid: None,
+        shm_mib: 0,
+        devices: vec![
+            DeviceSpec::new("serial", Some(0x3f8), Some(4)),
+            DeviceSpec::new("i8042", Some(0x60), None),
+        ],
+    };
+    let workload = WorkloadSpec {
+        agent_id: "agent-1".into(),
+        image_manifest: None,
+        command: vec!["python3".into(), "agent.py".into()],
+    };
+    Manifest {
+        format: cell0_attest::manifest::MANIFEST_FORMAT.to_string(),
+        name: Some("idle".into()),
+        kernel_sha256: Sha256Digest::of(kernel),
+        initrd_sha256: None,
+        cmdline_sha256: Sha256Digest::of(cmdline.as_bytes()),
+        cmdline: Some(cmdline.into()),
+        vm_config_sha256: Some(config.digest().unwrap()),
+        workload_sha256: Some(workload.digest()),
+        vmm: vec![VmmBuild {
+            version: env!("CARGO_PKG_VERSION").into(),
+            binary_sha256: Sha256Digest::of(&std::fs::read(bin("cell0-vmm")).unwrap()),
+        }],
+    }
+}
+
+fn verifier(ca: &Path) -> Verifier {
+    let bundle = LocalCa::open(ca, Path::new("swtpm_localca"))
+        .unwrap()
+        .bundle_pem()
+        .unwrap();
+    Verifier::new(&bundle).unwrap()
+}
+
+/// Enrolls the VM's AK with make/activate credential over the API socket.
+fn enroll(v: &mut Verifier, id: &str, vm: &Vm) {
+    let r = api_request(&vm.api, &json!({"op": "ak"}));
+    let ak: AkBundle = serde_json::from_value(r["ak"].clone()).unwrap();
+    let challenge = v.begin_enrollment(id, &ak).unwrap();
+    let r = api_request(&vm.api, &json!({"op": "activate", "challenge": challenge}));
+    assert_eq!(r["ok"], true, "{r}");
+    v.finish_enrollment(id, &serde_json::from_value(r["response"].clone()).unwrap())
+        .unwrap();
+}
+
+fn quote(vm: &Vm, nonce: &cell0_attest::Nonce) -> (QuoteBundle, EventLog) {
+    let r = api_request(
+        &vm.api,
+        &json!({"op": "quote", "nonce": hex::encode(nonce.0)}),
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    let q: QuoteBundle = serde_json::from_value(r["quote"].clone()).unwrap();
+    let log = EventLog::from_jsonl(r["event_log"].as_str().unwrap()).unwrap();
+    (q, log)
+}
+
+fn stop(mut vm: Vm) -> PathBuf {
+    assert_eq!(api_request(&vm.api, &json!({"op": "stop"}))["ok"], true);
+    let st = vm.child.0.wait().unwrap();
+    assert_eq!(st.code(), Some(0));
+    vm.run.clone()
+}
+
+fn only_mismatch(v: &Verdict, event: EventType, pcr: u8) {
+    let f = v.failures();
+    assert_eq!(f.len(), 1, "{v}");
+    assert!(
+        matches!(&f[0], Failure::EventMismatch { event: e, pcr: p, .. } if *e == event && *p == pcr),
+        "expected a mismatch of {event} in PCR {pcr}: {v}"
+    );
+}
+
+#[test]
+fn honest_boot_verifies_and_each_tampered_input_is_named() {
+    require_kvm!();
+    if swtpm_missing() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let kernel = idle_elf(0);
+    let golden = manifest(&kernel, CMDLINE, 64);
+
+    // Honest boot.
+    let honest = launch(dir.path(), "honest", &ca, &kernel, CMDLINE, 64);
+    let mut v = verifier(&ca);
+    enroll(&mut v, "honest", &honest);
+    let n = v.issue_nonce("honest");
+    let (q, log) = quote(&honest, &n);
+    let verdict = v.verify("honest", &q, &log, &golden);
+    assert!(verdict.is_trusted(), "{verdict}");
+    // The same quote again: its nonce is used up.
+    let again = v.verify("honest", &q, &log, &golden);
+    assert!(!again.is_trusted(), "a replayed quote must not verify");
+    // A stale nonce: the VM quotes an old nonce while the verifier issued a new one.
+    let _fresh = v.issue_nonce("honest");
+    let (q_old, log_old) = quote(&honest, &n);
+    assert!(!v.verify("honest", &q_old, &log_old, &golden).is_trusted());
+
+    // A changed kernel byte (PCR 4), cmdline (PCR 8) and memory size (PCR 11).
+    let cases: [(&str, Vec<u8>, &str, u64, EventType, u8); 3] = [
+        ("kernel", idle_elf(1), CMDLINE, 64, EventType::Kernel, 4),
+        (
+            "cmdline",
+            kernel.clone(),
+            "console=ttyS0 cell0.agent=evil",
+            64,
+            EventType::Cmdline,
+            8,
+        ),
+        (
+            "memory",
+            kernel.clone(),
+            CMDLINE,
+            128,
+            EventType::VmConfig,
+            11,
+        ),
+    ];
+    for (name, k, cmdline, mem, event, pcr) in cases {
+        let vm = launch(dir.path(), name, &ca, &k, cmdline, mem);
+        enroll(&mut v, name, &vm);
+        let n = v.issue_nonce(name);
+        let (q, log) = quote(&vm, &n);
+        only_mismatch(&v.verify(name, &q, &log, &golden), event, pcr);
+        stop(vm);
+    }
+
+    // A quote signed by another VM's AK does not verify for this VM.
+    let other = launch(dir.path(), "other", &ca, &kernel, CMDLINE, 64);
+    let n = v.issue_nonce("honest");
+    let (q_other, log_other) = quote(&other, &n);
+    assert!(
+        !v.verify("honest", &q_other, &log_other, &golden)
+            .is_trusted()
+    );
+    stop(other);
+
+    let run = stop(honest);
+    assert!(
+        swtpm_pids_with(&run.display().to_string()).is_empty(),
+        "swtpm left running after the VMM stopped"
+    );
+}
+
+#[test]
+fn no_swtpm_survives_a_sigkilled_vmm() {
+    require_kvm!();
+    if swtpm_missing() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let mut vm = launch(dir.path(), "victim", &ca, &idle_elf(0), CMDLINE, 64);
+    let needle = vm.run.display().to_string();
+    assert_eq!(
+        api_request(&vm.api, &json!({"op": "describe"}))["vm"]["tpm"],
+        true
+    );
+    assert_eq!(swtpm_pids_with(&needle).len(), 1, "one swtpm per VM");
+    vm.child.0.kill().unwrap();
+    vm.child.0.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !swtpm_pids_with(&needle).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "swtpm outlived its SIGKILLed VMM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn quote_with_a_bad_nonce_is_a_clear_error() {
+    require_kvm!();
+    if swtpm_missing() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let vm = launch(dir.path(), "n", &ca, &idle_elf(0), CMDLINE, 64);
+    let r = api_request(&vm.api, &json!({"op": "quote", "nonce": "abcd"}));
+    assert_eq!(r["error"]["code"], "bad_request", "{r}");
+    assert!(r["error"]["message"].as_str().unwrap().contains("32 bytes"));
+    stop(vm);
+}
