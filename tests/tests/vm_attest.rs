@@ -180,7 +180,9 @@ fn honest_boot_verifies_and_each_tampered_input_is_named() {
     assert!(!v.verify("honest", &q_old, &log_old, &golden).is_trusted());
 
     // A changed kernel byte (PCR 4), cmdline (PCR 8) and memory size (PCR 11).
-    let cases: [(&str, Vec<u8>, &str, u64, EventType, u8); 3] = [
+    // (name, kernel, cmdline, memory MiB, event that differs, its PCR)
+    type Case<'a> = (&'a str, Vec<u8>, &'a str, u64, EventType, u8);
+    let cases: [Case<'_>; 3] = [
         ("kernel", idle_elf(1), CMDLINE, 64, EventType::Kernel, 4),
         (
             "cmdline",
