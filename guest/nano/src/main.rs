@@ -25,6 +25,7 @@ mod virtio;
 mod vsock;
 
 use core::ptr;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use cell0_nano::cmdline::{self, BP_CMD_LINE_PTR, BP_CMDLINE_SIZE, BP_EXT_CMD_LINE_PTR};
 use cell0_nano::layout::{I8042_COMMAND_PORT, I8042_RESET, IDENTITY_MAP_END, MAX_CPUS};
@@ -43,7 +44,11 @@ pub extern "C" fn nano_main(cpu: usize, boot_params: usize) -> ! {
     }
 }
 
+/// TSC when the BSP reached ring 3 (the timing lines count from here).
+pub static RING3_TSC: AtomicU64 = AtomicU64::new(0);
+
 fn bsp_main(boot_params: usize) -> ! {
+    RING3_TSC.store(time::now(), Ordering::Relaxed);
     let line = read_cmdline(boot_params);
     let opts = match cmdline::parse(line, MAX_CPUS) {
         Ok(opts) => opts,
@@ -79,7 +84,7 @@ fn bsp_main(boot_params: usize) -> ! {
 }
 
 /// Resets the machine through the i8042; the VMM exits with status 0.
-fn reset() -> ! {
+pub fn reset() -> ! {
     sys::outb(I8042_COMMAND_PORT, I8042_RESET);
     sys::halt()
 }

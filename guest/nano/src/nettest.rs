@@ -8,6 +8,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt::Write as _;
+use core::sync::atomic::Ordering;
 
 use cell0_nano::cmdline::{self, MmioDevice};
 use cell0_nano::text::Escaped;
@@ -70,8 +71,6 @@ fn open(ctx: &Ctx<'_>, name: &str) -> Result<Vsock, Fail> {
             }
         }
     }
-    // Timeouts and timing lines need the TSC rate.
-    time::calibrate();
     let with_mode = |e: Fail| Fail(format!("{e}, mode {m}"));
     let (index, dev) = vsock::find(&devices).map_err(with_mode)?;
     let vs = Vsock::open(&dev, index, m).map_err(with_mode)?;
@@ -86,9 +85,11 @@ fn open(ctx: &Ctx<'_>, name: &str) -> Result<Vsock, Fail> {
     Ok(vs)
 }
 
-/// The deadline from `cell0.timeout` (seconds, default 60).
+/// The deadline from `cell0.timeout` (seconds, default 120), counted with
+/// the TSC at the conservative 1 GHz guess (see `time`): on a 2.6 GHz TSC
+/// 120 nominal seconds are about 46 real ones.
 fn deadline(ctx: &Ctx<'_>) -> Result<(u64, u64), Fail> {
-    let secs = opt(ctx, "cell0.timeout", 60, 1, 86_400)?;
+    let secs = opt(ctx, "cell0.timeout", 120, 1, 86_400)?;
     Ok((secs, time::deadline_ms(secs * 1000)))
 }
 
@@ -97,11 +98,30 @@ fn deadline(ctx: &Ctx<'_>) -> Result<(u64, u64), Fail> {
 fn run(
     vs: &mut Vsock,
     ctx: &Ctx<'_>,
+    name: &str,
     mut step: impl FnMut(&mut Vsock) -> Result<Option<bool>, Fail>,
     progress: impl Fn() -> String,
 ) -> Result<(), Fail> {
     let (secs, at) = deadline(ctx)?;
-    if vs.run_until(at, &mut step)? {
+    let reset_after = match cmdline::value(ctx.cmdline, b"cell0.reset_after") {
+        None => None,
+        Some(_) => Some(opt(ctx, "cell0.reset_after", 0, 1, u64::MAX)?),
+    };
+    let finished = vs.run_until(at, |vs| {
+        if let Some(n) = reset_after {
+            if vs.core.stats.rx_bytes >= n {
+                say!(
+                    "{}: resetting the VM after {} bytes received, mode {}",
+                    name,
+                    n,
+                    vs.mode
+                );
+                crate::reset();
+            }
+        }
+        step(vs)
+    })?;
+    if finished {
         Ok(())
     } else {
         Err(Fail(format!("timed out after {} s: {}", secs, progress())))
@@ -164,6 +184,7 @@ pub fn sypas_echo(ctx: &Ctx<'_>) -> Result<(), Fail> {
     let r = run(
         &mut vs,
         ctx,
+        NAME,
         |vs| step_client(&mut c, vs),
         || String::from("the echo session did not finish"),
     );
@@ -182,6 +203,10 @@ pub fn sypas_echo(ctx: &Ctx<'_>) -> Result<(), Fail> {
             total
         )))
     })?;
+    // Measured after the work, so boot-to-first-call figures do not pay
+    // for the few milliseconds it takes.
+    time::calibrate();
+    let ring3 = crate::RING3_TSC.load(Ordering::Relaxed);
     let mut t = String::new();
     for (i, (size, n)) in plan.iter().enumerate() {
         let (a, b) = c.step_time[i];
@@ -194,10 +219,12 @@ pub fn sypas_echo(ctx: &Ctx<'_>) -> Result<(), Fail> {
             time::to_us(b - a) / u64::from(*n)
         );
     }
+    let since = |t: Option<u64>| time::to_us(t.unwrap_or(0).saturating_sub(ring3));
     say!(
-        "{}: timing: boot to first reply {} us; us per call: {}; tsc {}, mode {}",
+        "{}: timing: welcome {} us, first reply {} us after ring-3 entry; us per call: {}; tsc {}, mode {}",
         NAME,
-        c.first_reply_at.map_or(0, time::to_us),
+        since(c.welcome_at),
+        since(c.first_reply_at),
         t,
         tsc_rate(),
         m
@@ -229,6 +256,7 @@ pub fn sypas_serve(ctx: &Ctx<'_>) -> Result<(), Fail> {
     let r = run(
         &mut vs,
         ctx,
+        NAME,
         |vs| {
             let mut progress = false;
             while let Some(id) = vs.core.accept() {
@@ -269,11 +297,16 @@ pub fn sypas_serve(ctx: &Ctx<'_>) -> Result<(), Fail> {
         )))
     })?;
     say!(
-        "{}: served {} calls and {} pings on {} connections ({} errors sent), goodbye \"done\", mode {}",
+        "{}: served {} calls on {} connections, goodbye \"done\", mode {}",
         NAME,
         calls,
-        pings,
         conns,
+        m
+    );
+    say!(
+        "{}: answered {} pings, sent {} errors, mode {}",
+        NAME,
+        pings,
         errors,
         m
     );
@@ -333,6 +366,7 @@ pub fn vsock_flood(ctx: &Ctx<'_>) -> Result<(), Fail> {
     let r = run(
         &mut vs,
         ctx,
+        NAME,
         |vs| step_all(&mut clients, vs, &mut started),
         || String::from("not every connection finished"),
     );
@@ -353,6 +387,7 @@ pub fn vsock_flood(ctx: &Ctx<'_>) -> Result<(), Fail> {
             conns as u64 * u64::from(calls)
         )))
     })?;
+    time::calibrate();
     let end = clients.iter().map(|c| c.step_time[0].1).max().unwrap_or(0);
     let us = time::to_us(end.saturating_sub(started.unwrap_or(end))).max(1);
     let bytes: u64 = clients.iter().map(|c| c.bytes).sum();
@@ -413,10 +448,12 @@ pub fn sypas_bench(ctx: &Ctx<'_>) -> Result<(), Fail> {
     run(
         &mut vs,
         ctx,
+        NAME,
         |vs| step_client(&mut c, vs),
         || String::from("the round-trip session did not finish"),
     )
     .map_err(with_mode)?;
+    time::calibrate();
     let mut rtts = c.rtts.take().unwrap_or_default();
     rtts.sort_unstable();
     let pct = |p: usize| u64::from(rtts[(rtts.len() * p / 100).min(rtts.len() - 1)]);
@@ -443,6 +480,7 @@ pub fn sypas_bench(ctx: &Ctx<'_>) -> Result<(), Fail> {
     run(
         &mut vs,
         ctx,
+        NAME,
         |vs| step_client(&mut c, vs),
         || String::from("the pipelined session did not finish"),
     )
@@ -467,6 +505,7 @@ pub fn sypas_bench(ctx: &Ctx<'_>) -> Result<(), Fail> {
     run(
         &mut vs,
         ctx,
+        NAME,
         |vs| step_client(&mut c, vs),
         || String::from("the bulk session did not finish"),
     )

@@ -393,38 +393,12 @@ impl Client {
         if self.state == ClientState::Done {
             return Ok(false);
         }
-        let mut progress = false;
-        match core.state(self.conn) {
-            State::Connecting => return Ok(false),
-            State::Closed(why) if self.state != ClientState::Closing => {
-                let what = match why {
-                    CloseReason::Refused => {
-                        format!("connecting to host port {} was refused (RST)", self.port)
-                    }
-                    other => format!(
-                        "the connection to host port {} was {} ({:?})",
-                        self.port,
-                        other.describe(),
-                        self.state
-                    ),
-                };
-                return Err(Fail(what));
-            }
-            State::Closed(CloseReason::Done) => {
-                self.state = ClientState::Done;
-                core.release(self.conn);
-                return Ok(true);
-            }
-            State::Closed(why) => {
-                return Err(Fail(format!(
-                    "closing the connection to host port {} failed: {}",
-                    self.port,
-                    why.describe()
-                )));
-            }
-            State::Established | State::Closing => {}
+        let conn_state = core.state(self.conn);
+        if conn_state == State::Connecting {
+            return Ok(false);
         }
-        if self.state == ClientState::Connecting {
+        let mut progress = false;
+        if self.state == ClientState::Connecting && conn_state == State::Established {
             let hello = Hello {
                 versions: vec![u32::from(VERSION)],
                 agent_id: AGENT_ID.into(),
@@ -477,6 +451,29 @@ impl Client {
                     )));
                 }
             }
+        }
+        // Frames that arrived before a close were read above; now the close.
+        match core.state(self.conn) {
+            State::Closed(CloseReason::Done) if self.state == ClientState::Closing => {
+                self.state = ClientState::Done;
+                core.release(self.conn);
+                return Ok(true);
+            }
+            State::Closed(CloseReason::Refused) => {
+                return Err(Fail(format!(
+                    "connecting to host port {} was refused (RST)",
+                    self.port
+                )));
+            }
+            State::Closed(why) => {
+                return Err(Fail(format!(
+                    "the connection to host port {} was {} while {:?}",
+                    self.port,
+                    why.describe(),
+                    self.state
+                )));
+            }
+            _ => {}
         }
         if core.peer_eof(self.conn)
             && !matches!(self.state, ClientState::Closing | ClientState::Done)

@@ -76,13 +76,26 @@ fn sample() -> (u64, u32) {
 }
 
 /// Measures the TSC rate against the LAPIC timer (one-shot, masked, divide by
-/// 1, so it counts nanoseconds) over about 20 million TSC cycles. Leaves the
-/// timer stopped. Returns the cycles per millisecond, or `None` (and keeps the
-/// guess) when the result is implausible (below 100 MHz or above 20 GHz).
+/// 1, so it counts nanoseconds) over about 20 million TSC cycles, up to three
+/// times until the result is plausible (100 MHz to 20 GHz). Leaves the timer
+/// stopped. Returns the cycles per millisecond, or `None` (and keeps the
+/// guess).
 pub fn calibrate() -> Option<u64> {
     if calibrated() {
         return Some(per_ms());
     }
+    for _ in 0..3 {
+        if let Some(r) = measure() {
+            MEASURED_PER_MS.store(r, Ordering::Relaxed);
+            return Some(r);
+        }
+    }
+    None
+}
+
+fn measure() -> Option<u64> {
+    // The timer counts only while the APIC is software-enabled.
+    lapic::enable();
     lapic::write(lapic::LVT_TIMER, lapic::LVT_MASKED);
     lapic::write(lapic::TIMER_DIVIDE, DIVIDE_BY_1);
     lapic::write(lapic::TIMER_INITIAL, u32::MAX);
@@ -95,9 +108,5 @@ pub fn calibrate() -> Option<u64> {
         return None;
     }
     let per_ms = (u128::from(t1 - t0) * 1_000_000 / u128::from(ns)) as u64;
-    if !(100_000..=20_000_000).contains(&per_ms) {
-        return None;
-    }
-    MEASURED_PER_MS.store(per_ms, Ordering::Relaxed);
-    Some(per_ms)
+    (100_000..=20_000_000).contains(&per_ms).then_some(per_ms)
 }

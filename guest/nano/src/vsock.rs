@@ -491,7 +491,8 @@ impl Vsock {
             if time::passed(deadline) {
                 return Ok(false);
             }
-            if !progress && !self.core.has_tx() {
+            if !progress {
+                // Anything still queued for TX now waits for descriptors.
                 self.wait();
             }
         }
