@@ -38,8 +38,26 @@ struct Vm {
 
 /// Launches an idle guest with --tpm; `kernel` is written into `dir`.
 fn launch(dir: &Path, name: &str, ca: &Path, kernel: &[u8], cmdline: &str, mem: u64) -> Vm {
+    launch_with_initrd(dir, name, ca, kernel, cmdline, mem, None)
+}
+
+fn launch_with_initrd(
+    dir: &Path,
+    name: &str,
+    ca: &Path,
+    kernel: &[u8],
+    cmdline: &str,
+    mem: u64,
+    initrd: Option<&[u8]>,
+) -> Vm {
     let k = dir.join(format!("{name}.elf"));
     std::fs::write(&k, kernel).unwrap();
+    let mut extra = Vec::new();
+    if let Some(data) = initrd {
+        let p = dir.join(format!("{name}.initrd"));
+        std::fs::write(&p, data).unwrap();
+        extra = vec!["--initrd".to_string(), p.display().to_string()];
+    }
     let api = dir.join(format!("{name}.api"));
     let run = dir.join(format!("{name}.run"));
     let child = vmm()
@@ -61,6 +79,7 @@ fn launch(dir: &Path, name: &str, ca: &Path, kernel: &[u8], cmdline: &str, mem: 
         .arg(&run)
         .arg("--api-sock")
         .arg(&api)
+        .args(&extra)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -210,6 +229,22 @@ fn honest_boot_verifies_and_each_tampered_input_is_named() {
         stop(vm);
     }
 
+    // An initrd the manifest does not have (PCR 9).
+    let vm = launch_with_initrd(
+        dir.path(),
+        "initrd",
+        &ca,
+        &kernel,
+        CMDLINE,
+        64,
+        Some(b"extra"),
+    );
+    enroll(&mut v, "initrd", &vm);
+    let n = v.issue_nonce("initrd");
+    let (q, log) = quote(&vm, &n);
+    only_mismatch(&v.verify("initrd", &q, &log, &golden), EventType::Initrd, 9);
+    stop(vm);
+
     // A quote signed by another VM's AK does not verify for this VM.
     let other = launch(dir.path(), "other", &ca, &kernel, CMDLINE, 64);
     let n = v.issue_nonce("honest");
@@ -267,4 +302,46 @@ fn quote_with_a_bad_nonce_is_a_clear_error() {
     assert_eq!(r["error"]["code"], "bad_request", "{r}");
     assert!(r["error"]["message"].as_str().unwrap().contains("32 bytes"));
     stop(vm);
+}
+
+#[test]
+fn twenty_vms_with_vtpms_in_parallel_all_verify() {
+    require_kvm!();
+    if swtpm_missing() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let kernel = idle_elf(0);
+    let golden = manifest(&kernel, CMDLINE, 64);
+    // Create the CA once before the parallel launches share it.
+    let first = launch(dir.path(), "vm0", &ca, &kernel, CMDLINE, 64);
+    let mut vms = vec![first];
+    let rest: Vec<Vm> = std::thread::scope(|s| {
+        let hs: Vec<_> = (1..20)
+            .map(|i| {
+                let (d, ca, k) = (dir.path(), &ca, &kernel);
+                s.spawn(move || launch(d, &format!("vm{i}"), ca, k, CMDLINE, 64))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    vms.extend(rest);
+    let mut v = verifier(&ca);
+    for (i, vm) in vms.iter().enumerate() {
+        let id = format!("vm{i}");
+        enroll(&mut v, &id, vm);
+        let n = v.issue_nonce(&id);
+        let (q, log) = quote(vm, &n);
+        let verdict = v.verify(&id, &q, &log, &golden);
+        assert!(verdict.is_trusted(), "{id}: {verdict}");
+    }
+    let runs: Vec<PathBuf> = vms.into_iter().map(stop).collect();
+    for run in runs {
+        assert!(
+            swtpm_pids_with(&run.display().to_string()).is_empty(),
+            "swtpm left for {}",
+            run.display()
+        );
+    }
 }
