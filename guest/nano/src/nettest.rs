@@ -203,6 +203,13 @@ pub fn sypas_echo(ctx: &Ctx<'_>) -> Result<(), Fail> {
             total
         )))
     })?;
+    say!(
+        "{}: {} calls, {} payload bytes each way, goodbye exchanged, mode {}",
+        NAME,
+        c.calls(),
+        c.bytes,
+        m
+    );
     // Measured after the work, so boot-to-first-call figures do not pay
     // for the few milliseconds it takes.
     time::calibrate();
@@ -227,13 +234,6 @@ pub fn sypas_echo(ctx: &Ctx<'_>) -> Result<(), Fail> {
         since(c.first_reply_at),
         t,
         tsc_rate(),
-        m
-    );
-    say!(
-        "{}: {} calls, {} payload bytes each way, goodbye exchanged, mode {}",
-        NAME,
-        c.calls(),
-        c.bytes,
         m
     );
     vs.shutdown();
@@ -409,16 +409,29 @@ pub fn vsock_flood(ctx: &Ctx<'_>) -> Result<(), Fail> {
         tsc_rate(),
         m
     );
-    let h = galloc::stats();
-    say!(
-        "{}: heap peak {} KiB of {} KiB, mode {}",
-        NAME,
-        h.peak / 1024,
-        h.arena / 1024,
-        m
-    );
+    driver_line(NAME, &vs);
     vs.shutdown();
     Ok(())
+}
+
+/// The driver's and the heap's counters (they vary from run to run).
+fn driver_line(name: &str, vs: &Vsock) {
+    let s = vs.stats;
+    let c = vs.core.stats;
+    let h = galloc::stats();
+    say!(
+        "{}: driver: {} packets in, {} out, {} kicks, {} interrupts, {} sleeps ({} ended by the timer), heap peak {} KiB of {} KiB, mode {}",
+        name,
+        c.rx_packets,
+        c.tx_packets,
+        s.kicks,
+        s.irqs,
+        s.sleeps,
+        s.timer_wakeups,
+        h.peak / 1024,
+        h.arena / 1024,
+        vs.mode
+    );
 }
 
 /// Microseconds with one decimal, from TSC cycles.
@@ -521,15 +534,7 @@ pub fn sypas_bench(ctx: &Ctx<'_>) -> Result<(), Fail> {
         tsc_rate(),
         m
     );
-    let s = vs.stats;
-    say!(
-        "{}: driver: {} kicks, {} interrupts, {} sleeps, mode {}",
-        NAME,
-        s.kicks,
-        s.irqs,
-        s.sleeps,
-        m
-    );
+    driver_line(NAME, &vs);
     vs.shutdown();
     Ok(())
 }

@@ -16,7 +16,7 @@ use cell0_nano::vsock_core::{CloseReason, ConnId, Core, State};
 use cell0_proto::bytes::Bytes;
 use cell0_proto::code::ErrorCode;
 use cell0_proto::frame::{Decoded, FrameError, HEADER_LEN, Header, Kind, VERSION, decode_slice};
-use cell0_proto::msg::{Call, ErrorMsg, Goodbye, Hello, Reply, Right, Welcome};
+use cell0_proto::msg::{Body, Call, ErrorMsg, Goodbye, Hello, Reply, Right, Welcome};
 use cell0_proto::prost::Message;
 
 use crate::selftest::Fail;
@@ -606,14 +606,17 @@ impl Server {
         progress
     }
 
+    /// Answers one frame, in the order cell0-proto's host server checks:
+    /// kinds answered at any time, then the payload, then the session.
     fn on_frame(&mut self, core: &mut Core, f: &InFrame) {
         let (id, ch) = (f.header.request_id, f.header.channel);
         match f.header.kind {
             Kind::Ping => {
                 self.pings += 1;
                 core.send(self.conn, pong(f));
+                return;
             }
-            Kind::Pong | Kind::Error => {}
+            Kind::Pong | Kind::Error => return,
             Kind::Goodbye => {
                 if let Ok(g) = Goodbye::decode(f.payload.clone()) {
                     self.done |= g.reason == DONE;
@@ -623,60 +626,69 @@ impl Server {
                 };
                 core.send(self.conn, encode(Kind::Goodbye, 0, ch, &bye));
                 self.close(core);
+                return;
             }
             Kind::Welcome | Kind::Reply => {
-                self.error(
-                    core,
-                    f,
-                    ErrorCode::UnexpectedKind,
-                    "Servers do not accept this kind.",
-                );
+                let m = "Servers do not accept this kind.";
+                return self.error(core, f, ErrorCode::UnexpectedKind, m);
             }
-            Kind::Hello if !self.hello => match Hello::decode(f.payload.clone()) {
-                Ok(h) if !h.versions.is_empty() && !h.versions.contains(&u32::from(VERSION)) => {
+            _ => {}
+        }
+        let body = match Body::decode(f.header.kind, f.payload.clone()) {
+            Ok(b) => b,
+            Err(e) => return self.error(core, f, e.code(), &format!("{e}")),
+        };
+        if !self.hello {
+            match body {
+                Body::Hello(h)
+                    if !h.versions.is_empty() && !h.versions.contains(&u32::from(VERSION)) =>
+                {
                     let m = format!(
                         "No common protocol version: offered {:?}, this server speaks {}.",
                         h.versions, VERSION
                     );
                     self.error(core, f, ErrorCode::UnknownVersion, &m);
                 }
-                Ok(_) => {
+                Body::Hello(_) => {
                     self.hello = true;
                     self.send_welcome(core, id, ch);
                 }
-                Err(e) => self.error(core, f, ErrorCode::MalformedPayload, &format!("{e}")),
-            },
-            _ if !self.hello => self.error(core, f, ErrorCode::NotHello, "Send HELLO first."),
-            Kind::Hello => self.error(
-                core,
-                f,
-                ErrorCode::AlreadyHello,
-                "This session has already said HELLO.",
-            ),
-            Kind::Refresh => self.send_welcome(core, id, ch),
-            Kind::Call => match Call::decode(f.payload.clone()) {
-                Ok(c) if c.service != ECHO => {
-                    let m = format!("No service named {:?}.", c.service);
-                    self.error(core, f, ErrorCode::NoSuchService, &m);
-                }
-                Ok(c) if c.method != ECHO => {
-                    let m = format!("No method {:?} in service {:?}.", c.method, c.service);
-                    self.error(core, f, ErrorCode::NoSuchMethod, &m);
-                }
-                Ok(c) => {
-                    self.calls += 1;
-                    let reply = Reply {
-                        payload: c.payload,
-                        shm: c.shm,
-                    };
-                    core.send(self.conn, encode(Kind::Reply, id, ch, &reply));
-                }
-                Err(e) => self.error(core, f, ErrorCode::MalformedPayload, &format!("{e}")),
-            },
-            Kind::Event | Kind::Subscribe | Kind::Unsubscribe => {
+                _ => self.error(core, f, ErrorCode::NotHello, "Send HELLO first."),
+            }
+            return;
+        }
+        match body {
+            Body::Hello(_) => {
+                let m = "This session has already said HELLO.";
+                self.error(core, f, ErrorCode::AlreadyHello, m);
+            }
+            Body::Refresh(_) => self.send_welcome(core, id, ch),
+            Body::Call(c) if c.service != ECHO => {
+                let m = format!("No service named {:?}.", c.service);
+                self.error(core, f, ErrorCode::NoSuchService, &m);
+            }
+            Body::Call(c) if c.method != ECHO => {
+                let m = format!("No method {:?} in service {:?}.", c.method, c.service);
+                self.error(core, f, ErrorCode::NoSuchMethod, &m);
+            }
+            Body::Call(c) => {
+                self.calls += 1;
+                let reply = Reply {
+                    payload: c.payload,
+                    shm: c.shm,
+                };
+                core.send(self.conn, encode(Kind::Reply, id, ch, &reply));
+            }
+            Body::Event(_) | Body::Subscribe(_) | Body::Unsubscribe(_) => {
                 let m = format!("{} is not supported here.", f.header.kind);
                 self.error(core, f, ErrorCode::Unsupported, &m);
             }
+            Body::Welcome(_)
+            | Body::Reply(_)
+            | Body::Error(_)
+            | Body::Ping(_)
+            | Body::Pong(_)
+            | Body::Goodbye(_) => {}
         }
     }
 

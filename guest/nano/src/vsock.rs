@@ -106,6 +106,8 @@ pub struct Stats {
     pub irqs: u64,
     /// Sleeps in `hlt` (irq mode).
     pub sleeps: u64,
+    /// Sleeps that ended without a device interrupt (the 10 ms timer).
+    pub timer_wakeups: u64,
     /// Used entries or packets the device got wrong.
     pub device_errors: u64,
 }
@@ -457,7 +459,9 @@ impl Vsock {
         let before = counter.load(Ordering::Acquire);
         self.stats.sleeps += 1;
         sys::wait_for_interrupt();
-        if counter.load(Ordering::Acquire) != before {
+        if counter.load(Ordering::Acquire) == before {
+            self.stats.timer_wakeups += 1;
+        } else {
             self.stats.irqs += 1;
             let st = self.mmio.read(reg::INTERRUPT_STATUS);
             if st != 0 {
