@@ -81,7 +81,7 @@ fn main() -> anyhow::Result<()> {
         let l = lines
             .next()
             .context("the guest exited before listening")??;
-        if l.contains("sypas-serve: listening on port 5000") {
+        if l.starts_with("cell0-nano: sypas-serve: listening on port 5000, mode ") {
             break;
         }
     }
