@@ -5,7 +5,9 @@
 pub mod client;
 pub mod conn;
 pub mod echo;
+pub mod sdk;
 pub mod server;
+pub mod shm;
 pub mod vsock;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -15,7 +17,11 @@ use crate::msg::ErrorMsg;
 
 pub use client::{Client, ClientConfig, ClientError, Disconnect, Endpoint, ReconnectPolicy};
 pub use echo::EchoService;
-pub use server::{AcceptAll, Grant, Handler, HelloHook, Server, ServerConfig, Session};
+pub use sdk::{AgentClient, RefreshPolicy, SdkError, TokenSource, TokenSourceError};
+pub use server::{
+    AcceptAll, Grant, Handler, HelloHook, Server, ServerConfig, Session, SessionCallError,
+};
+pub use shm::{ShmArena, ShmError, ShmWindow};
 
 /// A typed error from a service or a peer: what an ERROR frame carries.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

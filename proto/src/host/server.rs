@@ -11,6 +11,7 @@
 //! without any crypto; PING is answered with PONG at any time; GOODBYE lets
 //! in-flight calls finish, is echoed, and closes.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::path::Path;
@@ -136,8 +137,17 @@ pub trait Handler: Send + Sync + 'static {
         async { Err(ServiceError::unsupported("UNSUBSCRIBE")) }
     }
 
+    /// Called once when HELLO has been accepted, before WELCOME is sent (a
+    /// router records the session here so others can reach it).
+    fn session_opened(&self, _session: &Arc<Session>) {}
+
     /// Called once when a session's connection ends (drop its subscriptions here).
     fn session_closed(&self, _session: &Arc<Session>) {}
+
+    /// Called when the server refuses a request by its own session rules,
+    /// before any handler method sees it: `NOT_HELLO` (no session yet),
+    /// `ALREADY_HELLO`, `TOKEN_EXPIRED` and `PERMISSION_DENIED` (for audit logs).
+    fn refused(&self, _session: Option<&Arc<Session>>, _body: &Body, _error: &ServiceError) {}
 }
 
 /// Server tunables.
@@ -184,6 +194,33 @@ struct Kill {
     reason: Mutex<Option<ErrorMsg>>,
 }
 
+/// Why a CALL the server made to its client ([`Session::call`]) failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionCallError {
+    /// The client answered with ERROR.
+    #[error("the client answered with an error")]
+    Remote(#[source] ServiceError),
+    /// No answer within the timeout.
+    #[error("the client did not answer in time")]
+    Timeout,
+    /// The session's connection ended before the answer came.
+    #[error("the session's connection has closed")]
+    Closed,
+    /// The CALL exceeds the frame limit.
+    #[error("the call exceeds the 16 MiB frame limit")]
+    Oversize,
+    /// The answer does not decode, or is not REPLY or ERROR.
+    #[error("the client's answer is malformed")]
+    Malformed,
+}
+
+#[derive(Debug, Default)]
+struct OutCalls {
+    next_id: u64,
+    pending: HashMap<u64, oneshot::Sender<Frame>>,
+    closed: bool,
+}
+
 /// An open, HELLO'd session, as the handler sees it.
 #[derive(Debug)]
 pub struct Session {
@@ -192,6 +229,7 @@ pub struct Session {
     grant: RwLock<Grant>,
     tx: mpsc::Sender<Outbound>,
     kill: Arc<Kill>,
+    calls: Mutex<OutCalls>,
 }
 
 impl Session {
@@ -245,6 +283,85 @@ impl Session {
             r.get_or_insert(error);
         }
         self.kill.notify.notify_one();
+    }
+
+    fn out_calls(&self) -> std::sync::MutexGuard<'_, OutCalls> {
+        self.calls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// CALLs the client over this session (a router delivering `agent/<id>`,
+    /// or forwarding to a host service) and waits at most `timeout` for its
+    /// REPLY or ERROR. The request id is the server's own, counted from 1;
+    /// the client answers it with the same id (docs/SYPAS.md §2). Any
+    /// number of such calls may be in flight.
+    pub async fn call(&self, call: &Call, timeout: Duration) -> Result<Reply, SessionCallError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (id, rx) = {
+            let mut c = self.out_calls();
+            if c.closed {
+                return Err(SessionCallError::Closed);
+            }
+            c.next_id += 1;
+            let id = c.next_id;
+            let (tx, rx) = oneshot::channel();
+            c.pending.insert(id, tx);
+            (id, rx)
+        };
+        let frame = Frame::from_message(Kind::Call, id, call);
+        if frame.payload.len() > MAX_PAYLOAD {
+            self.out_calls().pending.remove(&id);
+            return Err(SessionCallError::Oversize);
+        }
+        let sent = tokio::time::timeout_at(deadline, self.tx.send(Outbound::Frame(frame))).await;
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                self.out_calls().pending.remove(&id);
+                return Err(SessionCallError::Closed);
+            }
+            Err(_) => {
+                self.out_calls().pending.remove(&id);
+                return Err(SessionCallError::Timeout);
+            }
+        }
+        let answer = match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(frame)) => frame,
+            Ok(Err(_)) => return Err(SessionCallError::Closed),
+            Err(_) => {
+                self.out_calls().pending.remove(&id);
+                return Err(SessionCallError::Timeout);
+            }
+        };
+        match answer.kind {
+            Kind::Reply => answer
+                .decode_message::<Reply>()
+                .map_err(|_| SessionCallError::Malformed),
+            Kind::Error => match answer.decode_message::<ErrorMsg>() {
+                Ok(e) => Err(SessionCallError::Remote(e.into())),
+                Err(_) => Err(SessionCallError::Malformed),
+            },
+            _ => Err(SessionCallError::Malformed),
+        }
+    }
+
+    /// Hands an answer to the [`Session::call`] waiting for it; false if none is.
+    fn complete(&self, frame: Frame) -> bool {
+        match self.out_calls().pending.remove(&frame.request_id) {
+            Some(tx) => {
+                let _ = tx.send(frame);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Fails every outstanding [`Session::call`] with `Closed`.
+    fn close_calls(&self) {
+        let mut c = self.out_calls();
+        c.closed = true;
+        c.pending.clear();
     }
 }
 
@@ -316,6 +433,18 @@ impl<H: Handler, A: HelloHook> Server<H, A> {
             hook: Arc::new(hook),
             config: self.config,
             next_session: self.next_session,
+        }
+    }
+
+    /// The same server with another handler, sharing the tunables and the
+    /// session-id counter (so session ids stay unique across listeners that
+    /// each have their own handler, such as a router's per-VM listeners).
+    pub fn with_handler<G: Handler>(&self, handler: G) -> Server<G, A> {
+        Server {
+            handler: Arc::new(handler),
+            hook: self.hook.clone(),
+            config: self.config.clone(),
+            next_session: self.next_session.clone(),
         }
     }
 
@@ -467,6 +596,7 @@ impl<H: Handler, A: HelloHook> Server<H, A> {
             reader.linger(1024 * 1024, Duration::from_millis(500)).await;
         }
         if let Some(s) = &session {
+            s.close_calls();
             self.handler.session_closed(s);
         }
     }
@@ -502,6 +632,11 @@ impl<H: Handler, A: HelloHook> Server<H, A> {
             }
             Kind::Pong => return false,
             Kind::Goodbye => return true,
+            Kind::Reply | Kind::Error
+                if id != 0 && session.as_ref().is_some_and(|s| s.complete(frame.clone())) =>
+            {
+                return false;
+            }
             Kind::Error => {
                 tracing::debug!("peer sent ERROR to the server");
                 return false;
@@ -529,24 +664,28 @@ impl<H: Handler, A: HelloHook> Server<H, A> {
             if let Body::Hello(hello) = body {
                 match self.hello(&hello, tx, kill).await {
                     Ok((s, welcome)) => {
+                        self.handler.session_opened(&s);
                         *session = Some(s);
                         send(reply(Kind::Welcome, welcome)).await;
                     }
                     Err(e) => send(error_from(e, id, channel)).await,
                 }
             } else {
-                send(error(ErrorCode::NotHello, "Send HELLO first.")).await;
+                let e = ServiceError::new(ErrorCode::NotHello, "Send HELLO first.");
+                self.handler.refused(None, &body, &e);
+                send(error_from(e, id, channel)).await;
             }
             return false;
         };
 
         match body {
             Body::Hello(_) => {
-                send(error(
+                let e = ServiceError::new(
                     ErrorCode::AlreadyHello,
                     "This session has already said HELLO.",
-                ))
-                .await;
+                );
+                self.handler.refused(Some(&sess), &body, &e);
+                send(error_from(e, id, channel)).await;
             }
             Body::Refresh(refresh) => match self.hook.refresh(&sess, &refresh).await {
                 Ok(grant) => {
@@ -557,15 +696,20 @@ impl<H: Handler, A: HelloHook> Server<H, A> {
             },
             Body::Call(call) => {
                 let grant = sess.grant();
-                if grant.expired_at(unix_now()) {
-                    send(error(
+                let refusal = if grant.expired_at(unix_now()) {
+                    Some(ServiceError::new(
                         ErrorCode::TokenExpired,
                         "The session's token has expired; send REFRESH.",
                     ))
-                    .await;
                 } else if !permits(&grant.rights, &call.service, &call.method) {
                     let msg = format!("The session may not call {}/{}.", call.service, call.method);
-                    send(error(ErrorCode::PermissionDenied, &msg)).await;
+                    Some(ServiceError::new(ErrorCode::PermissionDenied, msg))
+                } else {
+                    None
+                };
+                if let Some(e) = refusal {
+                    self.handler.refused(Some(&sess), &Body::Call(call), &e);
+                    send(error_from(e, id, channel)).await;
                 } else {
                     let handler = self.handler.clone();
                     let tx = tx.clone();
@@ -627,6 +771,7 @@ impl<H: Handler, A: HelloHook> Server<H, A> {
             grant: RwLock::new(grant),
             tx: tx.clone(),
             kill: kill.clone(),
+            calls: Mutex::new(OutCalls::default()),
         });
         Ok((session, welcome))
     }

@@ -380,6 +380,12 @@ impl Client {
         }
     }
 
+    /// Replaces the token that later HELLOs (reconnects) send, without a
+    /// REFRESH of the current session.
+    pub fn set_token(&self, token: Bytes) {
+        self.shared().set_token(token);
+    }
+
     /// Subscribes to `topic` (and again after every reconnect).
     pub async fn subscribe(&self, topic: &str) -> Result<(), ClientError> {
         let payload = prost::Message::encode_to_vec(&Subscribe {

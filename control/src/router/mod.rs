@@ -1,0 +1,557 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The SYPAS router (docs/SYPAS.md §16): capability tokens checked at HELLO
+//! and REFRESH, CALL→REPLY routing to host services and between agents,
+//! EVENT pub/sub with back-pressure, shared-memory refs checked against the
+//! caller's window, and an audit log of every refusal.
+//!
+//! One router listens on several Unix sockets. The host socket
+//! ([`Router::listen_host`]) serves host processes: their connections
+//! belong to VM [`HOST_VM`]. Each VM gets a socket of its own
+//! ([`Router::attach_vm`]), normally `<vsock_uds>_1024`, where the VMM's
+//! hybrid vsock turns the guest's connections to port 1024 into Unix
+//! connections; the router therefore knows the VM of every session, and a
+//! token whose VM id is another VM's is refused with `AGENT_MISMATCH`.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use cell0_control::router::{Router, RouterConfig};
+//! let router = Router::new(RouterConfig::new("/var/lib/cell0".into()))?;
+//! router.listen_host("/run/cell0/sypas.sock".as_ref()).await?;
+//! router.attach_vm("vm7", "/run/cell0/vm7/vsock.sock_1024".as_ref(),
+//!                  Some("/run/cell0/vm7/api.sock".as_ref())).await?;
+//! # Ok(()) }
+//! ```
+
+pub mod audit;
+mod handler;
+pub mod pubsub;
+pub mod services;
+pub mod vmapi;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use cell0_proto::ErrorCode;
+use cell0_proto::host::server::{ServerError, bind_unix};
+use cell0_proto::host::{AcceptAll, ServiceError, Session, ShmWindow};
+use cell0_proto::host::{Server, ServerConfig};
+use cell0_proto::msg::ErrorMsg;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+
+pub use handler::{AGENT_PREFIX, EVENT_PREFIX, ROUTER_SERVICE};
+
+use self::audit::{AuditError, AuditLog};
+use self::handler::{RouterHandler, TokenHook};
+use self::pubsub::Topics;
+use self::services::{EchoService, LocalService};
+use self::vmapi::VmApiError;
+use crate::token::keys::{KeyError, KeyStore, RingSource};
+use crate::token::{ANY_VM, Minter, Verifier, valid_name};
+
+/// The VM id of connections on the router's host socket.
+pub const HOST_VM: &str = "host";
+
+/// Router settings.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// The data dir: `keys/` (created on first use) and, by default, `audit.log`.
+    pub data_dir: PathBuf,
+    /// The audit log (default `<data-dir>/audit.log`).
+    pub audit_log: Option<PathBuf>,
+    /// How long a CALL forwarded to an agent or a host service process may take.
+    pub forward_timeout: Duration,
+    /// Per-connection tunables (outbound queue = EVENT back-pressure limit).
+    pub server: ServerConfig,
+    /// Register the built-in `echo` service.
+    pub echo: bool,
+    /// How long the VMM's API socket may take to hand over the window.
+    pub vm_api_timeout: Duration,
+}
+
+impl RouterConfig {
+    /// Defaults for a data dir.
+    pub fn new(data_dir: PathBuf) -> RouterConfig {
+        RouterConfig {
+            data_dir,
+            audit_log: None,
+            forward_timeout: Duration::from_secs(30),
+            server: ServerConfig::default(),
+            echo: true,
+            vm_api_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why the router could not do something.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    /// The root key or the key ring cannot be used.
+    #[error("cannot use the root keys")]
+    Keys(#[from] KeyError),
+    /// The audit log cannot be opened.
+    #[error("cannot open the audit log")]
+    Audit(#[from] AuditError),
+    /// A listening socket cannot be bound.
+    #[error("cannot listen")]
+    Listen(#[from] ServerError),
+    /// The VMM did not hand over the window.
+    #[error("cannot get the VM's shared-memory window")]
+    VmApi(#[from] VmApiError),
+    /// The VM id is not acceptable.
+    #[error("{0:?} cannot be a VM id (1 to 256 of A-Z a-z 0-9 . _ - / : @ + =, not `host`)")]
+    BadVmId(String),
+    /// That VM is already attached.
+    #[error("VM {0:?} is already attached")]
+    VmExists(String),
+    /// No such VM is attached.
+    #[error("VM {0:?} is not attached")]
+    NoSuchVm(String),
+    /// That service name is taken or not acceptable.
+    #[error("service {name:?}: {reason}")]
+    Service {
+        /// The name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// A blocking task failed.
+    #[error("a router task failed: {0}")]
+    Task(String),
+}
+
+/// Where a session's connection comes from.
+#[derive(Debug)]
+pub(crate) struct Origin {
+    pub(crate) vm: String,
+    pub(crate) window: Option<Arc<ShmWindow>>,
+}
+
+/// A session the router can CALL.
+#[derive(Debug, Clone)]
+pub(crate) struct Peer {
+    pub(crate) session: Arc<Session>,
+    pub(crate) origin: Arc<Origin>,
+}
+
+#[derive(Clone)]
+pub(crate) enum Service {
+    Local(Arc<dyn LocalService>),
+    Remote(Peer),
+}
+
+/// State shared by every listener.
+pub(crate) struct Core {
+    pub(crate) verifier: Verifier,
+    pub(crate) audit: AuditLog,
+    pub(crate) topics: Topics,
+    pub(crate) config: RouterConfig,
+    agents: RwLock<HashMap<String, Peer>>,
+    services: RwLock<HashMap<String, Service>>,
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Core {
+    pub(crate) fn agent(&self, id: &str) -> Option<Peer> {
+        read(&self.agents).get(id).cloned()
+    }
+
+    pub(crate) fn service(&self, name: &str) -> Option<Service> {
+        read(&self.services).get(name).cloned()
+    }
+
+    /// The newest session of an agent wins (a reconnect replaces the old one).
+    pub(crate) fn add_agent(&self, peer: Peer) {
+        let id = peer.session.agent_id().to_owned();
+        tracing::debug!(agent = %id, vm = %peer.origin.vm, session = peer.session.id(), "agent connected");
+        write(&self.agents).insert(id, peer);
+    }
+
+    pub(crate) fn remove_session(&self, session: &Session) {
+        let sid = session.id();
+        {
+            let mut agents = write(&self.agents);
+            if agents
+                .get(session.agent_id())
+                .is_some_and(|p| p.session.id() == sid)
+            {
+                agents.remove(session.agent_id());
+            }
+        }
+        write(&self.services).retain(|name, s| match s {
+            Service::Remote(p) if p.session.id() == sid => {
+                tracing::info!(service = %name, "service unregistered: its session closed");
+                false
+            }
+            _ => true,
+        });
+        self.topics.remove_session(sid);
+    }
+
+    pub(crate) fn register_remote(&self, name: &str, peer: Peer) -> Result<(), ServiceError> {
+        let mut services = write(&self.services);
+        match services.get(name) {
+            Some(Service::Remote(p)) if p.session.id() == peer.session.id() => Ok(()),
+            Some(_) => Err(ServiceError::new(
+                ErrorCode::BadRequest,
+                format!("Service {name:?} is already registered."),
+            )),
+            None => {
+                tracing::info!(service = %name, agent = peer.session.agent_id(), "service registered");
+                services.insert(name.to_owned(), Service::Remote(peer));
+                Ok(())
+            }
+        }
+    }
+
+    pub(crate) fn unregister_remote(&self, name: &str, session: u64) -> Result<(), ServiceError> {
+        let mut services = write(&self.services);
+        match services.get(name) {
+            Some(Service::Remote(p)) if p.session.id() == session => {
+                services.remove(name);
+                Ok(())
+            }
+            _ => Err(ServiceError::new(
+                ErrorCode::BadRequest,
+                format!("This session has not registered service {name:?}."),
+            )),
+        }
+    }
+
+    /// Every session of a VM (to end them when the VM is detached).
+    fn sessions_of(&self, origin: &Arc<Origin>) -> Vec<Arc<Session>> {
+        read(&self.agents)
+            .values()
+            .filter(|p| Arc::ptr_eq(&p.origin, origin))
+            .map(|p| p.session.clone())
+            .collect()
+    }
+}
+
+struct Listener {
+    origin: Arc<Origin>,
+    path: PathBuf,
+    stop: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// A running router. Cheap to clone; every clone is the same router.
+#[derive(Clone)]
+pub struct Router {
+    core: Arc<Core>,
+    base: Server<RouterHandler, AcceptAll>,
+    host: Arc<Origin>,
+    listeners: Arc<Mutex<HashMap<String, Listener>>>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("data_dir", &self.core.config.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What [`Router::attach_vm`] set up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmInfo {
+    /// The VM id.
+    pub vm: String,
+    /// The socket the router listens on for it.
+    pub listen: PathBuf,
+    /// The window size, if the VM has one.
+    pub shm_size: Option<u64>,
+    /// The window's guest address, if known.
+    pub shm_gpa: Option<u64>,
+}
+
+impl Router {
+    /// Opens (or creates) the root keys in the data dir, the key ring for
+    /// verification (reloaded when another process rotates it), and the
+    /// audit log. Needs a tokio runtime only once it listens.
+    pub fn new(config: RouterConfig) -> Result<Router, RouterError> {
+        KeyStore::open(&config.data_dir)?;
+        let ring = RingSource::watch(&KeyStore::ring_path(&config.data_dir))?;
+        let audit_path = config
+            .audit_log
+            .clone()
+            .unwrap_or_else(|| config.data_dir.join("audit.log"));
+        let audit = AuditLog::open(&audit_path)?;
+        Ok(Self::with_parts(config, Verifier::new(ring), audit))
+    }
+
+    /// A router over a given verifier and audit log (for verifiers that
+    /// trust only public keys, and for tests).
+    pub fn with_parts(config: RouterConfig, verifier: Verifier, audit: AuditLog) -> Router {
+        let echo = config.echo;
+        let server_config = config.server.clone();
+        let core = Arc::new(Core {
+            verifier,
+            audit,
+            topics: Topics::default(),
+            config,
+            agents: RwLock::new(HashMap::new()),
+            services: RwLock::new(HashMap::new()),
+        });
+        if echo {
+            write(&core.services).insert("echo".into(), Service::Local(Arc::new(EchoService)));
+        }
+        let host = Arc::new(Origin {
+            vm: HOST_VM.into(),
+            window: None,
+        });
+        let base = Server::new(RouterHandler {
+            core: core.clone(),
+            origin: host.clone(),
+        })
+        .with_config(server_config);
+        Router {
+            core,
+            base,
+            host,
+            listeners: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// A minter with the data dir's current signing key (read from disk, so
+    /// a rotation by another process is seen).
+    pub fn minter(&self) -> Result<Minter, RouterError> {
+        Ok(KeyStore::open(&self.core.config.data_dir)?.minter())
+    }
+
+    /// The token verifier.
+    pub fn verifier(&self) -> &Verifier {
+        &self.core.verifier
+    }
+
+    /// The audit log.
+    pub fn audit(&self) -> &AuditLog {
+        &self.core.audit
+    }
+
+    /// Registers an in-process service under `name`.
+    pub fn register_local(
+        &self,
+        name: &str,
+        service: Arc<dyn LocalService>,
+    ) -> Result<(), RouterError> {
+        if !valid_name(name, false) || name == ROUTER_SERVICE || name.starts_with(AGENT_PREFIX) {
+            return Err(RouterError::Service {
+                name: name.into(),
+                reason: "not a valid service name".into(),
+            });
+        }
+        let mut s = write(&self.core.services);
+        if s.contains_key(name) {
+            return Err(RouterError::Service {
+                name: name.into(),
+                reason: "already registered".into(),
+            });
+        }
+        s.insert(name.into(), Service::Local(service));
+        Ok(())
+    }
+
+    /// Removes a service (in-process or registered by a host process).
+    pub fn unregister(&self, name: &str) -> bool {
+        write(&self.core.services).remove(name).is_some()
+    }
+
+    /// The services registered now, sorted.
+    pub fn services(&self) -> Vec<String> {
+        let mut v: Vec<String> = read(&self.core.services).keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// The agents connected now, sorted, with their VM.
+    pub fn agents(&self) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = read(&self.core.agents)
+            .iter()
+            .map(|(a, p)| (a.clone(), p.origin.vm.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Subscribers dropped as too slow so far.
+    pub fn slow_consumers_dropped(&self) -> u64 {
+        self.core.topics.slow_dropped()
+    }
+
+    /// Listens for host processes on `path` (VM [`HOST_VM`]).
+    pub async fn listen_host(&self, path: &Path) -> Result<(), RouterError> {
+        self.listen(HOST_VM, path, self.host.clone()).await
+    }
+
+    /// Attaches a VM: gets its window from the VMM's API socket `api` (if
+    /// given), and listens on `listen` (normally `<vsock_uds>_1024`) for its
+    /// guest's connections. Sessions there belong to `vm`.
+    pub async fn attach_vm(
+        &self,
+        vm: &str,
+        listen: &Path,
+        api: Option<&Path>,
+    ) -> Result<VmInfo, RouterError> {
+        check_vm_id(vm)?;
+        let (window, gpa) = match api {
+            Some(api) => {
+                let api = api.to_path_buf();
+                let timeout = self.core.config.vm_api_timeout;
+                let got = tokio::task::spawn_blocking(move || vmapi::fetch_window(&api, timeout))
+                    .await
+                    .map_err(|e| RouterError::Task(e.to_string()))??;
+                match got {
+                    Some(w) => (Some(w.window), Some(w.gpa)),
+                    None => (None, None),
+                }
+            }
+            None => (None, None),
+        };
+        self.attach_vm_with_window(vm, listen, window, gpa).await
+    }
+
+    /// [`attach_vm`](Self::attach_vm) with a window the caller mapped itself.
+    pub async fn attach_vm_with_window(
+        &self,
+        vm: &str,
+        listen: &Path,
+        window: Option<ShmWindow>,
+        gpa: Option<u64>,
+    ) -> Result<VmInfo, RouterError> {
+        check_vm_id(vm)?;
+        let shm_size = window.as_ref().map(ShmWindow::len);
+        let origin = Arc::new(Origin {
+            vm: vm.into(),
+            window: window.map(Arc::new),
+        });
+        self.listen(vm, listen, origin).await?;
+        tracing::info!(vm, listen = %listen.display(), shm = ?shm_size, "VM attached");
+        Ok(VmInfo {
+            vm: vm.into(),
+            listen: listen.to_path_buf(),
+            shm_size,
+            shm_gpa: gpa,
+        })
+    }
+
+    async fn listen(&self, key: &str, path: &Path, origin: Arc<Origin>) -> Result<(), RouterError> {
+        if self.lock_listeners().contains_key(key) {
+            return Err(RouterError::VmExists(key.into()));
+        }
+        let listener = bind_unix(path).await?;
+        let server = self
+            .base
+            .with_handler(RouterHandler {
+                core: self.core.clone(),
+                origin: origin.clone(),
+            })
+            .with_hello_hook(TokenHook {
+                core: self.core.clone(),
+                origin: origin.clone(),
+            });
+        let stop = Arc::new(Notify::new());
+        let stop2 = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                tokio::select! {
+                    () = stop2.notified() => break,
+                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => {
+                            let server = server.clone();
+                            conns.spawn(async move { server.serve_connection(stream).await });
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "accept failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    },
+                }
+            }
+            // The sessions were told to end (SHUTTING_DOWN); give them a moment
+            // to close cleanly, then cut the rest.
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while conns.join_next().await.is_some() {}
+            })
+            .await;
+            conns.shutdown().await;
+        });
+        let mut l = self.lock_listeners();
+        if l.contains_key(key) {
+            task.abort();
+            return Err(RouterError::VmExists(key.into()));
+        }
+        l.insert(
+            key.into(),
+            Listener {
+                origin,
+                path: path.to_path_buf(),
+                stop,
+                task,
+            },
+        );
+        Ok(())
+    }
+
+    fn lock_listeners(&self) -> std::sync::MutexGuard<'_, HashMap<String, Listener>> {
+        self.listeners
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Stops listening for a VM, ends its sessions (`SHUTTING_DOWN`) and
+    /// removes its socket.
+    pub async fn detach_vm(&self, vm: &str) -> Result<(), RouterError> {
+        let l = self
+            .lock_listeners()
+            .remove(vm)
+            .ok_or_else(|| RouterError::NoSuchVm(vm.into()))?;
+        self.stop_listener(l).await;
+        Ok(())
+    }
+
+    async fn stop_listener(&self, l: Listener) {
+        for s in self.core.sessions_of(&l.origin) {
+            s.disconnect(ErrorMsg::new(
+                ErrorCode::ShuttingDown,
+                "The router stops serving this VM.",
+            ));
+        }
+        l.stop.notify_one();
+        let _ = l.task.await;
+        // Sessions cut before they could close cleanly leave no trace behind.
+        for s in self.core.sessions_of(&l.origin) {
+            self.core.remove_session(&s);
+        }
+        let _ = std::fs::remove_file(&l.path);
+    }
+
+    /// Stops every listener and ends every session.
+    pub async fn shutdown(&self) {
+        let all: Vec<Listener> = self.lock_listeners().drain().map(|(_, l)| l).collect();
+        for l in all {
+            self.stop_listener(l).await;
+        }
+    }
+}
+
+fn check_vm_id(vm: &str) -> Result<(), RouterError> {
+    if vm == HOST_VM || vm == ANY_VM || !valid_name(vm, false) {
+        return Err(RouterError::BadVmId(vm.into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
