@@ -9,6 +9,7 @@ PACKAGES=(
   libtss2-dev               # tss-esapi (attest/)
   swtpm swtpm-tools         # per-VM vTPM (attest/)
   busybox-static cpio       # guest images (rootfs/)
+  protobuf-compiler         # protoc for the gRPC API (proto/ feature grpc)
 )
 
 missing=()

@@ -24,6 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run the embedded single-node control plane: gRPC API, Raft store, node agent, metrics.
+    Serve(Box<cell0_control::serve::ServeArgs>),
     /// Run the SYPAS router.
     Router(RouterArgs),
     /// Manage the root keys of the capability tokens.
@@ -227,6 +229,10 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Serve(args) => Ok(tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(cell0_control::serve::serve_main(*args))?),
         Cmd::Router(args) => {
             let mut rt = tokio::runtime::Builder::new_multi_thread();
             if let Some(n) = args.threads {

@@ -22,6 +22,9 @@ pub mod msg;
 #[cfg(feature = "host")]
 pub mod host;
 
+#[cfg(feature = "grpc")]
+pub mod grpc;
+
 /// The `bytes` and `prost` this crate is built with, for callers (such as the
 /// nano guest) that should not name their own versions.
 pub use {bytes, prost};

@@ -1,0 +1,564 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The gRPC API (tonic): VmService, NodeService, ClusterService, with server
+//! reflection. Writes go through the Raft store; VM runtime status comes from
+//! the node agent. Every state-changing call is audited.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use cell0_proto::grpc::{
+    self, cluster_service_server::ClusterService, node_service_server::NodeService,
+    vm_service_server::VmService,
+};
+use sha2::{Digest, Sha256};
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Code, Request, Response, Status};
+
+use crate::audit::{AuditLog, Entry};
+use crate::metrics::Metrics;
+use crate::node::Agent;
+use crate::spec::VmSpec;
+use crate::store::{Command, Desired, Rejection, Store, StoreError, VmRecord};
+
+type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// The API state shared by the three services.
+#[derive(Clone)]
+pub struct Api {
+    store: Store,
+    agent: Arc<Agent>,
+    metrics: Arc<Metrics>,
+    audit: Arc<AuditLog>,
+    names: Arc<AtomicU64>,
+}
+
+fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::Rejected(Rejection::AlreadyExists { id }) => Status::already_exists(format!(
+            "a VM named {id:?} already exists; pick another name or delete it first"
+        )),
+        StoreError::Rejected(Rejection::NotFound { id }) => {
+            Status::not_found(format!("no VM named {id:?}"))
+        }
+        StoreError::Rejected(Rejection::NoCapacity { reason }) => Status::resource_exhausted(
+            format!("cannot place the VM: {reason}; stop or delete VMs, or raise the overcommit ratio"),
+        ),
+        e => Status::unavailable(format!("the control plane could not commit the change: {e}")),
+    }
+}
+
+fn check_id(id: &str) -> Result<(), Status> {
+    if id.is_empty() {
+        return Err(Status::invalid_argument("id: must not be empty"));
+    }
+    if !crate::spec::is_dns_label(id) {
+        return Err(Status::invalid_argument(format!(
+            "id: {id:?} is not a VM name (1-63 of a-z 0-9 -)"
+        )));
+    }
+    Ok(())
+}
+
+impl Api {
+    /// The API over `store` and `agent`.
+    pub fn new(store: Store, agent: Arc<Agent>, metrics: Arc<Metrics>, audit: Arc<AuditLog>) -> Self {
+        Self {
+            store,
+            agent,
+            metrics,
+            audit,
+            names: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn vm(&self, rec: &VmRecord) -> grpc::Vm {
+        let status = self.agent.status(&rec.id).unwrap_or_else(|| grpc::VmStatus {
+            state: grpc::VmState::Pending as i32,
+            node: rec.node.clone(),
+            exit_code: -1,
+            vsock_cid: rec.cid,
+            ..Default::default()
+        });
+        grpc::Vm {
+            id: rec.id.clone(),
+            spec: Some(rec.spec.to_proto()),
+            status: Some(status),
+            desired: rec.desired.as_str().to_string(),
+            created_at_ms: rec.created_at_ms,
+            revision: rec.revision,
+        }
+    }
+
+    fn get_record(&self, id: &str) -> Result<VmRecord, Status> {
+        check_id(id)?;
+        self.store
+            .read(|s| s.vms.get(id).cloned())
+            .ok_or_else(|| Status::not_found(format!("no VM named {id:?}")))
+    }
+
+    fn done<T>(&self, method: &str, r: &Result<T, Status>) {
+        let code = match r {
+            Ok(_) => Code::Ok,
+            Err(s) => s.code(),
+        };
+        self.metrics.api(method, code);
+    }
+
+    fn audit<T>(&self, method: &str, peer: Option<SocketAddr>, target: &str, r: &Result<T, Status>, revision: u64) {
+        let (code, msg) = match r {
+            Ok(_) => (Code::Ok, String::new()),
+            Err(s) => (s.code(), s.message().to_string()),
+        };
+        self.audit.record(&Entry {
+            method,
+            peer: peer.map(|p| p.to_string()),
+            target,
+            code,
+            message: &msg,
+            revision,
+        });
+    }
+
+    fn fresh_name(&self) -> String {
+        let n = self.names.fetch_add(1, Ordering::Relaxed);
+        let mut h = Sha256::new();
+        h.update(crate::now_ms().to_le_bytes());
+        h.update(n.to_le_bytes());
+        h.update(std::process::id().to_le_bytes());
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        h.update(t.to_le_bytes());
+        format!("vm-{}", &hex::encode(h.finalize())[..8])
+    }
+
+    async fn create(&self, req: grpc::CreateVmRequest) -> Result<(grpc::Vm, u64), Status> {
+        let spec = req
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec: must be set"))?;
+        let spec = VmSpec::from_proto(spec, &self.fresh_name())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (rev, applied) = self
+            .store
+            .write(Command::CreateVm {
+                spec,
+                created_at_ms: crate::now_ms(),
+            })
+            .await
+            .map_err(store_status)?;
+        let rec = applied
+            .vm
+            .ok_or_else(|| Status::internal("the create was applied without a VM record"))?;
+        Ok((self.vm(&rec), rev))
+    }
+
+    async fn set_desired(&self, id: &str, d: Desired) -> Result<(grpc::Vm, u64), Status> {
+        check_id(id)?;
+        let (rev, applied) = self
+            .store
+            .write(Command::SetDesired {
+                id: id.to_string(),
+                desired: d,
+            })
+            .await
+            .map_err(store_status)?;
+        let rec = applied
+            .vm
+            .ok_or_else(|| Status::internal("the change was applied without a VM record"))?;
+        Ok((self.vm(&rec), rev))
+    }
+}
+
+#[tonic::async_trait]
+impl VmService for Api {
+    async fn create(
+        &self,
+        request: Request<grpc::CreateVmRequest>,
+    ) -> Result<Response<grpc::Vm>, Status> {
+        let peer = request.remote_addr();
+        let req = request.into_inner();
+        let name = req.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default();
+        let r = Api::create(self, req).await;
+        let (target, rev) = match &r {
+            Ok((vm, rev)) => (vm.id.clone(), *rev),
+            Err(_) => (name, 0),
+        };
+        self.audit("Create", peer, &target, &r, rev);
+        self.done("Create", &r);
+        r.map(|(vm, _)| Response::new(vm))
+    }
+
+    async fn get(&self, request: Request<grpc::GetVmRequest>) -> Result<Response<grpc::Vm>, Status> {
+        let r = self
+            .get_record(&request.get_ref().id)
+            .map(|rec| self.vm(&rec));
+        self.done("Get", &r);
+        r.map(Response::new)
+    }
+
+    async fn list(
+        &self,
+        request: Request<grpc::ListVmsRequest>,
+    ) -> Result<Response<grpc::ListVmsResponse>, Status> {
+        let sel = &request.get_ref().label_selector;
+        let recs: Vec<VmRecord> = self.store.read(|s| {
+            s.vms
+                .values()
+                .filter(|v| sel.iter().all(|(k, val)| v.spec.labels.get(k) == Some(val)))
+                .cloned()
+                .collect()
+        });
+        let r = Ok(grpc::ListVmsResponse {
+            vms: recs.iter().map(|r| self.vm(r)).collect(),
+        });
+        self.done("List", &r);
+        r.map(Response::new)
+    }
+
+    async fn stop(&self, request: Request<grpc::StopVmRequest>) -> Result<Response<grpc::Vm>, Status> {
+        let peer = request.remote_addr();
+        let id = request.into_inner().id;
+        let r = self.set_desired(&id, Desired::Stopped).await;
+        let rev = r.as_ref().map_or(0, |(_, rev)| *rev);
+        self.audit("Stop", peer, &id, &r, rev);
+        self.done("Stop", &r);
+        r.map(|(vm, _)| Response::new(vm))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<grpc::DeleteVmRequest>,
+    ) -> Result<Response<grpc::DeleteVmResponse>, Status> {
+        let peer = request.remote_addr();
+        let id = request.into_inner().id;
+        let r = match check_id(&id) {
+            Err(e) => Err(e),
+            Ok(()) => self
+                .store
+                .write(Command::DeleteVm { id: id.clone() })
+                .await
+                .map_err(store_status),
+        };
+        let rev = r.as_ref().map_or(0, |(rev, _)| *rev);
+        self.audit("Delete", peer, &id, &r, rev);
+        self.done("Delete", &r);
+        r.map(|_| Response::new(grpc::DeleteVmResponse {}))
+    }
+
+    type WatchStream = Stream_<grpc::VmEvent>;
+
+    async fn watch(
+        &self,
+        request: Request<grpc::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let id = request.into_inner().id;
+        let rx = self.agent.subscribe();
+        let initial: Vec<VmRecord> = if id.is_empty() {
+            self.store.read(|s| s.vms.values().cloned().collect())
+        } else {
+            match self.get_record(&id) {
+                Ok(r) => vec![r],
+                Err(e) => {
+                    self.done::<()>("Watch", &Err(e.clone()));
+                    return Err(e);
+                }
+            }
+        };
+        let first: Vec<grpc::VmEvent> = initial
+            .iter()
+            .map(|rec| {
+                let st = self.vm(rec).status.unwrap_or_default();
+                grpc::VmEvent {
+                    seq: 0,
+                    time_ms: crate::now_ms(),
+                    vm_id: rec.id.clone(),
+                    kind: "current".into(),
+                    state: st.state,
+                    message: st.message,
+                }
+            })
+            .collect();
+        let filter = id.clone();
+        let live = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |ev| match ev {
+            Ok(ev) if filter.is_empty() || ev.vm_id == filter => Some(Ok(ev)),
+            Ok(_) => None,
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                Some(Err(Status::data_loss(format!(
+                    "the watcher fell {n} events behind; watch again"
+                ))))
+            }
+        });
+        let s = tokio_stream::iter(first.into_iter().map(Ok)).chain(live);
+        self.done::<()>("Watch", &Ok(()));
+        Ok(Response::new(Box::pin(s)))
+    }
+
+    type LogsStream = Stream_<grpc::LogChunk>;
+
+    async fn logs(
+        &self,
+        request: Request<grpc::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        let req = request.into_inner();
+        let r = self.get_record(&req.id);
+        self.done("Logs", &r);
+        let rec = r?;
+        let path = self.agent.run_dir(&rec.id).join("serial.log");
+        let agent = self.agent.clone();
+        let store = self.store.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut off: u64 = 0;
+            if req.tail_bytes > 0 {
+                if let Ok(m) = std::fs::metadata(&path) {
+                    off = m.len().saturating_sub(req.tail_bytes);
+                }
+            }
+            loop {
+                let chunk = read_from(&path, &mut off);
+                if !chunk.is_empty()
+                    && tx.send(Ok(grpc::LogChunk { data: chunk })).await.is_err()
+                {
+                    return;
+                }
+                if !req.follow {
+                    return;
+                }
+                let exists = store.read(|s| s.vms.contains_key(&rec.id));
+                let over = agent.runtime(&rec.id).is_none_or(|r| {
+                    matches!(
+                        grpc::VmState::try_from(r.state as i32),
+                        Ok(grpc::VmState::Exited | grpc::VmState::Failed | grpc::VmState::Stopped)
+                    )
+                });
+                if !exists || over {
+                    let rest = read_from(&path, &mut off);
+                    if !rest.is_empty() {
+                        let _ = tx.send(Ok(grpc::LogChunk { data: rest })).await;
+                    }
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn exec(
+        &self,
+        request: Request<grpc::ExecRequest>,
+    ) -> Result<Response<grpc::ExecResponse>, Status> {
+        let req = request.into_inner();
+        let r: Result<grpc::ExecResponse, Status> = match self.get_record(&req.id) {
+            Err(e) => Err(e),
+            Ok(_) if req.command.is_empty() => {
+                Err(Status::invalid_argument("command: must name a program"))
+            }
+            Ok(rec) => Err(Status::unimplemented(format!(
+                "exec needs a guest agent that serves exec over SYPAS; VM {:?} runs the {} guest, \
+                 which has none (the Linux guest agent will provide it)",
+                rec.id,
+                if rec.spec.is_nano() { "nano" } else { "given" }
+            ))),
+        };
+        self.done("Exec", &r);
+        r.map(Response::new)
+    }
+
+    async fn attest(
+        &self,
+        request: Request<grpc::AttestRequest>,
+    ) -> Result<Response<grpc::AttestResponse>, Status> {
+        let id = request.into_inner().id;
+        let r = self.do_attest(&id).await;
+        self.done("Attest", &r);
+        r.map(Response::new)
+    }
+}
+
+fn read_from(path: &std::path::Path, off: &mut u64) -> Vec<u8> {
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if len < *off {
+        // The log was rotated by a restart: start over.
+        *off = 0;
+    }
+    if f.seek(SeekFrom::Start(*off)).is_err() {
+        return Vec::new();
+    }
+    let mut buf = Vec::new();
+    let _ = f.take(1 << 20).read_to_end(&mut buf);
+    *off += buf.len() as u64;
+    buf
+}
+
+impl Api {
+    async fn do_attest(&self, id: &str) -> Result<grpc::AttestResponse, Status> {
+        let rec = self.get_record(id)?;
+        if !rec.spec.tpm {
+            return Err(Status::failed_precondition(format!(
+                "VM {id:?} was created without a vTPM; create it with tpm=true (cell0ctl run --tpm)"
+            )));
+        }
+        let rt = self.agent.runtime(id).ok_or_else(|| {
+            Status::unavailable(format!("VM {id:?} is not on this node yet"))
+        })?;
+        if rt.pid == 0 || rt.state != grpc::VmState::Running {
+            return Err(Status::failed_precondition(format!(
+                "VM {id:?} is not running (state {}); only a running VM can be attested",
+                crate::node::state_name(rt.state)
+            )));
+        }
+        let sock = self.agent.run_dir(id).join("api.sock");
+        let a = self
+            .agent
+            .attest
+            .attest(
+                id,
+                rt.launch_seq,
+                &sock,
+                &rec.spec,
+                rec.cid,
+                &self.agent.config().vmm_bin,
+            )
+            .await
+            .map_err(|e| {
+                let mut s = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(c) = src {
+                    s.push_str(": ");
+                    s.push_str(&c.to_string());
+                    src = c.source();
+                }
+                Status::internal(format!("attestation of {id:?} failed: {s}"))
+            })?;
+        Ok(grpc::AttestResponse {
+            trusted: a.verdict.is_trusted(),
+            verdict_json: serde_json::to_string(&a.verdict).unwrap_or_default(),
+            failures: a.verdict.failures().iter().map(|f| f.to_string()).collect(),
+            nonce: a.nonce.to_vec(),
+            ak_name: a.ak_name,
+            pcrs: a.pcrs.into_iter().collect(),
+            enrolled: a.enrolled,
+        })
+    }
+
+    fn node_list(&self) -> Vec<grpc::Node> {
+        self.store.read(|s| {
+            s.nodes
+                .values()
+                .map(|n| {
+                    let (used, count) = s.allocated(&n.id);
+                    grpc::Node {
+                        id: n.id.clone(),
+                        address: n.address.clone(),
+                        zone: n.zone.clone(),
+                        region: n.region.clone(),
+                        capacity: Some(grpc::Resources {
+                            vcpus: n.capacity.vcpus,
+                            memory_mib: n.capacity.memory_mib,
+                        }),
+                        allocated: Some(grpc::Resources {
+                            vcpus: used.vcpus,
+                            memory_mib: used.memory_mib,
+                        }),
+                        state: n.state.as_str().to_string(),
+                        last_heartbeat_ms: crate::now_ms(),
+                        cpu_overcommit: n.cpu_overcommit,
+                        memory_overcommit: n.memory_overcommit,
+                        vms: count,
+                    }
+                })
+                .collect()
+        })
+    }
+}
+
+fn issue7(what: &str) -> Status {
+    Status::unimplemented(format!(
+        "{what} belongs to the multi-host control plane (issue 7); this cell0d runs the \
+         embedded single-node cluster, whose node registers itself"
+    ))
+}
+
+#[tonic::async_trait]
+impl NodeService for Api {
+    async fn register(&self, _r: Request<grpc::RegisterNodeRequest>) -> Result<Response<grpc::Node>, Status> {
+        Err(issue7("NodeService.Register"))
+    }
+
+    async fn heartbeat(
+        &self,
+        _r: Request<grpc::HeartbeatRequest>,
+    ) -> Result<Response<grpc::HeartbeatResponse>, Status> {
+        Err(issue7("NodeService.Heartbeat"))
+    }
+
+    async fn list(
+        &self,
+        _r: Request<grpc::ListNodesRequest>,
+    ) -> Result<Response<grpc::ListNodesResponse>, Status> {
+        let r = Ok(grpc::ListNodesResponse {
+            nodes: self.node_list(),
+        });
+        self.done("NodeList", &r);
+        r.map(Response::new)
+    }
+
+    async fn drain(&self, _r: Request<grpc::DrainNodeRequest>) -> Result<Response<grpc::Node>, Status> {
+        Err(issue7("NodeService.Drain"))
+    }
+}
+
+#[tonic::async_trait]
+impl ClusterService for Api {
+    async fn status(
+        &self,
+        _r: Request<grpc::ClusterStatusRequest>,
+    ) -> Result<Response<grpc::ClusterStatus>, Status> {
+        let st = self.store.status();
+        let (vms, nodes) = self.store.read(|s| (s.vms.len() as u64, s.nodes.len() as u64));
+        let r = Ok(grpc::ClusterStatus {
+            node_id: st.node_id,
+            leader_id: st.leader.unwrap_or(0),
+            term: st.term,
+            last_log_index: st.last_log_index,
+            last_applied: st.last_applied,
+            snapshot_index: st.snapshot_index,
+            members: st
+                .members
+                .into_iter()
+                .map(|(id, (address, voter))| grpc::Member { id, address, voter })
+                .collect(),
+            state: st.state,
+            vms,
+            nodes,
+            purged_index: st.purged_index,
+        });
+        self.done("ClusterStatus", &r);
+        r.map(Response::new)
+    }
+
+    async fn add_member(
+        &self,
+        _r: Request<grpc::AddMemberRequest>,
+    ) -> Result<Response<grpc::ClusterStatus>, Status> {
+        Err(issue7("ClusterService.AddMember"))
+    }
+
+    async fn remove_member(
+        &self,
+        _r: Request<grpc::RemoveMemberRequest>,
+    ) -> Result<Response<grpc::ClusterStatus>, Status> {
+        Err(issue7("ClusterService.RemoveMember"))
+    }
+}

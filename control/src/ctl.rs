@@ -1,0 +1,313 @@
+// SPDX-License-Identifier: Apache-2.0
+//! `cell0ctl`'s client side: connecting, JSON forms of the API messages,
+//! human tables, and the exit codes scripts rely on.
+
+use std::time::Duration;
+
+use cell0_proto::grpc::{
+    self, cluster_service_client::ClusterServiceClient, node_service_client::NodeServiceClient,
+    vm_service_client::VmServiceClient,
+};
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+/// `cell0ctl`'s exit codes.
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// Any other error.
+    pub const ERROR: u8 = 1;
+    /// Bad command line (clap's own code).
+    pub const USAGE: u8 = 2;
+    /// No such VM or node.
+    pub const NOT_FOUND: u8 = 3;
+    /// The server refused the request as invalid.
+    pub const INVALID: u8 = 4;
+    /// cell0d cannot be reached or cannot commit.
+    pub const UNAVAILABLE: u8 = 5;
+    /// The VM failed (run: it never became ready) or attestation was rejected.
+    pub const FAILED: u8 = 6;
+    /// A wait timed out.
+    pub const TIMEOUT: u8 = 7;
+    /// The VM exists already.
+    pub const EXISTS: u8 = 8;
+    /// Not enough capacity.
+    pub const EXHAUSTED: u8 = 9;
+    /// Not supported by the server or the guest.
+    pub const UNIMPLEMENTED: u8 = 10;
+    /// The VM is not in a state that allows the request.
+    pub const PRECONDITION: u8 = 11;
+}
+
+/// Errors of the client.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    /// The endpoint is not a valid URI.
+    #[error("invalid endpoint {0:?}")]
+    Endpoint(String),
+    /// cell0d could not be reached.
+    #[error("cannot connect to cell0d at {endpoint}: {source}")]
+    Connect {
+        /// Endpoint.
+        endpoint: String,
+        /// Cause.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The server answered with an error.
+    #[error("{}", .0.message())]
+    Status(#[from] tonic::Status),
+    /// A wait ran out.
+    #[error("{0}")]
+    Timeout(String),
+    /// The VM failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl CtlError {
+    /// The exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CtlError::Endpoint(_) => exit::USAGE,
+            CtlError::Connect { .. } => exit::UNAVAILABLE,
+            CtlError::Timeout(_) => exit::TIMEOUT,
+            CtlError::Failed(_) => exit::FAILED,
+            CtlError::Status(s) => match s.code() {
+                tonic::Code::NotFound => exit::NOT_FOUND,
+                tonic::Code::InvalidArgument => exit::INVALID,
+                tonic::Code::Unavailable => exit::UNAVAILABLE,
+                tonic::Code::AlreadyExists => exit::EXISTS,
+                tonic::Code::ResourceExhausted => exit::EXHAUSTED,
+                tonic::Code::Unimplemented => exit::UNIMPLEMENTED,
+                tonic::Code::FailedPrecondition => exit::PRECONDITION,
+                tonic::Code::DeadlineExceeded => exit::TIMEOUT,
+                _ => exit::ERROR,
+            },
+        }
+    }
+}
+
+/// The three service clients over one channel.
+#[derive(Clone)]
+pub struct Clients {
+    /// VmService.
+    pub vm: VmServiceClient<Channel>,
+    /// NodeService.
+    pub node: NodeServiceClient<Channel>,
+    /// ClusterService.
+    pub cluster: ClusterServiceClient<Channel>,
+}
+
+/// Connects to cell0d at `endpoint` (`http://HOST:PORT`, or `HOST:PORT`).
+pub async fn connect(endpoint: &str) -> Result<Clients, CtlError> {
+    let uri = if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("http://{endpoint}")
+    };
+    let ch = Channel::from_shared(uri.clone())
+        .map_err(|_| CtlError::Endpoint(endpoint.to_string()))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|source| CtlError::Connect {
+            endpoint: uri,
+            source,
+        })?;
+    Ok(Clients {
+        vm: VmServiceClient::new(ch.clone()),
+        node: NodeServiceClient::new(ch.clone()),
+        cluster: ClusterServiceClient::new(ch),
+    })
+}
+
+/// A state's lowercase name.
+pub fn state_name(s: i32) -> &'static str {
+    grpc::VmState::try_from(s).map_or("unknown", crate::node::state_name)
+}
+
+/// Whether a state is final (no process, nothing pending).
+pub fn is_terminal(s: i32) -> bool {
+    matches!(
+        grpc::VmState::try_from(s),
+        Ok(grpc::VmState::Exited | grpc::VmState::Failed | grpc::VmState::Stopped)
+    )
+}
+
+fn policy_name(p: i32) -> &'static str {
+    match grpc::RestartPolicy::try_from(p) {
+        Ok(grpc::RestartPolicy::OnFailure) => "on-failure",
+        Ok(grpc::RestartPolicy::Always) => "always",
+        _ => "never",
+    }
+}
+
+/// The JSON form of a VM.
+pub fn vm_json(vm: &grpc::Vm) -> Value {
+    let spec = vm.spec.clone().unwrap_or_default();
+    let img = spec.image.clone().unwrap_or_default();
+    let st = vm.status.clone().unwrap_or_default();
+    let labels: std::collections::BTreeMap<_, _> = spec.labels.into_iter().collect();
+    json!({
+        "id": vm.id,
+        "desired": vm.desired,
+        "created_at_ms": vm.created_at_ms,
+        "revision": vm.revision,
+        "spec": {
+            "name": spec.name,
+            "image": {"kernel": img.kernel, "initrd": img.initrd, "cmdline": img.cmdline},
+            "vcpus": spec.vcpus,
+            "memory_mib": spec.memory_mib,
+            "shm_mib": spec.shm_mib,
+            "agent_id": spec.agent_id,
+            "rights": spec.rights.iter().map(|r| json!({"service": r.service, "method": r.method})).collect::<Vec<_>>(),
+            "restart_policy": policy_name(spec.restart_policy),
+            "labels": labels,
+            "tpm": spec.tpm,
+            "command": spec.command,
+        },
+        "status": {
+            "state": state_name(st.state),
+            "node": st.node,
+            "pid": st.pid,
+            "run_dir": st.run_dir,
+            "ready": st.ready,
+            "exit_code": st.exit_code,
+            "message": st.message,
+            "restarts": st.restarts,
+            "started_at_ms": st.started_at_ms,
+            "ready_latency_us": st.ready_latency_us,
+            "vsock_cid": st.vsock_cid,
+            "health": st.health,
+        },
+    })
+}
+
+/// The JSON form of a node.
+pub fn node_json(n: &grpc::Node) -> Value {
+    let cap = n.capacity.unwrap_or_default();
+    let used = n.allocated.unwrap_or_default();
+    json!({
+        "id": n.id, "address": n.address, "zone": n.zone, "region": n.region,
+        "state": n.state, "vms": n.vms,
+        "capacity": {"vcpus": cap.vcpus, "memory_mib": cap.memory_mib},
+        "allocated": {"vcpus": used.vcpus, "memory_mib": used.memory_mib},
+        "cpu_overcommit": n.cpu_overcommit, "memory_overcommit": n.memory_overcommit,
+    })
+}
+
+/// The JSON form of the cluster status.
+pub fn cluster_json(c: &grpc::ClusterStatus) -> Value {
+    json!({
+        "node_id": c.node_id, "leader_id": c.leader_id, "state": c.state, "term": c.term,
+        "last_log_index": c.last_log_index, "last_applied": c.last_applied,
+        "snapshot_index": c.snapshot_index, "purged_index": c.purged_index,
+        "members": c.members.iter().map(|m| json!({"id": m.id, "address": m.address, "voter": m.voter})).collect::<Vec<_>>(),
+        "vms": c.vms, "nodes": c.nodes,
+    })
+}
+
+/// The JSON form of an event.
+pub fn event_json(e: &grpc::VmEvent) -> Value {
+    json!({
+        "seq": e.seq, "time_ms": e.time_ms, "vm": e.vm_id, "kind": e.kind,
+        "state": state_name(e.state), "message": e.message,
+    })
+}
+
+/// "3s", "5m", "2h", "4d" since `ms` (Unix ms).
+pub fn age(ms: u64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    let s = crate::now_ms().saturating_sub(ms) / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+/// Left-aligned columns separated by two spaces.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if i < w.len() {
+                w[i] = w[i].max(c.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<String>, out: &mut String| {
+        let n = cells.len();
+        for (i, c) in cells.into_iter().enumerate() {
+            out.push_str(&c);
+            if i + 1 < n {
+                out.push_str(&" ".repeat(w[i] - c.chars().count() + 2));
+            }
+        }
+        out.push('\n');
+    };
+    line(header.iter().map(|h| (*h).to_string()).collect(), &mut out);
+    for r in rows {
+        line(r.clone(), &mut out);
+    }
+    out
+}
+
+/// The `ps` table.
+pub fn vm_table(vms: &[grpc::Vm]) -> String {
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|vm| {
+            let st = vm.status.clone().unwrap_or_default();
+            let spec = vm.spec.clone().unwrap_or_default();
+            let img = spec.image.unwrap_or_default();
+            vec![
+                vm.id.clone(),
+                state_name(st.state).to_string(),
+                if st.ready { "yes".into() } else { "no".into() },
+                img.kernel,
+                format!("{}/{}M", spec.vcpus, spec.memory_mib),
+                if st.pid > 0 { st.pid.to_string() } else { "-".into() },
+                st.restarts.to_string(),
+                age(vm.created_at_ms),
+                st.node,
+            ]
+        })
+        .collect();
+    table(
+        &["NAME", "STATE", "READY", "IMAGE", "CPU/MEM", "PID", "RESTARTS", "AGE", "NODE"],
+        &rows,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(
+            &["A", "LONGER"],
+            &[vec!["xyz".into(), "1".into()], vec!["q".into(), "22".into()]],
+        );
+        assert_eq!(t, "A    LONGER\nxyz  1\nq    22\n");
+    }
+
+    #[test]
+    fn exit_codes_follow_grpc_codes() {
+        assert_eq!(
+            CtlError::Status(tonic::Status::not_found("x")).exit_code(),
+            exit::NOT_FOUND
+        );
+        assert_eq!(
+            CtlError::Status(tonic::Status::invalid_argument("x")).exit_code(),
+            exit::INVALID
+        );
+        assert_eq!(CtlError::Timeout("t".into()).exit_code(), exit::TIMEOUT);
+    }
+}

@@ -1,0 +1,1002 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The node agent: level-triggered reconciliation of the VMs the replicated
+//! state places on this node against the `cell0-vmm` processes it runs.
+//!
+//! - Each VM gets a run dir `<data>/node/vms/<id>/` (API socket, vsock
+//!   socket, serial log, VMM log, vTPM state, `state.json`); Delete removes it.
+//! - Exits are seen through a pidfd at once; the restart policy is applied
+//!   with exponential back-off.
+//! - `state.json` records the pid and its start time, so that after a
+//!   `cell0d` restart still-running VMMs are re-adopted (not killed, not
+//!   launched twice); liveness is then checked through the API socket.
+//! - Health: SYPAS PING over the hybrid vsock where the guest serves SYPAS
+//!   (the nano guest's `sypas-serve` mode), else the API socket's `describe`.
+
+pub mod attest;
+pub mod golden;
+pub mod proc;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cell0_proto::grpc::{self, VmState};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::{Notify, broadcast, mpsc};
+
+use crate::metrics::Metrics;
+use crate::spec::RestartPolicy;
+use crate::store::state::{NodeRecord, NodeState, Resources};
+use crate::store::{Command, Desired, Store, VmRecord};
+use proc::PidFd;
+
+/// The line the nano guest prints once it runs.
+pub const NANO_READY: &str = "cell0-nano: ready";
+/// Longest Unix socket path.
+const SUN_PATH_MAX: usize = 107;
+/// How long a stopped VMM gets before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// Errors of the node agent.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// A file or directory operation failed.
+    #[error("cannot {what} {path}")]
+    Io {
+        /// What was attempted.
+        what: &'static str,
+        /// Path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VM is not on this node.
+    #[error("no VM named {0:?} on this node")]
+    NoVm(String),
+    /// The VM is not running.
+    #[error("VM {id:?} is not running (state {state})")]
+    NotRunning {
+        /// Id.
+        id: String,
+        /// State.
+        state: String,
+    },
+    /// Registering the node failed.
+    #[error("cannot register the node")]
+    Register(#[source] crate::store::StoreError),
+}
+
+/// Node agent settings.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Node id.
+    pub node_id: String,
+    /// Address others reach its gRPC API at.
+    pub address: String,
+    /// Data dir (run dirs under `node/vms/`).
+    pub data_dir: PathBuf,
+    /// The cell0-vmm executable.
+    pub vmm_bin: PathBuf,
+    /// Physical capacity.
+    pub capacity: Resources,
+    /// vCPU overcommit ratio.
+    pub cpu_overcommit: f64,
+    /// Memory overcommit ratio.
+    pub memory_overcommit: f64,
+    /// First restart delay.
+    pub backoff_initial: Duration,
+    /// Longest restart delay.
+    pub backoff_max: Duration,
+    /// Interval of health checks.
+    pub health_interval: Duration,
+    /// Zone.
+    pub zone: String,
+    /// Region.
+    pub region: String,
+}
+
+/// What `state.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Persisted {
+    /// VM id.
+    pub id: String,
+    /// cell0-vmm pid.
+    pub pid: i32,
+    /// Its start time (`/proc/PID/stat` field 22).
+    pub start_time: u64,
+    /// Launch time.
+    pub launched_at_ms: u64,
+    /// Restarts so far.
+    pub restarts: u32,
+    /// Launch counter.
+    pub launch_seq: u64,
+    /// Whether the guest was ready.
+    pub ready: bool,
+    /// Spawn → ready.
+    pub ready_latency_us: u64,
+    /// State name when written (a final state survives a cell0d restart).
+    #[serde(default)]
+    pub state: String,
+    /// Last exit code.
+    #[serde(default)]
+    pub exit_code: i32,
+    /// Last message.
+    #[serde(default)]
+    pub message: String,
+}
+
+/// The runtime state of one VM on this node.
+#[derive(Clone)]
+pub struct Runtime {
+    /// State.
+    pub state: VmState,
+    /// Pid (0 when none).
+    pub pid: i32,
+    /// Last exit code (-1 none/unknown).
+    pub exit_code: i32,
+    /// Guest ready.
+    pub ready: bool,
+    /// Last message.
+    pub message: String,
+    /// Restarts.
+    pub restarts: u32,
+    /// Launch time.
+    pub started_at_ms: u64,
+    /// Spawn → ready.
+    pub ready_latency_us: u64,
+    /// How health was last checked.
+    pub health: String,
+    /// Launch counter (distinguishes exits of earlier launches).
+    pub launch_seq: u64,
+    spawned_at: Option<Instant>,
+    next_restart: Option<Instant>,
+    backoff: Duration,
+    pidfd: Option<Arc<PidFd>>,
+    stop_requested: bool,
+    start_time: u64,
+    /// The record as last seen.
+    pub record: VmRecord,
+}
+
+struct Exit {
+    id: String,
+    seq: u64,
+    code: Option<i32>,
+}
+
+/// The node agent.
+pub struct Agent {
+    cfg: NodeConfig,
+    store: Store,
+    metrics: Arc<Metrics>,
+    vms: Mutex<BTreeMap<String, Runtime>>,
+    events: broadcast::Sender<grpc::VmEvent>,
+    seq: AtomicU64,
+    wake: Notify,
+    exits: mpsc::UnboundedSender<Exit>,
+    exits_rx: Mutex<Option<mpsc::UnboundedReceiver<Exit>>>,
+    /// Attestation state (verifier, enrolled AKs).
+    pub attest: attest::AttestState,
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> NodeError + 'a {
+    move |source| NodeError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A state's lowercase name.
+pub fn state_name(s: VmState) -> &'static str {
+    match s {
+        VmState::Unspecified => "unknown",
+        VmState::Pending => "pending",
+        VmState::Starting => "starting",
+        VmState::Running => "running",
+        VmState::Stopping => "stopping",
+        VmState::Stopped => "stopped",
+        VmState::Exited => "exited",
+        VmState::Failed => "failed",
+        VmState::Backoff => "backoff",
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether the serial log at `path` holds the nano guest's ready line.
+fn serial_ready(path: &Path) -> bool {
+    std::fs::read(path)
+        .map(|b| {
+            b.windows(NANO_READY.len())
+                .any(|w| w == NANO_READY.as_bytes())
+        })
+        .unwrap_or(false)
+}
+
+/// The SYPAS port the guest serves, where it speaks SYPAS (nano `sypas-serve`).
+pub fn sypas_port(rec: &VmRecord) -> Option<u32> {
+    let c = rec.spec.cmdline.as_deref()?;
+    if !c.split_whitespace().any(|t| t == "cell0.test=sypas-serve") {
+        return None;
+    }
+    Some(
+        c.split_whitespace()
+            .find_map(|t| t.strip_prefix("cell0.port="))
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(5000),
+    )
+}
+
+impl Agent {
+    /// Creates the agent, registers the node and re-adopts running VMMs.
+    pub async fn start(
+        cfg: NodeConfig,
+        store: Store,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, NodeError> {
+        let vms_dir = cfg.data_dir.join("node").join("vms");
+        std::fs::create_dir_all(&vms_dir).map_err(io_err("create", &vms_dir))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let attest = attest::AttestState::new(&cfg.data_dir);
+        let agent = Arc::new(Self {
+            cfg,
+            store,
+            metrics,
+            vms: Mutex::new(BTreeMap::new()),
+            events: broadcast::channel(8192).0,
+            seq: AtomicU64::new(0),
+            wake: Notify::new(),
+            exits: tx,
+            exits_rx: Mutex::new(Some(rx)),
+            attest,
+        });
+        agent.register().await?;
+        agent.adopt();
+        Ok(agent)
+    }
+
+    async fn register(&self) -> Result<(), NodeError> {
+        let me = NodeRecord {
+            id: self.cfg.node_id.clone(),
+            address: self.cfg.address.clone(),
+            zone: self.cfg.zone.clone(),
+            region: self.cfg.region.clone(),
+            capacity: self.cfg.capacity,
+            cpu_overcommit: self.cfg.cpu_overcommit,
+            memory_overcommit: self.cfg.memory_overcommit,
+            state: NodeState::Ready,
+        };
+        let same = self.store.read(|s| s.nodes.get(&me.id) == Some(&me));
+        if !same {
+            self.store
+                .write(Command::PutNode { node: me })
+                .await
+                .map_err(NodeError::Register)?;
+        }
+        Ok(())
+    }
+
+    /// The node id.
+    pub fn node_id(&self) -> &str {
+        &self.cfg.node_id
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
+    }
+
+    /// The run dir of VM `id`.
+    pub fn run_dir(&self, id: &str) -> PathBuf {
+        self.cfg.data_dir.join("node").join("vms").join(id)
+    }
+
+    /// Events of this node's VMs.
+    pub fn subscribe(&self) -> broadcast::Receiver<grpc::VmEvent> {
+        self.events.subscribe()
+    }
+
+    fn emit(&self, id: &str, kind: &str, state: VmState, message: impl Into<String>) {
+        let ev = grpc::VmEvent {
+            seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+            time_ms: crate::now_ms(),
+            vm_id: id.to_string(),
+            kind: kind.to_string(),
+            state: state as i32,
+            message: message.into(),
+        };
+        tracing::debug!(vm = id, kind, state = state_name(state), msg = %ev.message, "event");
+        let _ = self.events.send(ev);
+    }
+
+    fn set_state(&self, id: &str, rt: &mut Runtime, state: VmState, message: impl Into<String>) {
+        let message = message.into();
+        rt.state = state;
+        rt.message = message.clone();
+        self.emit(id, "state", state, message);
+    }
+
+    /// The runtime status of VM `id`, if it is on this node.
+    pub fn status(&self, id: &str) -> Option<grpc::VmStatus> {
+        let vms = lock(&self.vms);
+        let rt = vms.get(id)?;
+        Some(grpc::VmStatus {
+            state: rt.state as i32,
+            node: self.cfg.node_id.clone(),
+            pid: i64::from(rt.pid),
+            run_dir: self.run_dir(id).display().to_string(),
+            ready: rt.ready,
+            exit_code: rt.exit_code,
+            message: rt.message.clone(),
+            restarts: rt.restarts,
+            started_at_ms: rt.started_at_ms,
+            ready_latency_us: rt.ready_latency_us,
+            vsock_cid: rt.record.cid,
+            health: rt.health.clone(),
+        })
+    }
+
+    /// A copy of the runtime of VM `id`.
+    pub fn runtime(&self, id: &str) -> Option<Runtime> {
+        lock(&self.vms).get(id).cloned()
+    }
+
+    fn new_runtime(&self, rec: &VmRecord) -> Runtime {
+        Runtime {
+            state: VmState::Pending,
+            pid: 0,
+            exit_code: -1,
+            ready: false,
+            message: String::new(),
+            restarts: 0,
+            started_at_ms: 0,
+            ready_latency_us: 0,
+            health: String::new(),
+            launch_seq: 0,
+            spawned_at: None,
+            next_restart: None,
+            backoff: self.cfg.backoff_initial,
+            pidfd: None,
+            stop_requested: false,
+            start_time: 0,
+            record: rec.clone(),
+        }
+    }
+
+    fn persist(&self, id: &str, rt: &Runtime) {
+        let p = Persisted {
+            id: id.to_string(),
+            pid: rt.pid,
+            start_time: rt.start_time,
+            launched_at_ms: rt.started_at_ms,
+            restarts: rt.restarts,
+            launch_seq: rt.launch_seq,
+            ready: rt.ready,
+            ready_latency_us: rt.ready_latency_us,
+            state: state_name(rt.state).to_string(),
+            exit_code: rt.exit_code,
+            message: rt.message.clone(),
+        };
+        let path = self.run_dir(id).join("state.json");
+        match serde_json::to_vec(&p) {
+            Ok(b) => {
+                if let Err(e) = crate::store::sm::write_atomic(&path, &b) {
+                    tracing::warn!(vm = id, error = %e, "cannot write state.json");
+                }
+            }
+            Err(e) => tracing::warn!(vm = id, error = %e, "cannot encode state.json"),
+        }
+    }
+
+    /// Re-adopts the VMMs recorded on disk that still run.
+    fn adopt(self: &Arc<Self>) {
+        let dir = self.cfg.data_dir.join("node").join("vms");
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        let records = self.store.read(|s| s.vms.clone());
+        let vmm_name = self
+            .cfg
+            .vmm_bin
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "cell0-vmm".into());
+        for ent in rd.flatten() {
+            let id = ent.file_name().to_string_lossy().into_owned();
+            let Ok(bytes) = std::fs::read(ent.path().join("state.json")) else {
+                continue;
+            };
+            let Ok(p) = serde_json::from_slice::<Persisted>(&bytes) else {
+                continue;
+            };
+            let rec = match records.get(&id) {
+                Some(r) => r.clone(),
+                None => {
+                    // Deleted while we were down: stop it if it runs, drop the dir.
+                    if p.pid > 0
+                        && proc::start_time(p.pid) == Some(p.start_time)
+                        && proc::exe_matches(p.pid, &vmm_name)
+                    {
+                        if let Ok(fd) = PidFd::open(p.pid) {
+                            let _ = fd.signal(libc::SIGKILL);
+                        }
+                    }
+                    let _ = std::fs::remove_dir_all(ent.path());
+                    continue;
+                }
+            };
+            let mut rt = self.new_runtime(&rec);
+            rt.restarts = p.restarts;
+            rt.launch_seq = p.launch_seq;
+            rt.started_at_ms = p.launched_at_ms;
+            rt.ready_latency_us = p.ready_latency_us;
+            let running = p.pid > 0
+                && proc::start_time(p.pid) == Some(p.start_time)
+                && proc::exe_matches(p.pid, &vmm_name);
+            let fd = if running { PidFd::open(p.pid).ok() } else { None };
+            match fd {
+                Some(fd) => {
+                    let fd = Arc::new(fd);
+                    rt.pid = p.pid;
+                    rt.start_time = p.start_time;
+                    rt.ready = p.ready || serial_ready(&ent.path().join("serial.log"));
+                    rt.pidfd = Some(fd.clone());
+                    rt.state = VmState::Running;
+                    rt.message = "re-adopted after a cell0d restart".into();
+                    rt.health = "process".into();
+                    tracing::info!(vm = %id, pid = p.pid, "re-adopted a running cell0-vmm");
+                    self.emit(&id, "adopted", VmState::Running, rt.message.clone());
+                    let seq = rt.launch_seq;
+                    lock(&self.vms).insert(id.clone(), rt);
+                    self.watch_exit(id.clone(), seq, fd, None);
+                }
+                None if p.pid == 0 => {
+                    // It had ended before we went down: keep what we knew.
+                    rt.state = match p.state.as_str() {
+                        "exited" => VmState::Exited,
+                        "stopped" => VmState::Stopped,
+                        "backoff" => VmState::Backoff,
+                        _ => VmState::Failed,
+                    };
+                    rt.stop_requested = rt.state == VmState::Stopped;
+                    rt.exit_code = p.exit_code;
+                    rt.message = p.message.clone();
+                    rt.ready = p.ready;
+                    lock(&self.vms).insert(id.clone(), rt);
+                }
+                None => {
+                    // It exited while we were down: exit status unknown.
+                    lock(&self.vms).insert(id.clone(), rt);
+                    let _ = self.exits.send(Exit {
+                        id: id.clone(),
+                        seq: p.launch_seq,
+                        code: None,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Runs the reconciliation loop forever.
+    pub async fn run(self: Arc<Self>) {
+        let Some(mut exits) = lock(&self.exits_rx).take() else {
+            return;
+        };
+        let mut applied = self.store.applied();
+        let mut store_events = self.store.subscribe();
+        let health = {
+            let a = self.clone();
+            tokio::spawn(async move { a.health_loop().await })
+        };
+        loop {
+            let next = self.next_deadline();
+            tokio::select! {
+                r = applied.changed() => if r.is_err() { break },
+                Some(x) = exits.recv() => self.on_exit(x),
+                ev = store_events.recv() => match ev {
+                    Ok(ev) => self.on_store_event(&ev),
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(next) => {}
+            }
+            while let Ok(x) = exits.try_recv() {
+                self.on_exit(x);
+            }
+            self.reconcile();
+        }
+        health.abort();
+    }
+
+    fn on_store_event(&self, ev: &crate::store::StoreEvent) {
+        let Some(vm) = &ev.vm else { return };
+        if vm.node != self.cfg.node_id {
+            return;
+        }
+        let (kind, msg) = match ev.kind {
+            "created" => ("created", format!("placed on node {}", vm.node)),
+            "deleted" => ("deleted", "deleted".to_string()),
+            "desired" => ("desired", format!("desired state {}", vm.desired.as_str())),
+            _ => return,
+        };
+        self.emit(&ev.vm_id, kind, VmState::Unspecified, msg);
+    }
+
+    fn next_deadline(&self) -> Duration {
+        let now = Instant::now();
+        lock(&self.vms)
+            .values()
+            .filter_map(|r| r.next_restart)
+            .map(|t| t.saturating_duration_since(now))
+            .min()
+            .unwrap_or(Duration::from_secs(1))
+            .min(Duration::from_secs(1))
+    }
+
+    /// One reconciliation pass.
+    pub fn reconcile(self: &Arc<Self>) {
+        let me = self.cfg.node_id.clone();
+        let desired: BTreeMap<String, VmRecord> = self.store.read(|s| {
+            s.vms
+                .values()
+                .filter(|v| v.node == me)
+                .map(|v| (v.id.clone(), v.clone()))
+                .collect()
+        });
+        let now = Instant::now();
+        let mut vms = lock(&self.vms);
+        for (id, rec) in &desired {
+            let rt = vms
+                .entry(id.clone())
+                .or_insert_with(|| self.new_runtime(rec));
+            rt.record = rec.clone();
+            match rec.desired {
+                Desired::Running => {
+                    if rt.stop_requested {
+                        rt.stop_requested = false;
+                        if matches!(
+                            rt.state,
+                            VmState::Stopped | VmState::Exited | VmState::Failed
+                        ) {
+                            rt.restarts = 0;
+                            rt.backoff = self.cfg.backoff_initial;
+                            rt.state = VmState::Pending;
+                        }
+                    }
+                    let due = match rt.state {
+                        VmState::Pending => true,
+                        VmState::Backoff => rt.next_restart.is_none_or(|t| t <= now),
+                        _ => false,
+                    };
+                    if due {
+                        let restart = rt.state == VmState::Backoff;
+                        if restart {
+                            rt.restarts += 1;
+                            self.metrics.restarted();
+                        }
+                        rt.next_restart = None;
+                        self.launch(id, rt);
+                    }
+                }
+                Desired::Stopped => {
+                    if !rt.stop_requested {
+                        rt.stop_requested = true;
+                        rt.next_restart = None;
+                        match rt.pidfd.clone() {
+                            Some(fd) => {
+                                self.set_state(id, rt, VmState::Stopping, "stopping on request");
+                                self.stop_process(id, fd, false);
+                            }
+                            None => self.set_state(id, rt, VmState::Stopped, "stopped on request"),
+                        }
+                    }
+                }
+            }
+        }
+        let gone: Vec<String> = vms
+            .keys()
+            .filter(|k| !desired.contains_key(*k))
+            .cloned()
+            .collect();
+        for id in gone {
+            if let Some(rt) = vms.remove(&id) {
+                match rt.pidfd {
+                    Some(fd) => self.stop_process(&id, fd, true),
+                    None => self.remove_run_dir(&id),
+                }
+            }
+        }
+        let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+        for s in [
+            VmState::Pending,
+            VmState::Starting,
+            VmState::Running,
+            VmState::Stopping,
+            VmState::Stopped,
+            VmState::Exited,
+            VmState::Failed,
+            VmState::Backoff,
+        ] {
+            counts.insert(state_name(s), 0);
+        }
+        for rt in vms.values() {
+            *counts.entry(state_name(rt.state)).or_default() += 1;
+        }
+        drop(vms);
+        let counts: Vec<(&str, i64)> = counts.into_iter().collect();
+        self.metrics.set_vms(&counts);
+    }
+
+    fn remove_run_dir(&self, id: &str) {
+        let d = self.run_dir(id);
+        if let Err(e) = std::fs::remove_dir_all(&d) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(vm = id, error = %e, "cannot remove the run dir");
+            }
+        }
+        self.attest.forget(id);
+    }
+
+    /// Stops a VMM: `stop` over its API socket, SIGKILL after the grace time;
+    /// with `remove`, then deletes its run dir.
+    fn stop_process(self: &Arc<Self>, id: &str, fd: Arc<PidFd>, remove: bool) {
+        let me = self.clone();
+        let id = id.to_string();
+        let sock = self.run_dir(&id).join("api.sock");
+        tokio::spawn(async move {
+            let asked = proc::api_call_async(&sock, json!({"op": "stop"}), Duration::from_secs(1))
+                .await
+                .is_ok();
+            let grace = if asked { STOP_GRACE } else { Duration::ZERO };
+            if tokio::time::timeout(grace, fd.exited()).await.is_err() || !asked {
+                let _ = fd.signal(libc::SIGKILL);
+                fd.exited().await;
+            }
+            if remove {
+                proc::reap(fd.pid);
+                me.remove_run_dir(&id);
+            }
+        });
+    }
+
+    fn vmm_command(&self, id: &str, rec: &VmRecord) -> Result<std::process::Command, String> {
+        let dir = self.run_dir(id);
+        let api = dir.join("api.sock");
+        let vsock = dir.join("vsock.sock");
+        // The guest's connections to port P go to "<vsock>_P".
+        let longest = format!("{}_4294967295", vsock.display());
+        if longest.len() > SUN_PATH_MAX {
+            return Err(format!(
+                "the run dir path is too long for Unix sockets ({} bytes; use a shorter --data-dir)",
+                longest.len()
+            ));
+        }
+        let s = &rec.spec;
+        let mut c = std::process::Command::new(&self.cfg.vmm_bin);
+        c.arg("launch")
+            .arg("--vcpus")
+            .arg(s.vcpus.to_string())
+            .arg("--memory-mib")
+            .arg(s.memory_mib.to_string())
+            .arg("--serial")
+            .arg(dir.join("serial.log"))
+            .arg("--vsock-uds")
+            .arg(&vsock)
+            .arg("--cid")
+            .arg(rec.cid.to_string())
+            .arg("--api-sock")
+            .arg(&api)
+            .arg("--agent-id")
+            .arg(&s.agent_id);
+        if s.shm_mib > 0 {
+            c.arg("--shm-mib").arg(s.shm_mib.to_string());
+        }
+        if let Some(k) = &s.kernel {
+            c.arg("--kernel").arg(k);
+        }
+        if let Some(i) = &s.initrd {
+            c.arg("--initrd").arg(i);
+        }
+        if let Some(cmd) = &s.cmdline {
+            c.arg("--cmdline").arg(cmd);
+        }
+        if s.tpm {
+            c.arg("--tpm").arg("--run-dir").arg(&dir);
+            for w in &s.command {
+                c.arg("--command").arg(w);
+            }
+        }
+        Ok(c)
+    }
+
+    fn launch(self: &Arc<Self>, id: &str, rt: &mut Runtime) {
+        let dir = self.run_dir(id);
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            self.metrics.launch_failed();
+            self.set_state(id, rt, VmState::Failed, format!("cannot create the run dir: {e}"));
+            return;
+        }
+        for f in ["api.sock", "vsock.sock"] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+        let serial = dir.join("serial.log");
+        if serial.exists() {
+            let _ = std::fs::rename(&serial, dir.join("serial.prev.log"));
+        }
+        let mut cmd = match self.vmm_command(id, &rt.record) {
+            Ok(c) => c,
+            Err(e) => {
+                self.metrics.launch_failed();
+                self.set_state(id, rt, VmState::Failed, e);
+                return;
+            }
+        };
+        let log = std::fs::File::create(dir.join("vmm.log"));
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(match log {
+                Ok(f) => std::process::Stdio::from(f),
+                Err(_) => std::process::Stdio::null(),
+            })
+            .env("TSS2_LOG", "all+NONE");
+        // Its own process group: a signal to cell0d's group (Ctrl-C) does not
+        // reach the VMs, and the VMs outlive a cell0d crash.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let t0 = Instant::now();
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                self.metrics.launch_failed();
+                self.set_state(
+                    id,
+                    rt,
+                    VmState::Failed,
+                    format!("cannot start {}: {e}", self.cfg.vmm_bin.display()),
+                );
+                return;
+            }
+        };
+        self.metrics.launched();
+        let pid = child.id() as i32;
+        // The Child is dropped without waiting: the exit watcher reaps it.
+        drop(child);
+        let fd = match PidFd::open(pid) {
+            Ok(fd) => Arc::new(fd),
+            Err(e) => {
+                self.set_state(id, rt, VmState::Failed, e.to_string());
+                proc::reap(pid);
+                return;
+            }
+        };
+        rt.launch_seq += 1;
+        rt.pid = pid;
+        rt.start_time = proc::start_time(pid).unwrap_or(0);
+        rt.spawned_at = Some(t0);
+        rt.started_at_ms = crate::now_ms();
+        rt.ready = false;
+        rt.ready_latency_us = 0;
+        rt.exit_code = -1;
+        rt.health = "process".into();
+        rt.pidfd = Some(fd.clone());
+        let msg = if rt.restarts > 0 {
+            format!("cell0-vmm started (pid {pid}, restart {})", rt.restarts)
+        } else {
+            format!("cell0-vmm started (pid {pid})")
+        };
+        self.set_state(id, rt, VmState::Starting, msg);
+        self.persist(id, rt);
+        self.watch_exit(id.to_string(), rt.launch_seq, fd, Some(t0));
+    }
+
+    /// Waits for readiness (when `spawned` is set) and then for the exit.
+    fn watch_exit(self: &Arc<Self>, id: String, seq: u64, fd: Arc<PidFd>, spawned: Option<Instant>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Some(t0) = spawned {
+                tokio::select! {
+                    () = fd.exited() => {}
+                    () = me.wait_ready(&id, seq, t0) => {}
+                }
+            }
+            fd.exited().await;
+            let code = proc::reap(fd.pid);
+            let _ = me.exits.send(Exit { id, seq, code });
+        });
+    }
+
+    async fn wait_ready(&self, id: &str, seq: u64, t0: Instant) {
+        let dir = self.run_dir(id);
+        let nano = self
+            .runtime(id)
+            .is_some_and(|r| r.record.spec.is_nano());
+        let mut delay = Duration::from_micros(500);
+        loop {
+            let ready = if nano {
+                serial_ready(&dir.join("serial.log"))
+            } else {
+                dir.join("api.sock").exists()
+                    && proc::api_call_async(
+                        &dir.join("api.sock"),
+                        json!({"op": "describe"}),
+                        Duration::from_secs(2),
+                    )
+                    .await
+                    .is_ok()
+            };
+            if ready {
+                self.mark_ready(id, seq, t0.elapsed());
+                return;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(50));
+            if t0.elapsed() > Duration::from_secs(120) {
+                return;
+            }
+        }
+    }
+
+    fn mark_ready(&self, id: &str, seq: u64, d: Duration) {
+        let mut vms = lock(&self.vms);
+        let Some(rt) = vms.get_mut(id) else { return };
+        if rt.launch_seq != seq || rt.ready {
+            return;
+        }
+        rt.ready = true;
+        rt.ready_latency_us = d.as_micros() as u64;
+        self.metrics.ready(d);
+        if rt.state == VmState::Starting {
+            let msg = format!("guest ready in {:.1} ms", d.as_secs_f64() * 1e3);
+            self.set_state(id, rt, VmState::Running, msg);
+        }
+        // A VM that ran for a while earns a fresh back-off.
+        rt.backoff = self.cfg.backoff_initial;
+        let rt = rt.clone();
+        drop(vms);
+        self.persist(id, &rt);
+    }
+
+    fn on_exit(&self, x: Exit) {
+        let mut vms = lock(&self.vms);
+        let Some(rt) = vms.get_mut(&x.id) else { return };
+        if rt.launch_seq != x.seq {
+            return;
+        }
+        let id = x.id.clone();
+        rt.pid = 0;
+        rt.pidfd = None;
+        if !rt.ready && serial_ready(&self.run_dir(&id).join("serial.log")) {
+            rt.ready = true;
+            if let Some(t0) = rt.spawned_at {
+                rt.ready_latency_us = t0.elapsed().as_micros() as u64;
+            }
+        }
+        rt.exit_code = x.code.unwrap_or(-1);
+        let reason = match x.code {
+            Some(0) => "clean",
+            Some(2) => "crash",
+            Some(1) => "error",
+            Some(c) if c > 128 => "killed",
+            Some(_) => "error",
+            None => "unknown",
+        };
+        self.metrics.exited(reason);
+        let what = match x.code {
+            Some(0) => "the guest reset or powered off (exit 0)".to_string(),
+            Some(2) => "the guest crashed (exit 2)".to_string(),
+            Some(1) => {
+                let log = std::fs::read_to_string(self.run_dir(&id).join("vmm.log"))
+                    .unwrap_or_default();
+                let last = log
+                    .lines()
+                    .rev()
+                    .find(|l| l.contains("error"))
+                    .unwrap_or("")
+                    .to_string();
+                format!("cell0-vmm failed (exit 1) {last}").trim().to_string()
+            }
+            Some(c) if c > 128 => format!("cell0-vmm was killed by signal {}", c - 128),
+            Some(c) => format!("cell0-vmm exited with status {c}"),
+            None => "cell0-vmm exited while cell0d was down (status unknown)".to_string(),
+        };
+        if rt.stop_requested {
+            self.set_state(&id, rt, VmState::Stopped, format!("stopped on request: {what}"));
+        } else {
+            let failed = x.code != Some(0);
+            let policy: RestartPolicy = rt.record.spec.restart;
+            if rt.record.desired == Desired::Running && policy.restarts(failed) {
+                let delay = rt.backoff;
+                rt.backoff = (rt.backoff * 2).min(self.cfg.backoff_max);
+                rt.next_restart = Some(Instant::now() + delay);
+                let msg = format!(
+                    "{what}; restarting in {} ms (policy {:?})",
+                    delay.as_millis(),
+                    policy
+                );
+                self.set_state(&id, rt, VmState::Backoff, msg);
+            } else {
+                let st = if failed { VmState::Failed } else { VmState::Exited };
+                self.set_state(&id, rt, st, what);
+            }
+        }
+        let rt = rt.clone();
+        drop(vms);
+        self.persist(&id, &rt);
+        self.wake.notify_one();
+    }
+
+    async fn health_loop(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(self.cfg.health_interval).await;
+            let running: Vec<(String, VmRecord)> = lock(&self.vms)
+                .iter()
+                .filter(|(_, r)| r.state == VmState::Running && r.pid > 0)
+                .map(|(k, r)| (k.clone(), r.record.clone()))
+                .collect();
+            for (id, rec) in running {
+                let health = self.check_health(&id, &rec).await;
+                if let Some(rt) = lock(&self.vms).get_mut(&id) {
+                    rt.health = health;
+                }
+            }
+        }
+    }
+
+    /// One health check: SYPAS PING where the guest serves SYPAS, else `describe`.
+    pub async fn check_health(&self, id: &str, rec: &VmRecord) -> String {
+        let dir = self.run_dir(id);
+        if let Some(port) = sypas_port(rec) {
+            match sypas_ping(&dir.join("vsock.sock"), port).await {
+                Ok(d) => return format!("sypas-ping ok ({} µs)", d.as_micros()),
+                Err(e) => return format!("sypas-ping failed: {e}"),
+            }
+        }
+        match proc::api_call_async(
+            &dir.join("api.sock"),
+            json!({"op": "describe"}),
+            Duration::from_secs(2),
+        )
+        .await
+        {
+            Ok(_) => "api-describe ok".into(),
+            Err(e) => format!("api-describe failed: {e}"),
+        }
+    }
+
+    /// Whether every VM placed here has a runtime entry (for tests and `run --wait`).
+    pub fn known(&self) -> usize {
+        lock(&self.vms).len()
+    }
+}
+
+/// One SYPAS PING to the guest's `port` over the VM's hybrid vsock.
+pub async fn sypas_ping(uds: &Path, port: u32) -> Result<Duration, String> {
+    use cell0_proto::host::{Client, ClientConfig, Endpoint, ReconnectPolicy};
+    let cfg = ClientConfig {
+        agent_id: "cell0d-health".into(),
+        connect_timeout: Duration::from_secs(2),
+        call_timeout: Duration::from_secs(2),
+        ping_interval: None,
+        reconnect: ReconnectPolicy::never(),
+        ..ClientConfig::default()
+    };
+    let c = Client::connect(
+        Endpoint::HybridVsock {
+            uds: uds.to_path_buf(),
+            port,
+        },
+        cfg,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let d = c.ping().await.map_err(|e| e.to_string())?;
+    let _ = c.goodbye("health check").await;
+    Ok(d)
+}

@@ -1,0 +1,380 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The replicated state: VM records (spec, placement, desired state) and
+//! nodes. Only placement and intent are replicated; what a VMM is doing right
+//! now stays on its node (see `node/`).
+//!
+//! [`ClusterState::apply`] is deterministic: every member applies the same
+//! commands in the same order and reaches the same state, so checks that must
+//! not race (names, capacity) happen here, not in the API handler.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::sched;
+use crate::spec::VmSpec;
+
+/// Least vsock CID handed out.
+pub const FIRST_CID: u32 = 3;
+
+/// What the VM should be doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Desired {
+    /// Running (restarted per policy).
+    Running,
+    /// Stopped on request.
+    Stopped,
+}
+
+impl Desired {
+    /// "running" / "stopped".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Desired::Running => "running",
+            Desired::Stopped => "stopped",
+        }
+    }
+}
+
+/// A VM as the control plane knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// Id (= spec name).
+    pub id: String,
+    /// Spec.
+    pub spec: VmSpec,
+    /// Node it is placed on.
+    pub node: String,
+    /// Desired state.
+    pub desired: Desired,
+    /// Creation time (Unix ms, chosen by the proposer).
+    pub created_at_ms: u64,
+    /// Log index of the last change.
+    pub revision: u64,
+    /// Vsock CID, unique in the cluster.
+    pub cid: u32,
+}
+
+/// Compute resources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Resources {
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+}
+
+/// Node state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NodeState {
+    /// Takes new VMs.
+    Ready,
+    /// Takes no new VMs.
+    Draining,
+    /// Missed its heartbeat deadline.
+    Down,
+}
+
+impl NodeState {
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Ready => "ready",
+            NodeState::Draining => "draining",
+            NodeState::Down => "down",
+        }
+    }
+}
+
+/// A node that runs VMs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Id (host name by default).
+    pub id: String,
+    /// gRPC address of its agent.
+    pub address: String,
+    /// Zone.
+    pub zone: String,
+    /// Region.
+    pub region: String,
+    /// Physical capacity.
+    pub capacity: Resources,
+    /// Allowed vCPU overcommit (allocated ≤ capacity × ratio).
+    pub cpu_overcommit: f64,
+    /// Allowed memory overcommit.
+    pub memory_overcommit: f64,
+    /// State.
+    pub state: NodeState,
+}
+
+/// A state-changing command, the payload of a Raft log entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Command {
+    /// Creates and places a VM (`node` and `cid` are chosen on apply).
+    CreateVm {
+        /// The spec.
+        spec: VmSpec,
+        /// Creation time.
+        created_at_ms: u64,
+    },
+    /// Changes the desired state.
+    SetDesired {
+        /// VM id.
+        id: String,
+        /// New desired state.
+        desired: Desired,
+    },
+    /// Removes a VM.
+    DeleteVm {
+        /// VM id.
+        id: String,
+    },
+    /// Adds or replaces a node.
+    PutNode {
+        /// The node.
+        node: NodeRecord,
+    },
+}
+
+impl Command {
+    /// A short name for metrics and the audit log.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::CreateVm { .. } => "create-vm",
+            Command::SetDesired { .. } => "set-desired",
+            Command::DeleteVm { .. } => "delete-vm",
+            Command::PutNode { .. } => "put-node",
+        }
+    }
+}
+
+/// Why a command was refused on apply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Rejection {
+    /// A VM with that id exists.
+    #[error("a VM named {id:?} already exists")]
+    AlreadyExists {
+        /// Id.
+        id: String,
+    },
+    /// No such VM.
+    #[error("no VM named {id:?}")]
+    NotFound {
+        /// Id.
+        id: String,
+    },
+    /// No node can take the VM.
+    #[error("{reason}")]
+    NoCapacity {
+        /// What the scheduler found.
+        reason: String,
+    },
+}
+
+/// The result of applying a command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Applied {
+    /// The VM after the change (none for deletes, node commands and membership entries).
+    pub vm: Option<VmRecord>,
+    /// The refusal, if any.
+    pub rejected: Option<Rejection>,
+}
+
+/// Everything that is replicated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct ClusterState {
+    /// VMs by id.
+    pub vms: BTreeMap<String, VmRecord>,
+    /// Nodes by id.
+    pub nodes: BTreeMap<String, NodeRecord>,
+    /// Next vsock CID to try.
+    pub next_cid: u32,
+}
+
+impl ClusterState {
+    /// Resources placed on `node` by VMs that should run.
+    pub fn allocated(&self, node: &str) -> (Resources, u32) {
+        let mut r = Resources::default();
+        let mut n = 0;
+        for vm in self.vms.values().filter(|v| v.node == node) {
+            n += 1;
+            if vm.desired == Desired::Running {
+                r.vcpus += vm.spec.vcpus;
+                r.memory_mib += vm.spec.memory_mib;
+            }
+        }
+        (r, n)
+    }
+
+    fn alloc_cid(&mut self) -> u32 {
+        let used: std::collections::BTreeSet<u32> = self.vms.values().map(|v| v.cid).collect();
+        let mut c = self.next_cid.max(FIRST_CID);
+        while used.contains(&c) {
+            c = if c == u32::MAX - 1 { FIRST_CID } else { c + 1 };
+        }
+        self.next_cid = if c == u32::MAX - 1 { FIRST_CID } else { c + 1 };
+        c
+    }
+
+    /// Applies `cmd` at log index `index`.
+    pub fn apply(&mut self, index: u64, cmd: &Command) -> Applied {
+        let reject = |r| Applied {
+            vm: None,
+            rejected: Some(r),
+        };
+        match cmd {
+            Command::CreateVm {
+                spec,
+                created_at_ms,
+            } => {
+                if self.vms.contains_key(&spec.name) {
+                    return reject(Rejection::AlreadyExists {
+                        id: spec.name.clone(),
+                    });
+                }
+                let node = match sched::place(self, spec) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        return reject(Rejection::NoCapacity {
+                            reason: e.to_string(),
+                        });
+                    }
+                };
+                let cid = self.alloc_cid();
+                let vm = VmRecord {
+                    id: spec.name.clone(),
+                    spec: spec.clone(),
+                    node,
+                    desired: Desired::Running,
+                    created_at_ms: *created_at_ms,
+                    revision: index,
+                    cid,
+                };
+                self.vms.insert(vm.id.clone(), vm.clone());
+                Applied {
+                    vm: Some(vm),
+                    rejected: None,
+                }
+            }
+            Command::SetDesired { id, desired } => {
+                let Some(vm) = self.vms.get(id).cloned() else {
+                    return reject(Rejection::NotFound { id: id.clone() });
+                };
+                if *desired == Desired::Running && vm.desired == Desired::Stopped {
+                    // Starting again takes the resources back: check them.
+                    let mut without = self.clone();
+                    without.vms.remove(id);
+                    if let Err(e) = sched::fits(&without, &vm.node, &vm.spec) {
+                        return reject(Rejection::NoCapacity {
+                            reason: e.to_string(),
+                        });
+                    }
+                }
+                let Some(vm) = self.vms.get_mut(id) else {
+                    return reject(Rejection::NotFound { id: id.clone() });
+                };
+                vm.desired = *desired;
+                vm.revision = index;
+                Applied {
+                    vm: Some(vm.clone()),
+                    rejected: None,
+                }
+            }
+            Command::DeleteVm { id } => match self.vms.remove(id) {
+                Some(vm) => Applied {
+                    vm: Some(vm),
+                    rejected: None,
+                },
+                None => reject(Rejection::NotFound { id: id.clone() }),
+            },
+            Command::PutNode { node } => {
+                self.nodes.insert(node.id.clone(), node.clone());
+                Applied::default()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cell0_proto::grpc;
+
+    pub(crate) fn node(id: &str, vcpus: u32, mem: u64, ratio: f64) -> NodeRecord {
+        NodeRecord {
+            id: id.into(),
+            address: String::new(),
+            zone: String::new(),
+            region: String::new(),
+            capacity: Resources {
+                vcpus,
+                memory_mib: mem,
+            },
+            cpu_overcommit: ratio,
+            memory_overcommit: 1.0,
+            state: NodeState::Ready,
+        }
+    }
+
+    fn create(name: &str, vcpus: u32) -> Command {
+        let spec = VmSpec::from_proto(
+            grpc::VmSpec {
+                name: name.into(),
+                vcpus,
+                ..Default::default()
+            },
+            name,
+        )
+        .unwrap();
+        Command::CreateVm {
+            spec,
+            created_at_ms: 1,
+        }
+    }
+
+    #[test]
+    fn create_places_allocates_cids_and_refuses_duplicates_and_overcommit() {
+        let mut s = ClusterState::default();
+        s.apply(1, &Command::PutNode {
+            node: node("n1", 2, 1024, 2.0),
+        });
+        let a = s.apply(2, &create("a", 2)).vm.unwrap();
+        assert_eq!((a.node.as_str(), a.cid, a.revision), ("n1", 3, 2));
+        let b = s.apply(3, &create("b", 2)).vm.unwrap();
+        assert_eq!(b.cid, 4);
+        assert_eq!(
+            s.apply(4, &create("a", 1)).rejected,
+            Some(Rejection::AlreadyExists { id: "a".into() })
+        );
+        // 4 of 2×2.0 vCPUs are placed: one more is overcommit.
+        let r = s.apply(5, &create("c", 1)).rejected.unwrap();
+        assert!(r.to_string().contains("vCPUs"), "{r}");
+        // Stopping frees the vCPUs, starting again needs them back.
+        s.apply(6, &Command::SetDesired {
+            id: "b".into(),
+            desired: Desired::Stopped,
+        });
+        assert!(s.apply(7, &create("c", 1)).rejected.is_none());
+        let r = s.apply(8, &Command::SetDesired {
+            id: "b".into(),
+            desired: Desired::Running,
+        });
+        assert!(matches!(r.rejected, Some(Rejection::NoCapacity { .. })));
+        assert!(s.apply(9, &Command::DeleteVm { id: "b".into() }).vm.is_some());
+        assert_eq!(
+            s.apply(10, &Command::DeleteVm { id: "b".into() }).rejected,
+            Some(Rejection::NotFound { id: "b".into() })
+        );
+    }
+
+    #[test]
+    fn no_node_is_a_clear_refusal() {
+        let mut s = ClusterState::default();
+        let r = s.apply(1, &create("a", 1)).rejected.unwrap();
+        assert!(r.to_string().contains("no node"), "{r}");
+    }
+}
