@@ -8,13 +8,23 @@ pub const fn byte(i: usize, k: u32) -> u8 {
     ((i % 251) as u8) ^ (k as u8)
 }
 
-/// Fills `buf` with the payload of call `k`.
+/// Bytes in one period of the pattern.
+pub const PERIOD: usize = 251;
+
+/// One period of call `k`'s payload.
+fn period(k: u32) -> [u8; PERIOD] {
+    let mut p = [0u8; PERIOD];
+    for (i, b) in p.iter_mut().enumerate() {
+        *b = byte(i, k);
+    }
+    p
+}
+
+/// Fills `buf` with the payload of call `k` (a period at a time).
 pub fn fill(buf: &mut [u8], k: u32) {
-    let x = k as u8;
-    let mut m: u8 = 0;
-    for b in buf.iter_mut() {
-        *b = m ^ x;
-        m = if m == 250 { 0 } else { m + 1 };
+    let p = period(k);
+    for chunk in buf.chunks_mut(PERIOD) {
+        chunk.copy_from_slice(&p[..chunk.len()]);
     }
 }
 
@@ -34,17 +44,23 @@ pub fn first_difference(want: &[u8], got: &[u8]) -> Option<usize> {
 
 /// The first index where `got` differs from the `len`-byte payload of call
 /// `k` (or the shorter length, if one is a prefix of the other); `None` when
-/// they are equal. Compares without building the expected payload.
+/// they are equal. Compares a period at a time, without building the
+/// expected payload.
 pub fn first_difference_from(got: &[u8], len: usize, k: u32) -> Option<usize> {
-    let x = k as u8;
-    let mut m: u8 = 0;
-    for (i, b) in got.iter().take(len).enumerate() {
-        if *b != m ^ x {
-            return Some(i);
+    let p = period(k);
+    let n = got.len().min(len);
+    for (c, chunk) in got[..n].chunks(PERIOD).enumerate() {
+        let want = &p[..chunk.len()];
+        if chunk != want {
+            let at = chunk
+                .iter()
+                .zip(want)
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
+            return Some(c * PERIOD + at);
         }
-        m = if m == 250 { 0 } else { m + 1 };
     }
-    (got.len() != len).then_some(got.len().min(len))
+    (got.len() != len).then_some(n)
 }
 
 #[cfg(test)]

@@ -183,6 +183,15 @@ impl Vsock {
         if IN_USE.swap(true, Ordering::AcqRel) {
             return Err(Fail::from("the vsock driver is already running"));
         }
+        Self::start(mmio, dev, vector, mode).inspect_err(|_| {
+            // The statics are free again; the device is left failed or reset.
+            IN_USE.store(false, Ordering::Release);
+        })
+    }
+
+    /// Negotiates, sets the queues up, posts the buffers, sets DRIVER_OK
+    /// and routes the interrupt. The caller holds IN_USE.
+    fn start(mmio: Mmio, dev: &MmioDevice, vector: u8, mode: Mode) -> Result<Self, Fail> {
         let features = mmio.negotiate(true)?;
         let event_idx = features & (1 << F_EVENT_IDX) != 0;
         // SAFETY: IN_USE makes this driver the only user of the queue
