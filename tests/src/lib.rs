@@ -4,6 +4,8 @@
 //! Tests that need something the machine lacks (such as `/dev/kvm`) print why
 //! and return early; [`require_kvm!`] does that in one line.
 
+pub mod attest;
+
 use std::fs::OpenOptions;
 use std::path::PathBuf;
 use std::process::{Command, Output};

@@ -7,10 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use cell0_attest::{
-    AkBundle, DeviceSpec, EventLog, EventType, Failure, LocalCa, Manifest, QuoteBundle,
-    Sha256Digest, Verdict, Verifier, VmConfig, VmmBuild, WorkloadSpec,
-};
+use cell0_attest::{EventLog, EventType, Failure, Manifest, QuoteBundle, Verdict, Verifier};
+use cell0_tests::attest::{self, VmSpec};
 use cell0_tests::{
     ChildGuard, api_request, bin, idle_elf, require_kvm, swtpm_pids_with, vmm, wait_for_path,
 };
@@ -94,65 +92,29 @@ fn launch_with_initrd(
 
 /// What the verifier expects of an honest boot of `kernel` with `cmdline` and `mem`.
 fn manifest(kernel: &[u8], cmdline: &str, mem: u64) -> Manifest {
-    let config = VmConfig {
+    VmSpec {
+        kernel: kernel.to_vec(),
+        cmdline: cmdline.into(),
         vcpus: 1,
         memory_mib: mem,
-        vsock_cid: None,
-        shm_mib: 0,
-        devices: vec![
-            DeviceSpec::new("serial", Some(0x3f8), Some(4)),
-            DeviceSpec::new("i8042", Some(0x60), None),
-        ],
-    };
-    let workload = WorkloadSpec {
+        vsock: None,
         agent_id: "agent-1".into(),
-        image_manifest: None,
         command: vec!["python3".into(), "agent.py".into()],
-    };
-    Manifest {
-        format: cell0_attest::manifest::MANIFEST_FORMAT.to_string(),
-        name: Some("idle".into()),
-        kernel_sha256: Sha256Digest::of(kernel),
-        initrd_sha256: None,
-        cmdline_sha256: Sha256Digest::of(cmdline.as_bytes()),
-        cmdline: Some(cmdline.into()),
-        vm_config_sha256: Some(config.digest().unwrap()),
-        workload_sha256: Some(workload.digest()),
-        vmm: vec![VmmBuild {
-            version: env!("CARGO_PKG_VERSION").into(),
-            binary_sha256: Sha256Digest::of(&std::fs::read(bin("cell0-vmm")).unwrap()),
-        }],
     }
+    .manifest(&bin("cell0-vmm"))
+    .unwrap()
 }
 
 fn verifier(ca: &Path) -> Verifier {
-    let bundle = LocalCa::open(ca, Path::new("swtpm_localca"))
-        .unwrap()
-        .bundle_pem()
-        .unwrap();
-    Verifier::new(&bundle).unwrap()
+    attest::verifier(ca).unwrap()
 }
 
-/// Enrolls the VM's AK with make/activate credential over the API socket.
 fn enroll(v: &mut Verifier, id: &str, vm: &Vm) {
-    let r = api_request(&vm.api, &json!({"op": "ak"}));
-    let ak: AkBundle = serde_json::from_value(r["ak"].clone()).unwrap();
-    let challenge = v.begin_enrollment(id, &ak).unwrap();
-    let r = api_request(&vm.api, &json!({"op": "activate", "challenge": challenge}));
-    assert_eq!(r["ok"], true, "{r}");
-    v.finish_enrollment(id, &serde_json::from_value(r["response"].clone()).unwrap())
-        .unwrap();
+    attest::enroll(v, id, &vm.api).unwrap();
 }
 
 fn quote(vm: &Vm, nonce: &cell0_attest::Nonce) -> (QuoteBundle, EventLog) {
-    let r = api_request(
-        &vm.api,
-        &json!({"op": "quote", "nonce": hex::encode(nonce.0)}),
-    );
-    assert_eq!(r["ok"], true, "{r}");
-    let q: QuoteBundle = serde_json::from_value(r["quote"].clone()).unwrap();
-    let log = EventLog::from_jsonl(r["event_log"].as_str().unwrap()).unwrap();
-    (q, log)
+    attest::quote(&vm.api, nonce).unwrap()
 }
 
 fn stop(mut vm: Vm) -> PathBuf {
