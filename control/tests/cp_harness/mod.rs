@@ -1,0 +1,271 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Shared helpers of the control-plane tests (`cp_*.rs`): a real `cell0d
+//! serve` process on a temporary data dir, `cell0ctl` runs, and cleanup of
+//! every VMM the daemon started, whatever happens.
+#![allow(dead_code, clippy::unwrap_used, clippy::print_stdout)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// `cell0-vmm` next to the test's `cell0d`, if built and usable.
+pub fn vmm() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_BIN_EXE_cell0d")).with_file_name("cell0-vmm");
+    p.is_file().then_some(p)
+}
+
+/// Why VM tests cannot run here, if they cannot.
+pub fn no_vms() -> Option<String> {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        return Some(format!("/dev/kvm cannot be opened read-write: {e}"));
+    }
+    if vmm().is_none() {
+        return Some("cell0-vmm is not built next to cell0d (cargo build --workspace --bins)".into());
+    }
+    None
+}
+
+/// Skips the calling test when VMs cannot run.
+#[macro_export]
+macro_rules! require_vms {
+    () => {
+        if let Some(why) = $crate::cp_harness::no_vms() {
+            eprintln!("SKIP {}: {why}", module_path!());
+            return;
+        }
+    };
+}
+
+/// A `cell0d serve` process and its data dir.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+    pub grpc: String,
+    pub metrics: String,
+    pub args: Vec<String>,
+}
+
+impl Daemon {
+    /// The data dir.
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("d")
+    }
+
+    /// Starts cell0d with extra serve arguments.
+    pub fn start(args: &[&str]) -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("c0t")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let mut d = Daemon {
+            dir,
+            child: None,
+            grpc: String::new(),
+            metrics: String::new(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+        };
+        d.spawn();
+        d
+    }
+
+    /// (Re)starts the process on the same data dir.
+    pub fn spawn(&mut self) {
+        let data = self.data();
+        let _ = std::fs::remove_file(data.join("cell0d.addr"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("cell0d.log"))
+            .unwrap();
+        let mut c = Command::new(env!("CARGO_BIN_EXE_cell0d"));
+        c.arg("serve")
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(v) = vmm() {
+            if !self.args.iter().any(|a| a == "--vmm") {
+                c.arg("--vmm").arg(v);
+            }
+        }
+        self.child = Some(c.spawn().unwrap());
+        let addr = data.join("cell0d.addr");
+        let t0 = Instant::now();
+        loop {
+            if let Ok(t) = std::fs::read_to_string(&addr) {
+                if let Ok(v) = serde_json::from_str::<Value>(&t) {
+                    self.grpc = v["grpc"].as_str().unwrap().to_string();
+                    self.metrics = v["metrics"].as_str().unwrap().to_string();
+                    return;
+                }
+            }
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("cell0d exited ({st}) before serving:\n{}", self.log());
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "cell0d did not serve within 60 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The daemon's stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("cell0d.log")).unwrap_or_default()
+    }
+
+    /// SIGKILLs cell0d (VMs keep running).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Runs cell0ctl against this daemon.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_cell0ctl"))
+            .arg("--endpoint")
+            .arg(&self.grpc)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs cell0ctl, asserts success, returns stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let o = self.ctl(args);
+        assert!(
+            o.status.success(),
+            "cell0ctl {args:?} failed ({}): {}\n--- cell0d log:\n{}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr),
+            tail(&self.log(), 3000)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    /// `cell0ctl ps -o json`.
+    pub fn ps(&self) -> Vec<Value> {
+        let v: Value = serde_json::from_str(&self.ctl_ok(&["ps", "-o", "json"])).unwrap();
+        v.as_array().unwrap().clone()
+    }
+
+    /// `cell0ctl get NAME -o json`.
+    pub fn get(&self, name: &str) -> Value {
+        serde_json::from_str(&self.ctl_ok(&["get", name, "-o", "json"])).unwrap()
+    }
+
+    /// Polls `get NAME` until `f` holds (bounded).
+    pub fn wait_vm(&self, name: &str, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+        let t0 = Instant::now();
+        loop {
+            let v = self.get(name);
+            if f(&v) {
+                return v;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "VM {name} never became {what}: {v:#}\n--- cell0d log:\n{}",
+                tail(&self.log(), 3000)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A gRPC client.
+    pub async fn client(&self) -> cell0_control::ctl::Clients {
+        cell0_control::ctl::connect(&self.grpc).await.unwrap()
+    }
+
+    /// Pids of the VMMs recorded in the data dir that still run.
+    pub fn vmm_pids(&self) -> Vec<i32> {
+        let mut out = Vec::new();
+        let Ok(rd) = std::fs::read_dir(self.data().join("node/vms")) else {
+            return out;
+        };
+        for e in rd.flatten() {
+            if let Ok(t) = std::fs::read_to_string(e.path().join("state.json")) {
+                if let Ok(v) = serde_json::from_str::<Value>(&t) {
+                    let pid = v["pid"].as_i64().unwrap_or(0) as i32;
+                    if pid > 0 && proc_alive(pid) {
+                        out.push(pid);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The run dirs that exist.
+    pub fn run_dirs(&self) -> Vec<String> {
+        let Ok(rd) = std::fs::read_dir(self.data().join("node/vms")) else {
+            return Vec::new();
+        };
+        rd.flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+}
+
+/// Whether `pid` runs and is not a zombie.
+pub fn proc_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| !r.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Processes whose command line mentions `needle`.
+pub fn procs_with(needle: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(c) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+            if String::from_utf8_lossy(&c).contains(needle) && proc_alive(pid) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+        // Every VMM this daemon started: killed, whatever the test did.
+        let needle = self.data().join("node/vms").display().to_string();
+        for pid in procs_with(&needle) {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// The last `n` bytes of `s`.
+pub fn tail(s: &str, n: usize) -> &str {
+    let mut i = s.len().saturating_sub(n);
+    while !s.is_char_boundary(i) {
+        i += 1;
+    }
+    &s[i..]
+}
+
+/// A cmdline that keeps a nano guest running (it serves SYPAS on port 5000).
+pub const LONG_RUNNING: &str = "cell0.test=sypas-serve cell0.timeout=600";
