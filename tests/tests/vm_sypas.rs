@@ -226,3 +226,61 @@ fn vm_gone_mid_transfer_gives_the_host_a_clean_error_not_a_hang() {
         "stop through the API exits 0"
     );
 }
+
+#[test]
+fn guest_reset_mid_transfer_closes_the_host_side_cleanly() {
+    require_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("v.sock");
+    let echo_sock = dir.path().join("v.sock_1024");
+    let mut srv = start_echo_server(&echo_sock);
+    // The guest resets while the first 1 MiB reply is arriving.
+    let r = launch(&vsock_args(
+        uds.to_str().unwrap(),
+        "cell0.test=sypas-echo cell0.sizes=1048576 cell0.reset_after=300000",
+    ));
+    assert_eq!(r.code, Some(0), "a guest reset exits 0: {r:#?}");
+    assert!(
+        r.serial
+            .contains("cell0-nano: sypas-echo: resetting the VM after 300000 bytes received"),
+        "{}",
+        r.serial
+    );
+    // The echo server saw the connection end and still serves others.
+    assert!(srv.0.try_wait().unwrap().is_none(), "the echo server died");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = Client::connect(Endpoint::Unix(echo_sock.clone()), client_config())
+            .await
+            .unwrap();
+        let r = c
+            .call("echo", "echo", b"still here".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(r.payload.as_ref(), b"still here");
+    });
+}
+
+#[test]
+fn guest_reset_during_a_host_call_fails_the_call_without_a_hang() {
+    require_kvm!();
+    let vm = start_serving_vm("cell0.reset_after=300000");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let uds = vm.uds.clone();
+    rt.block_on(async move {
+        let ep = Endpoint::HybridVsock { uds, port: 5000 };
+        let c = Client::connect(ep, client_config()).await.unwrap();
+        let call = c.call("echo", "echo", pattern(1 << 20, 7));
+        match tokio::time::timeout(Duration::from_secs(30), call).await {
+            Ok(Err(ClientError::Disconnected(_) | ClientError::Closed)) => {}
+            Ok(other) => panic!("expected a disconnect, got {other:?}"),
+            Err(_) => panic!("the call hung after the guest reset"),
+        }
+    });
+    let mut vm = vm;
+    assert_eq!(
+        vm.child.0.wait().unwrap().code(),
+        Some(0),
+        "a guest reset exits 0"
+    );
+}
