@@ -108,8 +108,10 @@ mod tests {
             revision: 0,
         });
         let text = std::fs::read_to_string(&p).unwrap();
-        let lines: Vec<serde_json::Value> =
-            text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0]["method"], "Create");
         assert_eq!(lines[1]["code"], "NotFound");

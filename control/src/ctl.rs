@@ -56,13 +56,19 @@ pub enum CtlError {
     },
     /// The server answered with an error.
     #[error("{}", .0.message())]
-    Status(#[from] tonic::Status),
+    Status(Box<tonic::Status>),
     /// A wait ran out.
     #[error("{0}")]
     Timeout(String),
     /// The VM failed.
     #[error("{0}")]
     Failed(String),
+}
+
+impl From<tonic::Status> for CtlError {
+    fn from(s: tonic::Status) -> Self {
+        CtlError::Status(Box::new(s))
+    }
 }
 
 impl CtlError {
@@ -272,7 +278,11 @@ pub fn vm_table(vms: &[grpc::Vm]) -> String {
                 if st.ready { "yes".into() } else { "no".into() },
                 img.kernel,
                 format!("{}/{}M", spec.vcpus, spec.memory_mib),
-                if st.pid > 0 { st.pid.to_string() } else { "-".into() },
+                if st.pid > 0 {
+                    st.pid.to_string()
+                } else {
+                    "-".into()
+                },
                 st.restarts.to_string(),
                 age(vm.created_at_ms),
                 st.node,
@@ -280,7 +290,9 @@ pub fn vm_table(vms: &[grpc::Vm]) -> String {
         })
         .collect();
     table(
-        &["NAME", "STATE", "READY", "IMAGE", "CPU/MEM", "PID", "RESTARTS", "AGE", "NODE"],
+        &[
+            "NAME", "STATE", "READY", "IMAGE", "CPU/MEM", "PID", "RESTARTS", "AGE", "NODE",
+        ],
         &rows,
     )
 }
@@ -293,7 +305,10 @@ mod tests {
     fn table_aligns_columns() {
         let t = table(
             &["A", "LONGER"],
-            &[vec!["xyz".into(), "1".into()], vec!["q".into(), "22".into()]],
+            &[
+                vec!["xyz".into(), "1".into()],
+                vec!["q".into(), "22".into()],
+            ],
         );
         assert_eq!(t, "A    LONGER\nxyz  1\nq    22\n");
     }
@@ -301,11 +316,11 @@ mod tests {
     #[test]
     fn exit_codes_follow_grpc_codes() {
         assert_eq!(
-            CtlError::Status(tonic::Status::not_found("x")).exit_code(),
+            CtlError::from(tonic::Status::not_found("x")).exit_code(),
             exit::NOT_FOUND
         );
         assert_eq!(
-            CtlError::Status(tonic::Status::invalid_argument("x")).exit_code(),
+            CtlError::from(tonic::Status::invalid_argument("x")).exit_code(),
             exit::INVALID
         );
         assert_eq!(CtlError::Timeout("t".into()).exit_code(), exit::TIMEOUT);

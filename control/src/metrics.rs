@@ -98,7 +98,11 @@ impl Metrics {
             api: Family::default(),
         };
         r.register("vms", "VMs on this node by state", m.vms.clone());
-        r.register("vm_launches", "cell0-vmm processes spawned", m.launches.clone());
+        r.register(
+            "vm_launches",
+            "cell0-vmm processes spawned",
+            m.launches.clone(),
+        );
         r.register(
             "vm_launch_failures",
             "cell0-vmm spawns that failed before the VM was ready",
@@ -120,7 +124,11 @@ impl Metrics {
             "Raft client write to applied, by command",
             m.raft_commit.clone(),
         );
-        r.register("api_requests", "gRPC requests by method and code", m.api.clone());
+        r.register(
+            "api_requests",
+            "gRPC requests by method and code",
+            m.api.clone(),
+        );
         *m.registry.lock().unwrap_or_else(|p| p.into_inner()) = r;
         m
     }

@@ -20,7 +20,9 @@ pub enum SchedError {
 /// Whether `spec` fits on `node` given what is already placed.
 pub fn fits(state: &ClusterState, node: &str, spec: &VmSpec) -> Result<(), SchedError> {
     let n = state.nodes.get(node).ok_or(SchedError::NoNode)?;
-    check(state, n, spec).map(|_| ()).map_err(SchedError::NoRoom)
+    check(state, n, spec)
+        .map(|_| ())
+        .map_err(SchedError::NoRoom)
 }
 
 fn check(state: &ClusterState, n: &NodeRecord, spec: &VmSpec) -> Result<f64, String> {

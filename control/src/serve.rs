@@ -7,6 +7,9 @@
 //! `audit.log`, `cell0d.lock` (one daemon per data dir), `cell0d.addr` (the
 //! bound addresses, JSON, written once serving).
 
+// Start-up errors are returned once; their size does not matter.
+#![allow(clippy::result_large_err)]
+
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -134,7 +137,8 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         &grpc_addr.to_string(),
         cfg.snapshot_every,
         metrics.clone(),
-    ).await?;
+    )
+    .await?;
     let agent = Agent::start(node_cfg, store.clone(), metrics.clone()).await?;
     let agent_task = tokio::spawn(agent.clone().run());
     let (metrics_addr, metrics_task) = crate::metrics::serve(cfg.metrics, metrics.clone()).await?;
@@ -157,7 +161,8 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     })?;
     tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, data = %cfg.data_dir.display(), "cell0d serving");
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = async {
@@ -268,8 +273,12 @@ fn host_name() -> String {
 
 fn phys_mib() -> u64 {
     // SAFETY: sysconf has no memory-safety preconditions.
-    let (pages, size) =
-        unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
     if pages > 0 && size > 0 {
         (pages as u64 * size as u64) >> 20
     } else {

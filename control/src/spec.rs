@@ -150,7 +150,10 @@ fn check_pattern(field: &str, p: &str) -> Result<(), SpecError> {
 fn check_file(field: &str, p: &str) -> Result<PathBuf, SpecError> {
     let path = Path::new(p);
     if !path.is_absolute() {
-        return Err(bad(field, format!("{p:?} must be an absolute path on the node")));
+        return Err(bad(
+            field,
+            format!("{p:?} must be an absolute path on the node"),
+        ));
     }
     if !path.is_file() {
         return Err(bad(field, format!("{p:?} is not a file on this node")));
@@ -272,9 +275,8 @@ impl VmSpec {
         for (k, v) in p.labels {
             let key_ok = !k.is_empty()
                 && k.len() <= 63
-                && k.bytes().all(|b| {
-                    b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_./".contains(&b)
-                });
+                && k.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_./".contains(&b));
             if !key_ok {
                 return Err(bad(
                     format!("spec.labels[{k:?}]"),
@@ -435,10 +437,7 @@ mod tests {
         assert_eq!(field(img("/nonexistent/k", "", "")), "spec.image.kernel");
         assert_eq!(field(img("", "/nonexistent/i", "")), "spec.image.initrd");
         assert_eq!(field(img("", "", "a\nb")), "spec.image.cmdline");
-        assert_eq!(
-            field(img("", "", "cell0.token=abc")),
-            "spec.image.cmdline"
-        );
+        assert_eq!(field(img("", "", "cell0.token=abc")), "spec.image.cmdline");
         assert_eq!(
             field(grpc::VmSpec {
                 agent_id: "has space".into(),
@@ -459,10 +458,7 @@ mod tests {
         let mut labels = std::collections::HashMap::new();
         labels.insert("Upper".to_string(), "v".to_string());
         assert_eq!(
-            field(grpc::VmSpec {
-                labels,
-                ..spec()
-            }),
+            field(grpc::VmSpec { labels, ..spec() }),
             "spec.labels[\"Upper\"]"
         );
     }

@@ -18,76 +18,144 @@ fn spec(name: &str) -> grpc::VmSpec {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_proper_codes() {
-    let d = Daemon::start(&["--vmm", "/bin/true", "--vcpus", "2", "--cpu-overcommit", "2"]);
+    let d = Daemon::start(&[
+        "--vmm",
+        "/bin/true",
+        "--vcpus",
+        "2",
+        "--cpu-overcommit",
+        "2",
+    ]);
     let mut c = d.client().await;
     let create = |s: grpc::VmSpec| grpc::CreateVmRequest { spec: Some(s) };
 
     let cases: Vec<(grpc::VmSpec, &str)> = vec![
         (spec("Bad_Name"), "spec.name"),
-        (grpc::VmSpec { vcpus: 64, ..spec("a") }, "spec.vcpus"),
-        (grpc::VmSpec { memory_mib: 1, ..spec("a") }, "spec.memory_mib"),
-        (grpc::VmSpec { shm_mib: 1 << 20, ..spec("a") }, "spec.shm_mib"),
-        (grpc::VmSpec { restart_policy: 42, ..spec("a") }, "spec.restart_policy"),
         (
             grpc::VmSpec {
-                image: Some(grpc::Image { kernel: "/no/such/vmlinux".into(), ..Default::default() }),
+                vcpus: 64,
+                ..spec("a")
+            },
+            "spec.vcpus",
+        ),
+        (
+            grpc::VmSpec {
+                memory_mib: 1,
+                ..spec("a")
+            },
+            "spec.memory_mib",
+        ),
+        (
+            grpc::VmSpec {
+                shm_mib: 1 << 20,
+                ..spec("a")
+            },
+            "spec.shm_mib",
+        ),
+        (
+            grpc::VmSpec {
+                restart_policy: 42,
+                ..spec("a")
+            },
+            "spec.restart_policy",
+        ),
+        (
+            grpc::VmSpec {
+                image: Some(grpc::Image {
+                    kernel: "/no/such/vmlinux".into(),
+                    ..Default::default()
+                }),
                 ..spec("a")
             },
             "spec.image.kernel",
         ),
         (
             grpc::VmSpec {
-                image: Some(grpc::Image { cmdline: "a\nb".into(), ..Default::default() }),
+                image: Some(grpc::Image {
+                    cmdline: "a\nb".into(),
+                    ..Default::default()
+                }),
                 ..spec("a")
             },
             "spec.image.cmdline",
         ),
         (
             grpc::VmSpec {
-                rights: vec![grpc::Right { service: String::new(), method: "*".into() }],
+                rights: vec![grpc::Right {
+                    service: String::new(),
+                    method: "*".into(),
+                }],
                 ..spec("a")
             },
             "spec.rights[0].service",
         ),
-        (grpc::VmSpec { agent_id: "two words".into(), ..spec("a") }, "spec.agent_id"),
+        (
+            grpc::VmSpec {
+                agent_id: "two words".into(),
+                ..spec("a")
+            },
+            "spec.agent_id",
+        ),
     ];
     for (s, field) in cases {
         let e = c.vm.create(create(s)).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
         assert!(e.message().contains(field), "{field}: {}", e.message());
     }
-    let e = c.vm.create(grpc::CreateVmRequest { spec: None }).await.unwrap_err();
+    let e =
+        c.vm.create(grpc::CreateVmRequest { spec: None })
+            .await
+            .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
 
     c.vm.create(create(spec("a"))).await.unwrap();
     let e = c.vm.create(create(spec("a"))).await.unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
     // 2 vCPUs × overcommit 2 = 4; "a" holds 1.
-    let e = c
-        .vm
-        .create(create(grpc::VmSpec { vcpus: 4, ..spec("big") }))
+    let e =
+        c.vm.create(create(grpc::VmSpec {
+            vcpus: 4,
+            ..spec("big")
+        }))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(e.message().contains("vCPUs"), "{}", e.message());
 
-    let e = c.vm.get(grpc::GetVmRequest { id: "nope".into() }).await.unwrap_err();
+    let e =
+        c.vm.get(grpc::GetVmRequest { id: "nope".into() })
+            .await
+            .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
-    let e = c.vm.get(grpc::GetVmRequest { id: String::new() }).await.unwrap_err();
+    let e =
+        c.vm.get(grpc::GetVmRequest { id: String::new() })
+            .await
+            .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().starts_with("id:"));
-    let e = c.vm.delete(grpc::DeleteVmRequest { id: "nope".into() }).await.unwrap_err();
+    let e =
+        c.vm.delete(grpc::DeleteVmRequest { id: "nope".into() })
+            .await
+            .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
-    let e = c.vm.stop(grpc::StopVmRequest { id: "nope".into() }).await.unwrap_err();
+    let e =
+        c.vm.stop(grpc::StopVmRequest { id: "nope".into() })
+            .await
+            .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
-    let e = c
-        .vm
-        .exec(grpc::ExecRequest { id: "a".into(), command: vec!["ls".into()] })
+    let e =
+        c.vm.exec(grpc::ExecRequest {
+            id: "a".into(),
+            command: vec!["ls".into()],
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unimplemented);
     assert!(e.message().contains("guest agent"), "{}", e.message());
-    let e = c.vm.attest(grpc::AttestRequest { id: "a".into() }).await.unwrap_err();
+    let e =
+        c.vm.attest(grpc::AttestRequest { id: "a".into() })
+            .await
+            .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains("without a vTPM"), "{}", e.message());
     let e = c
@@ -97,14 +165,28 @@ async fn bad_requests_get_proper_codes() {
         .unwrap_err();
     assert_eq!(e.code(), Code::Unimplemented);
     assert!(e.message().contains("issue 7"));
-    let e = c.vm.watch(grpc::WatchRequest { id: "nope".into() }).await.unwrap_err();
+    let e =
+        c.vm.watch(grpc::WatchRequest { id: "nope".into() })
+            .await
+            .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
 
     // cell0ctl maps the codes to its documented exit codes.
     assert_eq!(d.ctl(&["get", "nope"]).status.code(), Some(3));
-    assert_eq!(d.ctl(&["run", "--name", "X!", "--no-wait"]).status.code(), Some(4));
-    assert_eq!(d.ctl(&["run", "--name", "a", "--no-wait"]).status.code(), Some(8));
-    assert_eq!(d.ctl(&["run", "--name", "b", "--vcpus", "8", "--no-wait"]).status.code(), Some(9));
+    assert_eq!(
+        d.ctl(&["run", "--name", "X!", "--no-wait"]).status.code(),
+        Some(4)
+    );
+    assert_eq!(
+        d.ctl(&["run", "--name", "a", "--no-wait"]).status.code(),
+        Some(8)
+    );
+    assert_eq!(
+        d.ctl(&["run", "--name", "b", "--vcpus", "8", "--no-wait"])
+            .status
+            .code(),
+        Some(9)
+    );
     assert_eq!(d.ctl(&["exec", "a", "--", "ls"]).status.code(), Some(10));
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_cell0ctl"))
         .args(["--endpoint", "127.0.0.1:1", "ps"])
@@ -117,7 +199,10 @@ async fn bad_requests_get_proper_codes() {
 fn cell0ctl_help_completion_and_node_and_cluster_views() {
     let d = Daemon::start(&["--vmm", "/bin/true", "--node-name", "n1", "--vcpus", "8"]);
     let help = d.ctl_ok(&["--help"]);
-    assert!(help.contains("Examples:") && help.contains("Exit codes:"), "{help}");
+    assert!(
+        help.contains("Examples:") && help.contains("Exit codes:"),
+        "{help}"
+    );
     let bash = d.ctl_ok(&["completion", "bash"]);
     assert!(bash.contains("cell0ctl"), "{bash}");
     let nodes = d.ctl_ok(&["node", "list"]);

@@ -28,7 +28,15 @@ fn one_vm_full_lifecycle() {
     assert!(d.ctl_ok(&["logs", "once"]).contains("cell0-nano: ready"));
 
     // A long-running guest.
-    d.ctl_ok(&["run", "--name", "web", "--cmdline", LONG_RUNNING, "-l", "tier=front"]);
+    d.ctl_ok(&[
+        "run",
+        "--name",
+        "web",
+        "--cmdline",
+        LONG_RUNNING,
+        "-l",
+        "tier=front",
+    ]);
     let v = d.get("web");
     assert_eq!(state(&v), "running");
     let pid = v["status"]["pid"].as_i64().unwrap() as i32;
@@ -38,7 +46,10 @@ fn one_vm_full_lifecycle() {
     // Table, JSON and YAML forms.
     let table = d.ctl_ok(&["ps"]);
     assert!(table.lines().next().unwrap().starts_with("NAME"), "{table}");
-    assert!(table.contains("web") && table.contains("running"), "{table}");
+    assert!(
+        table.contains("web") && table.contains("running"),
+        "{table}"
+    );
     let yaml = d.ctl_ok(&["get", "web", "-o", "yaml"]);
     assert!(yaml.contains("state: running"), "{yaml}");
     let only_front = d.ctl_ok(&["ps", "-l", "tier=front", "-o", "json"]);
@@ -54,10 +65,18 @@ fn one_vm_full_lifecycle() {
     // Delete both: records gone, run dirs removed.
     d.ctl_ok(&["rm", "web", "once"]);
     let o = d.ctl(&["get", "web"]);
-    assert_eq!(o.status.code(), Some(3), "get of a deleted VM exits 3 (not found)");
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "get of a deleted VM exits 3 (not found)"
+    );
     let t0 = Instant::now();
     while !d.run_dirs().is_empty() {
-        assert!(t0.elapsed() < Duration::from_secs(30), "run dirs left: {:?}", d.run_dirs());
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "run dirs left: {:?}",
+            d.run_dirs()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(d.ps().is_empty());
@@ -95,13 +114,41 @@ fn restart_policies_follow_the_exit_status() {
     require_vms!();
     let d = Daemon::start(&["--backoff-ms", "20", "--backoff-max-ms", "100"]);
     // cell0.test=panic crashes the guest: cell0-vmm exits 2.
-    d.ctl_ok(&["run", "--name", "crash-never", "--cmdline", "cell0.test=panic", "--no-wait"]);
     d.ctl_ok(&[
-        "run", "--name", "crash-again", "--cmdline", "cell0.test=panic", "--restart", "on-failure", "--no-wait",
+        "run",
+        "--name",
+        "crash-never",
+        "--cmdline",
+        "cell0.test=panic",
+        "--no-wait",
+    ]);
+    d.ctl_ok(&[
+        "run",
+        "--name",
+        "crash-again",
+        "--cmdline",
+        "cell0.test=panic",
+        "--restart",
+        "on-failure",
+        "--no-wait",
     ]);
     // A clean exit (reset) is not restarted under on-failure, but is under always.
-    d.ctl_ok(&["run", "--name", "clean-onfail", "--restart", "on-failure", "--no-wait"]);
-    d.ctl_ok(&["run", "--name", "clean-always", "--restart", "always", "--no-wait"]);
+    d.ctl_ok(&[
+        "run",
+        "--name",
+        "clean-onfail",
+        "--restart",
+        "on-failure",
+        "--no-wait",
+    ]);
+    d.ctl_ok(&[
+        "run",
+        "--name",
+        "clean-always",
+        "--restart",
+        "always",
+        "--no-wait",
+    ]);
 
     let v = d.wait_vm("crash-never", "failed", |v| state(v) == "failed");
     assert_eq!(v["status"]["exit_code"], 2);
@@ -141,8 +188,16 @@ fn sigkilled_cell0d_readopts_running_vms_and_keeps_state() {
 
     let v = d.get("keep");
     assert_eq!(state(&v), "running", "{v:#}");
-    assert_eq!(v["status"]["pid"].as_i64().unwrap() as i32, pid, "re-adopted, not relaunched");
-    assert_eq!(d.get("done")["status"]["state"], "exited", "a final state survives");
+    assert_eq!(
+        v["status"]["pid"].as_i64().unwrap() as i32,
+        pid,
+        "re-adopted, not relaunched"
+    );
+    assert_eq!(
+        d.get("done")["status"]["state"],
+        "exited",
+        "a final state survives"
+    );
     let needle = d.data().join("node/vms/keep").display().to_string();
     assert_eq!(procs_with(&needle).len(), 1, "not launched twice");
     assert!(d.log().contains("re-adopted a running cell0-vmm"));
@@ -151,7 +206,11 @@ fn sigkilled_cell0d_readopts_running_vms_and_keeps_state() {
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let v = d.wait_vm("keep", "failed", |v| state(v) == "failed");
-    assert!(v["status"]["message"].as_str().unwrap().contains("killed") || v["status"]["exit_code"] == -1, "{v:#}");
+    assert!(
+        v["status"]["message"].as_str().unwrap().contains("killed")
+            || v["status"]["exit_code"] == -1,
+        "{v:#}"
+    );
     d.ctl_ok(&["rm", "keep", "done"]);
 }
 
@@ -162,21 +221,28 @@ async fn a_sigkilled_vmm_is_noticed_at_once() {
     d.ctl_ok(&["run", "--name", "victim", "--cmdline", LONG_RUNNING]);
     let pid = d.get("victim")["status"]["pid"].as_i64().unwrap() as i32;
     let mut c = d.client().await;
-    let mut events = c
-        .vm
-        .watch(cell0_proto::grpc::WatchRequest { id: "victim".into() })
+    let mut events =
+        c.vm.watch(cell0_proto::grpc::WatchRequest {
+            id: "victim".into(),
+        })
         .await
         .unwrap()
         .into_inner();
     // The first event is the current state.
-    let first = tokio_stream::StreamExt::next(&mut events).await.unwrap().unwrap();
+    let first = tokio_stream::StreamExt::next(&mut events)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(first.kind, "current");
     let t0 = Instant::now();
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let ev = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
-            let ev = tokio_stream::StreamExt::next(&mut events).await.unwrap().unwrap();
+            let ev = tokio_stream::StreamExt::next(&mut events)
+                .await
+                .unwrap()
+                .unwrap();
             if ev.kind == "state" && cell0_control::ctl::state_name(ev.state) == "failed" {
                 return ev;
             }
@@ -210,14 +276,21 @@ fn metrics_and_audit_log_record_the_calls() {
         assert!(body.contains(m), "{m} missing from /metrics:\n{body}");
     }
     let audit = std::fs::read_to_string(d.data().join("audit.log")).unwrap();
-    let lines: Vec<Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let methods: Vec<(&str, &str)> = lines
         .iter()
         .map(|l| (l["method"].as_str().unwrap(), l["code"].as_str().unwrap()))
         .collect();
     assert_eq!(
         methods,
-        [("Create", "Ok"), ("Create", "AlreadyExists"), ("Delete", "Ok")],
+        [
+            ("Create", "Ok"),
+            ("Create", "AlreadyExists"),
+            ("Delete", "Ok")
+        ],
         "{audit}"
     );
 }

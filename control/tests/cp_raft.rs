@@ -47,9 +47,8 @@ async fn acknowledged_writes_survive_sigkill() {
             writers.push(tokio::spawn(async move {
                 for i in 0.. {
                     let name = format!("r{round}-w{w}-{i}");
-                    let r = c
-                        .vm
-                        .create(grpc::CreateVmRequest {
+                    let r =
+                        c.vm.create(grpc::CreateVmRequest {
                             spec: Some(grpc::VmSpec {
                                 name: name.clone(),
                                 ..Default::default()
@@ -80,7 +79,9 @@ async fn acknowledged_writes_survive_sigkill() {
         println!(
             "round {round}: {} writes acknowledged before SIGKILL, {} records after restart",
             acked.len(),
-            have.iter().filter(|n| n.starts_with(&format!("r{round}-"))).count()
+            have.iter()
+                .filter(|n| n.starts_with(&format!("r{round}-")))
+                .count()
         );
         assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
     }
@@ -93,21 +94,21 @@ async fn snapshots_compact_the_log_and_survive_restarts() {
     let mut d = Daemon::start(&args);
     let mut c = d.client().await;
     for i in 0..140 {
-        c.vm
-            .create(grpc::CreateVmRequest {
-                spec: Some(grpc::VmSpec {
-                    name: format!("s{i}"),
-                    ..Default::default()
-                }),
-            })
-            .await
-            .unwrap();
+        c.vm.create(grpc::CreateVmRequest {
+            spec: Some(grpc::VmSpec {
+                name: format!("s{i}"),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
     }
     for i in 0..20 {
-        c.vm
-            .delete(grpc::DeleteVmRequest { id: format!("s{i}") })
-            .await
-            .unwrap();
+        c.vm.delete(grpc::DeleteVmRequest {
+            id: format!("s{i}"),
+        })
+        .await
+        .unwrap();
     }
     // Snapshots are built in the background.
     let mut st = grpc::ClusterStatus::default();
@@ -124,7 +125,10 @@ async fn snapshots_compact_the_log_and_survive_restarts() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert!(st.snapshot_index >= 100, "{st:?}");
-    assert!(st.purged_index > 0, "the log before the snapshot is purged: {st:?}");
+    assert!(
+        st.purged_index > 0,
+        "the log before the snapshot is purged: {st:?}"
+    );
     assert!(d.data().join("raft/snapshot.json").exists());
     d.kill9();
     d.spawn();

@@ -3,6 +3,9 @@
 //! reflection. Writes go through the Raft store; VM runtime status comes from
 //! the node agent. Every state-changing call is audited.
 
+// tonic handlers return `tonic::Status` (~176 bytes) by design.
+#![allow(clippy::result_large_err)]
+
 use std::io::{Read, Seek, SeekFrom};
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -44,10 +47,14 @@ fn store_status(e: StoreError) -> Status {
         StoreError::Rejected(Rejection::NotFound { id }) => {
             Status::not_found(format!("no VM named {id:?}"))
         }
-        StoreError::Rejected(Rejection::NoCapacity { reason }) => Status::resource_exhausted(
-            format!("cannot place the VM: {reason}; stop or delete VMs, or raise the overcommit ratio"),
-        ),
-        e => Status::unavailable(format!("the control plane could not commit the change: {e}")),
+        StoreError::Rejected(Rejection::NoCapacity { reason }) => {
+            Status::resource_exhausted(format!(
+                "cannot place the VM: {reason}; stop or delete VMs, or raise the overcommit ratio"
+            ))
+        }
+        e => Status::unavailable(format!(
+            "the control plane could not commit the change: {e}"
+        )),
     }
 }
 
@@ -65,7 +72,12 @@ fn check_id(id: &str) -> Result<(), Status> {
 
 impl Api {
     /// The API over `store` and `agent`.
-    pub fn new(store: Store, agent: Arc<Agent>, metrics: Arc<Metrics>, audit: Arc<AuditLog>) -> Self {
+    pub fn new(
+        store: Store,
+        agent: Arc<Agent>,
+        metrics: Arc<Metrics>,
+        audit: Arc<AuditLog>,
+    ) -> Self {
         Self {
             store,
             agent,
@@ -76,13 +88,16 @@ impl Api {
     }
 
     fn vm(&self, rec: &VmRecord) -> grpc::Vm {
-        let status = self.agent.status(&rec.id).unwrap_or_else(|| grpc::VmStatus {
-            state: grpc::VmState::Pending as i32,
-            node: rec.node.clone(),
-            exit_code: -1,
-            vsock_cid: rec.cid,
-            ..Default::default()
-        });
+        let status = self
+            .agent
+            .status(&rec.id)
+            .unwrap_or_else(|| grpc::VmStatus {
+                state: grpc::VmState::Pending as i32,
+                node: rec.node.clone(),
+                exit_code: -1,
+                vsock_cid: rec.cid,
+                ..Default::default()
+            });
         grpc::Vm {
             id: rec.id.clone(),
             spec: Some(rec.spec.to_proto()),
@@ -108,7 +123,14 @@ impl Api {
         self.metrics.api(method, code);
     }
 
-    fn audit<T>(&self, method: &str, peer: Option<SocketAddr>, target: &str, r: &Result<T, Status>, revision: u64) {
+    fn audit<T>(
+        &self,
+        method: &str,
+        peer: Option<SocketAddr>,
+        target: &str,
+        r: &Result<T, Status>,
+        revision: u64,
+    ) {
         let (code, msg) = match r {
             Ok(_) => (Code::Ok, String::new()),
             Err(s) => (s.code(), s.message().to_string()),
@@ -182,7 +204,11 @@ impl VmService for Api {
     ) -> Result<Response<grpc::Vm>, Status> {
         let peer = request.remote_addr();
         let req = request.into_inner();
-        let name = req.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default();
+        let name = req
+            .spec
+            .as_ref()
+            .map(|s| s.name.clone())
+            .unwrap_or_default();
         let r = Api::create(self, req).await;
         let (target, rev) = match &r {
             Ok((vm, rev)) => (vm.id.clone(), *rev),
@@ -193,7 +219,10 @@ impl VmService for Api {
         r.map(|(vm, _)| Response::new(vm))
     }
 
-    async fn get(&self, request: Request<grpc::GetVmRequest>) -> Result<Response<grpc::Vm>, Status> {
+    async fn get(
+        &self,
+        request: Request<grpc::GetVmRequest>,
+    ) -> Result<Response<grpc::Vm>, Status> {
         let r = self
             .get_record(&request.get_ref().id)
             .map(|rec| self.vm(&rec));
@@ -220,7 +249,10 @@ impl VmService for Api {
         r.map(Response::new)
     }
 
-    async fn stop(&self, request: Request<grpc::StopVmRequest>) -> Result<Response<grpc::Vm>, Status> {
+    async fn stop(
+        &self,
+        request: Request<grpc::StopVmRequest>,
+    ) -> Result<Response<grpc::Vm>, Status> {
         let peer = request.remote_addr();
         let id = request.into_inner().id;
         let r = self.set_desired(&id, Desired::Stopped).await;
@@ -284,15 +316,16 @@ impl VmService for Api {
             })
             .collect();
         let filter = id.clone();
-        let live = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |ev| match ev {
-            Ok(ev) if filter.is_empty() || ev.vm_id == filter => Some(Ok(ev)),
-            Ok(_) => None,
-            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
-                Some(Err(Status::data_loss(format!(
-                    "the watcher fell {n} events behind; watch again"
-                ))))
-            }
-        });
+        let live =
+            tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |ev| match ev {
+                Ok(ev) if filter.is_empty() || ev.vm_id == filter => Some(Ok(ev)),
+                Ok(_) => None,
+                Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
+                    Some(Err(Status::data_loss(format!(
+                        "the watcher fell {n} events behind; watch again"
+                    ))))
+                }
+            });
         let s = tokio_stream::iter(first.into_iter().map(Ok)).chain(live);
         self.done::<()>("Watch", &Ok(()));
         Ok(Response::new(Box::pin(s)))
@@ -321,9 +354,7 @@ impl VmService for Api {
             }
             loop {
                 let chunk = read_from(&path, &mut off);
-                if !chunk.is_empty()
-                    && tx.send(Ok(grpc::LogChunk { data: chunk })).await.is_err()
-                {
+                if !chunk.is_empty() && tx.send(Ok(grpc::LogChunk { data: chunk })).await.is_err() {
                     return;
                 }
                 if !req.follow {
@@ -409,9 +440,10 @@ impl Api {
                 "VM {id:?} was created without a vTPM; create it with tpm=true (cell0ctl run --tpm)"
             )));
         }
-        let rt = self.agent.runtime(id).ok_or_else(|| {
-            Status::unavailable(format!("VM {id:?} is not on this node yet"))
-        })?;
+        let rt = self
+            .agent
+            .runtime(id)
+            .ok_or_else(|| Status::unavailable(format!("VM {id:?} is not on this node yet")))?;
         if rt.pid == 0 || rt.state != grpc::VmState::Running {
             return Err(Status::failed_precondition(format!(
                 "VM {id:?} is not running (state {}); only a running VM can be attested",
@@ -492,7 +524,10 @@ fn issue7(what: &str) -> Status {
 
 #[tonic::async_trait]
 impl NodeService for Api {
-    async fn register(&self, _r: Request<grpc::RegisterNodeRequest>) -> Result<Response<grpc::Node>, Status> {
+    async fn register(
+        &self,
+        _r: Request<grpc::RegisterNodeRequest>,
+    ) -> Result<Response<grpc::Node>, Status> {
         Err(issue7("NodeService.Register"))
     }
 
@@ -514,7 +549,10 @@ impl NodeService for Api {
         r.map(Response::new)
     }
 
-    async fn drain(&self, _r: Request<grpc::DrainNodeRequest>) -> Result<Response<grpc::Node>, Status> {
+    async fn drain(
+        &self,
+        _r: Request<grpc::DrainNodeRequest>,
+    ) -> Result<Response<grpc::Node>, Status> {
         Err(issue7("NodeService.Drain"))
     }
 }
@@ -526,7 +564,9 @@ impl ClusterService for Api {
         _r: Request<grpc::ClusterStatusRequest>,
     ) -> Result<Response<grpc::ClusterStatus>, Status> {
         let st = self.store.status();
-        let (vms, nodes) = self.store.read(|s| (s.vms.len() as u64, s.nodes.len() as u64));
+        let (vms, nodes) = self
+            .store
+            .read(|s| (s.vms.len() as u64, s.nodes.len() as u64));
         let r = Ok(grpc::ClusterStatus {
             node_id: st.node_id,
             leader_id: st.leader.unwrap_or(0),

@@ -43,7 +43,12 @@ const EXIT_CODES: &str = "Exit codes:
 )]
 struct Cli {
     /// cell0d's gRPC endpoint.
-    #[arg(long, global = true, env = "CELL0_ENDPOINT", default_value = "http://127.0.0.1:7070")]
+    #[arg(
+        long,
+        global = true,
+        env = "CELL0_ENDPOINT",
+        default_value = "http://127.0.0.1:7070"
+    )]
     endpoint: String,
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value = "table")]
@@ -69,7 +74,9 @@ enum Restart {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Create a VM and wait until its guest is ready.
-    #[command(after_help = "Examples:\n  cell0ctl run --name a1\n  cell0ctl run --name crashy --cmdline cell0.test=panic --restart on-failure --no-wait\n  cell0ctl run --kernel /boot/vmlinux --initrd /srv/agent.cpio --memory-mib 512 --label team=ml")]
+    #[command(
+        after_help = "Examples:\n  cell0ctl run --name a1\n  cell0ctl run --name crashy --cmdline cell0.test=panic --restart on-failure --no-wait\n  cell0ctl run --kernel /boot/vmlinux --initrd /srv/agent.cpio --memory-mib 512 --label team=ml"
+    )]
     Run(Box<RunArgs>),
     /// List VMs.
     #[command(alias = "list")]
@@ -210,7 +217,7 @@ fn kv(v: &[String], what: &str) -> Result<std::collections::HashMap<String, Stri
             s.split_once('=')
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .ok_or_else(|| {
-                    CtlError::Status(tonic::Status::invalid_argument(format!(
+                    CtlError::from(tonic::Status::invalid_argument(format!(
                         "{what} {s:?}: expected KEY=VALUE"
                     )))
                 })
@@ -270,29 +277,26 @@ async fn run(c: &mut Clients, out: Output, a: RunArgs) -> Result<(), CtlError> {
     };
     let t0 = Instant::now();
     let pb = if a.no_wait { None } else { spinner("creating") };
-    let vm = c
-        .vm
-        .create(grpc::CreateVmRequest { spec: Some(spec) })
-        .await?
-        .into_inner();
+    let vm =
+        c.vm.create(grpc::CreateVmRequest { spec: Some(spec) })
+            .await?
+            .into_inner();
     let id = vm.id.clone();
     if !a.no_wait {
         if let Some(pb) = &pb {
             pb.set_message(format!("{id}: waiting for the guest"));
         }
-        let mut events = c
-            .vm
-            .watch(grpc::WatchRequest { id: id.clone() })
-            .await?
-            .into_inner();
+        let mut events =
+            c.vm.watch(grpc::WatchRequest { id: id.clone() })
+                .await?
+                .into_inner();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(a.timeout);
         loop {
             // The status is the truth; events only wake us up.
-            let cur = c
-                .vm
-                .get(grpc::GetVmRequest { id: id.clone() })
-                .await?
-                .into_inner();
+            let cur =
+                c.vm.get(grpc::GetVmRequest { id: id.clone() })
+                    .await?
+                    .into_inner();
             let st = cur.status.clone().unwrap_or_default();
             if let Some(pb) = &pb {
                 pb.set_message(format!("{id}: {}", ctl::state_name(st.state)));
@@ -324,7 +328,10 @@ async fn run(c: &mut Clients, out: Output, a: RunArgs) -> Result<(), CtlError> {
     if let Some(pb) = &pb {
         pb.finish_and_clear();
     }
-    let vm = c.vm.get(grpc::GetVmRequest { id: id.clone() }).await?.into_inner();
+    let vm =
+        c.vm.get(grpc::GetVmRequest { id: id.clone() })
+            .await?
+            .into_inner();
     match out {
         Output::Table => {
             let st = vm.status.clone().unwrap_or_default();
@@ -348,7 +355,12 @@ async fn dispatch(cli: Cli) -> Result<(), CtlError> {
     let out = cli.output;
     match cli.cmd {
         Cmd::Completion { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "cell0ctl", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "cell0ctl",
+                &mut std::io::stdout(),
+            );
             return Ok(());
         }
         Cmd::ExitCodes => {
@@ -361,9 +373,8 @@ async fn dispatch(cli: Cli) -> Result<(), CtlError> {
     match cli.cmd {
         Cmd::Run(a) => run(&mut c, out, *a).await?,
         Cmd::Ps { labels } => {
-            let vms = c
-                .vm
-                .list(grpc::ListVmsRequest {
+            let vms =
+                c.vm.list(grpc::ListVmsRequest {
                     label_selector: kv(&labels, "label")?,
                 })
                 .await?
@@ -371,24 +382,32 @@ async fn dispatch(cli: Cli) -> Result<(), CtlError> {
                 .vms;
             match out {
                 Output::Table => print!("{}", ctl::vm_table(&vms)),
-                o => print_value(o, &serde_json::Value::Array(vms.iter().map(ctl::vm_json).collect())),
+                o => print_value(
+                    o,
+                    &serde_json::Value::Array(vms.iter().map(ctl::vm_json).collect()),
+                ),
             }
         }
         Cmd::Get { name } => {
-            let vm = c.vm.get(grpc::GetVmRequest { id: name }).await?.into_inner();
+            let vm =
+                c.vm.get(grpc::GetVmRequest { id: name })
+                    .await?
+                    .into_inner();
             match out {
                 Output::Table => {
                     print!("{}", ctl::vm_table(std::slice::from_ref(&vm)));
                     let st = vm.status.unwrap_or_default();
-                    println!("message: {}\nhealth:  {}\nrun dir: {}", st.message, st.health, st.run_dir);
+                    println!(
+                        "message: {}\nhealth:  {}\nrun dir: {}",
+                        st.message, st.health, st.run_dir
+                    );
                 }
                 o => print_value(o, &ctl::vm_json(&vm)),
             }
         }
         Cmd::Logs { name, follow, tail } => {
-            let mut s = c
-                .vm
-                .logs(grpc::LogsRequest {
+            let mut s =
+                c.vm.logs(grpc::LogsRequest {
                     id: name,
                     follow,
                     tail_bytes: tail,
@@ -403,20 +422,25 @@ async fn dispatch(cli: Cli) -> Result<(), CtlError> {
             }
         }
         Cmd::Exec { name, command } => {
-            let r = c
-                .vm
-                .exec(grpc::ExecRequest { id: name, command })
-                .await?
-                .into_inner();
+            let r =
+                c.vm.exec(grpc::ExecRequest { id: name, command })
+                    .await?
+                    .into_inner();
             let _ = std::io::stdout().write_all(&r.stdout);
             let _ = std::io::stderr().write_all(&r.stderr);
             if r.exit_code != 0 {
-                return Err(CtlError::Failed(format!("the command exited with {}", r.exit_code)));
+                return Err(CtlError::Failed(format!(
+                    "the command exited with {}",
+                    r.exit_code
+                )));
             }
         }
         Cmd::Stop { names } => {
             for n in names {
-                let vm = c.vm.stop(grpc::StopVmRequest { id: n.clone() }).await?.into_inner();
+                let vm =
+                    c.vm.stop(grpc::StopVmRequest { id: n.clone() })
+                        .await?
+                        .into_inner();
                 match out {
                     Output::Table => println!("{n} stopping"),
                     o => print_value(o, &ctl::vm_json(&vm)),
@@ -432,11 +456,10 @@ async fn dispatch(cli: Cli) -> Result<(), CtlError> {
             }
         }
         Cmd::Attest { name } => {
-            let r = c
-                .vm
-                .attest(grpc::AttestRequest { id: name.clone() })
-                .await?
-                .into_inner();
+            let r =
+                c.vm.attest(grpc::AttestRequest { id: name.clone() })
+                    .await?
+                    .into_inner();
             match out {
                 Output::Table => {
                     if r.trusted {
@@ -447,7 +470,12 @@ async fn dispatch(cli: Cli) -> Result<(), CtlError> {
                             println!("  - {f}");
                         }
                     }
-                    println!("nonce {}  AK {}{}", hex::encode(&r.nonce), r.ak_name, if r.enrolled { "  (enrolled now)" } else { "" });
+                    println!(
+                        "nonce {}  AK {}{}",
+                        hex::encode(&r.nonce),
+                        r.ak_name,
+                        if r.enrolled { "  (enrolled now)" } else { "" }
+                    );
                     let mut pcrs: Vec<_> = r.pcrs.iter().collect();
                     pcrs.sort();
                     for (k, v) in pcrs {
@@ -455,23 +483,28 @@ async fn dispatch(cli: Cli) -> Result<(), CtlError> {
                     }
                 }
                 o => {
-                    let verdict: serde_json::Value = serde_json::from_str(&r.verdict_json).unwrap_or_default();
-                    print_value(o, &serde_json::json!({
-                        "vm": name, "trusted": r.trusted, "failures": r.failures,
-                        "nonce": hex::encode(&r.nonce), "ak_name": r.ak_name,
-                        "pcrs": r.pcrs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect::<std::collections::BTreeMap<_, _>>(),
-                        "enrolled": r.enrolled, "verdict": verdict,
-                    }));
+                    let verdict: serde_json::Value =
+                        serde_json::from_str(&r.verdict_json).unwrap_or_default();
+                    print_value(
+                        o,
+                        &serde_json::json!({
+                            "vm": name, "trusted": r.trusted, "failures": r.failures,
+                            "nonce": hex::encode(&r.nonce), "ak_name": r.ak_name,
+                            "pcrs": r.pcrs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect::<std::collections::BTreeMap<_, _>>(),
+                            "enrolled": r.enrolled, "verdict": verdict,
+                        }),
+                    );
                 }
             }
             if !r.trusted {
-                return Err(CtlError::Failed(format!("attestation of {name} was rejected")));
+                return Err(CtlError::Failed(format!(
+                    "attestation of {name} was rejected"
+                )));
             }
         }
         Cmd::Events { name } => {
-            let mut s = c
-                .vm
-                .watch(grpc::WatchRequest {
+            let mut s =
+                c.vm.watch(grpc::WatchRequest {
                     id: name.unwrap_or_default(),
                 })
                 .await?
@@ -492,7 +525,12 @@ async fn dispatch(cli: Cli) -> Result<(), CtlError> {
             }
         }
         Cmd::Node { cmd: NodeCmd::List } => {
-            let nodes = c.node.list(grpc::ListNodesRequest {}).await?.into_inner().nodes;
+            let nodes = c
+                .node
+                .list(grpc::ListNodesRequest {})
+                .await?
+                .into_inner()
+                .nodes;
             match out {
                 Output::Table => {
                     let rows: Vec<Vec<String>> = nodes
@@ -505,7 +543,10 @@ async fn dispatch(cli: Cli) -> Result<(), CtlError> {
                                 n.state.clone(),
                                 n.vms.to_string(),
                                 format!("{}/{} (x{})", used.vcpus, cap.vcpus, n.cpu_overcommit),
-                                format!("{}/{} (x{})", used.memory_mib, cap.memory_mib, n.memory_overcommit),
+                                format!(
+                                    "{}/{} (x{})",
+                                    used.memory_mib, cap.memory_mib, n.memory_overcommit
+                                ),
                                 format!("{}/{}", n.zone, n.region),
                                 n.address.clone(),
                             ]
@@ -513,23 +554,56 @@ async fn dispatch(cli: Cli) -> Result<(), CtlError> {
                         .collect();
                     print!(
                         "{}",
-                        ctl::table(&["NODE", "STATE", "VMS", "VCPUS", "MEMORY MIB", "ZONE/REGION", "ADDRESS"], &rows)
+                        ctl::table(
+                            &[
+                                "NODE",
+                                "STATE",
+                                "VMS",
+                                "VCPUS",
+                                "MEMORY MIB",
+                                "ZONE/REGION",
+                                "ADDRESS"
+                            ],
+                            &rows
+                        )
                     );
                 }
-                o => print_value(o, &serde_json::Value::Array(nodes.iter().map(ctl::node_json).collect())),
+                o => print_value(
+                    o,
+                    &serde_json::Value::Array(nodes.iter().map(ctl::node_json).collect()),
+                ),
             }
         }
-        Cmd::Cluster { cmd: ClusterCmd::Status } => {
-            let s = c.cluster.status(grpc::ClusterStatusRequest {}).await?.into_inner();
+        Cmd::Cluster {
+            cmd: ClusterCmd::Status,
+        } => {
+            let s = c
+                .cluster
+                .status(grpc::ClusterStatusRequest {})
+                .await?
+                .into_inner();
             match out {
                 Output::Table => {
                     println!(
                         "member {} ({}), leader {}, term {}\nlog: last {}, applied {}, snapshot {}, purged {}\nstate: {} VMs, {} nodes",
-                        s.node_id, s.state, s.leader_id, s.term, s.last_log_index, s.last_applied,
-                        s.snapshot_index, s.purged_index, s.vms, s.nodes
+                        s.node_id,
+                        s.state,
+                        s.leader_id,
+                        s.term,
+                        s.last_log_index,
+                        s.last_applied,
+                        s.snapshot_index,
+                        s.purged_index,
+                        s.vms,
+                        s.nodes
                     );
                     for m in &s.members {
-                        println!("  member {} {} {}", m.id, m.address, if m.voter { "voter" } else { "learner" });
+                        println!(
+                            "  member {} {} {}",
+                            m.id,
+                            m.address,
+                            if m.voter { "voter" } else { "learner" }
+                        );
                     }
                 }
                 o => print_value(o, &ctl::cluster_json(&s)),
@@ -542,7 +616,10 @@ async fn dispatch(cli: Cli) -> Result<(), CtlError> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cell0ctl: error: cannot start the runtime: {e}");

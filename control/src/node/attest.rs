@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cell0_attest::{
-    ActivationResponse, AkBundle, EventLog, LocalCa, QuoteBundle, Verdict, Verifier,
-    VmmIdentity, VtpmOptions,
+    ActivationResponse, AkBundle, EventLog, LocalCa, QuoteBundle, Verdict, Verifier, VmmIdentity,
+    VtpmOptions,
 };
 use serde_json::{Value, json};
 
@@ -154,12 +154,9 @@ impl AttestState {
                 });
             };
             let challenge = verifier.begin_enrollment(&key, &bundle)?;
-            let resp = proc::api_call_async(
-                sock,
-                json!({"op": "activate", "challenge": challenge}),
-                t,
-            )
-            .await?;
+            let resp =
+                proc::api_call_async(sock, json!({"op": "activate", "challenge": challenge}), t)
+                    .await?;
             let resp: ActivationResponse = parse("activation response", &resp["response"])?;
             let Some(verifier) = g.verifier.as_mut() else {
                 return Err(AttestError::Bad {
@@ -183,12 +180,8 @@ impl AttestState {
                 reason: "not initialized".into(),
             });
         };
-        let manifest = super::golden::manifest(
-            spec,
-            cid,
-            vmm,
-            nano_elf.as_deref().unwrap_or_default(),
-        )?;
+        let manifest =
+            super::golden::manifest(spec, cid, vmm, nano_elf.as_deref().unwrap_or_default())?;
         let nonce = verifier.issue_nonce(&key);
         let q = proc::api_call_async(
             sock,

@@ -85,7 +85,11 @@ pub fn expected_config(spec: &VmSpec, cid: u32) -> VmConfig {
     let mut devices = vec![
         DeviceSpec::new("serial", Some(0x3f8), Some(4)),
         DeviceSpec::new("i8042", Some(0x60), None),
-        DeviceSpec::new("virtio-vsock", Some(VIRTIO_MMIO_BASE), Some(VIRTIO_IRQ_BASE)),
+        DeviceSpec::new(
+            "virtio-vsock",
+            Some(VIRTIO_MMIO_BASE),
+            Some(VIRTIO_IRQ_BASE),
+        ),
     ];
     if spec.shm_mib > 0 {
         devices.push(DeviceSpec::new("shm", Some(shm_gpa(spec.memory_mib)), None));

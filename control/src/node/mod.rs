@@ -440,7 +440,11 @@ impl Agent {
             let running = p.pid > 0
                 && proc::start_time(p.pid) == Some(p.start_time)
                 && proc::exe_matches(p.pid, &vmm_name);
-            let fd = if running { PidFd::open(p.pid).ok() } else { None };
+            let fd = if running {
+                PidFd::open(p.pid).ok()
+            } else {
+                None
+            };
             match fd {
                 Some(fd) => {
                     let fd = Arc::new(fd);
@@ -694,8 +698,7 @@ impl Agent {
             .arg(rec.cid.to_string())
             .arg("--api-sock")
             .arg(&api)
-            .arg("--agent-id")
-            .arg(&s.agent_id);
+            .arg(format!("--agent-id={}", s.agent_id));
         if s.shm_mib > 0 {
             c.arg("--shm-mib").arg(s.shm_mib.to_string());
         }
@@ -706,12 +709,13 @@ impl Agent {
             c.arg("--initrd").arg(i);
         }
         if let Some(cmd) = &s.cmdline {
-            c.arg("--cmdline").arg(cmd);
+            c.arg(format!("--cmdline={cmd}"));
         }
         if s.tpm {
             c.arg("--tpm").arg("--run-dir").arg(&dir);
+            // `=` form: a word may start with '-'.
             for w in &s.command {
-                c.arg("--command").arg(w);
+                c.arg(format!("--command={w}"));
             }
         }
         Ok(c)
@@ -721,7 +725,12 @@ impl Agent {
         let dir = self.run_dir(id);
         if let Err(e) = std::fs::create_dir_all(&dir) {
             self.metrics.launch_failed();
-            self.set_state(id, rt, VmState::Failed, format!("cannot create the run dir: {e}"));
+            self.set_state(
+                id,
+                rt,
+                VmState::Failed,
+                format!("cannot create the run dir: {e}"),
+            );
             return;
         }
         for f in ["api.sock", "vsock.sock"] {
@@ -797,7 +806,13 @@ impl Agent {
     }
 
     /// Waits for readiness (when `spawned` is set) and then for the exit.
-    fn watch_exit(self: &Arc<Self>, id: String, seq: u64, fd: Arc<PidFd>, spawned: Option<Instant>) {
+    fn watch_exit(
+        self: &Arc<Self>,
+        id: String,
+        seq: u64,
+        fd: Arc<PidFd>,
+        spawned: Option<Instant>,
+    ) {
         let me = self.clone();
         tokio::spawn(async move {
             if let Some(t0) = spawned {
@@ -814,9 +829,7 @@ impl Agent {
 
     async fn wait_ready(&self, id: &str, seq: u64, t0: Instant) {
         let dir = self.run_dir(id);
-        let nano = self
-            .runtime(id)
-            .is_some_and(|r| r.record.spec.is_nano());
+        let nano = self.runtime(id).is_some_and(|r| r.record.spec.is_nano());
         let mut delay = Duration::from_micros(500);
         loop {
             let ready = if nano {
@@ -879,7 +892,12 @@ impl Agent {
             }
         }
         rt.exit_code = x.code.unwrap_or(-1);
+        // clap also exits 2, on a command line cell0-vmm refuses.
+        let vmm_log =
+            std::fs::read_to_string(self.run_dir(&id).join("vmm.log")).unwrap_or_default();
+        let usage = x.code == Some(2) && vmm_log.contains("Usage:");
         let reason = match x.code {
+            Some(2) if usage => "error",
             Some(0) => "clean",
             Some(2) => "crash",
             Some(1) => "error",
@@ -889,25 +907,34 @@ impl Agent {
         };
         self.metrics.exited(reason);
         let what = match x.code {
+            Some(2) if usage => format!(
+                "cell0-vmm refused its command line: {}",
+                vmm_log.lines().next().unwrap_or_default()
+            ),
             Some(0) => "the guest reset or powered off (exit 0)".to_string(),
             Some(2) => "the guest crashed (exit 2)".to_string(),
             Some(1) => {
-                let log = std::fs::read_to_string(self.run_dir(&id).join("vmm.log"))
-                    .unwrap_or_default();
-                let last = log
+                let last = vmm_log
                     .lines()
                     .rev()
                     .find(|l| l.contains("error"))
                     .unwrap_or("")
                     .to_string();
-                format!("cell0-vmm failed (exit 1) {last}").trim().to_string()
+                format!("cell0-vmm failed (exit 1) {last}")
+                    .trim()
+                    .to_string()
             }
             Some(c) if c > 128 => format!("cell0-vmm was killed by signal {}", c - 128),
             Some(c) => format!("cell0-vmm exited with status {c}"),
             None => "cell0-vmm exited while cell0d was down (status unknown)".to_string(),
         };
         if rt.stop_requested {
-            self.set_state(&id, rt, VmState::Stopped, format!("stopped on request: {what}"));
+            self.set_state(
+                &id,
+                rt,
+                VmState::Stopped,
+                format!("stopped on request: {what}"),
+            );
         } else {
             let failed = x.code != Some(0);
             let policy: RestartPolicy = rt.record.spec.restart;
@@ -922,7 +949,11 @@ impl Agent {
                 );
                 self.set_state(&id, rt, VmState::Backoff, msg);
             } else {
-                let st = if failed { VmState::Failed } else { VmState::Exited };
+                let st = if failed {
+                    VmState::Failed
+                } else {
+                    VmState::Exited
+                };
                 self.set_state(&id, rt, st, what);
             }
         }

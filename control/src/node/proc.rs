@@ -67,9 +67,9 @@ impl PidFd {
         // here on, so its descriptor stays the same until the AsyncFd drops.
         let fd = unsafe { AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) }
             .map_err(|e| ProcError::Pidfd {
-                pid,
-                source: std::io::Error::from(e),
-            })?;
+            pid,
+            source: std::io::Error::from(e),
+        })?;
         Ok(Self { fd, pid })
     }
 
@@ -205,6 +205,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    #[allow(clippy::zombie_processes)] // reaped through `reap`
     async fn pidfd_sees_a_child_exit_and_reap_gets_its_code() {
         let child = std::process::Command::new("sh")
             .args(["-c", "sleep 0.05; exit 7"])
@@ -220,6 +221,7 @@ mod tests {
     }
 
     #[tokio::test]
+    #[allow(clippy::zombie_processes)] // reaped through `reap`
     async fn signal_goes_through_the_pidfd() {
         let child = std::process::Command::new("sleep")
             .arg("30")

@@ -6,6 +6,9 @@
 //! after that, so a write is acknowledged to a client only once its entry is on
 //! disk. Blocking redb calls run on tokio's blocking pool.
 
+// openraft's storage traits fix the error type (`StorageError`, ~224 bytes).
+#![allow(clippy::result_large_err)]
+
 use std::fmt::Debug;
 use std::ops::RangeBounds;
 use std::path::Path;
@@ -176,7 +179,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
-        Ok(self.get_meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)?.flatten())
+        Ok(self
+            .get_meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)?
+            .flatten())
     }
 
     async fn append<I>(

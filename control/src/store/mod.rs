@@ -126,7 +126,8 @@ impl Store {
             .is_empty()
             .map_err(|e| StoreError::StateMachine(e.to_string()))?
             && !dir.join("snapshot.json").exists();
-        let sm = sm::StateMachine::open(&dir).map_err(|e| StoreError::StateMachine(e.to_string()))?;
+        let sm =
+            sm::StateMachine::open(&dir).map_err(|e| StoreError::StateMachine(e.to_string()))?;
         let shared = sm.shared();
         let config = Config {
             cluster_name: "cell0".into(),
@@ -139,15 +140,9 @@ impl Store {
         }
         .validate()
         .map_err(|e| StoreError::Start(e.to_string()))?;
-        let raft = Raft::new(
-            node_id,
-            Arc::new(config),
-            network::Network,
-            log,
-            sm,
-        )
-        .await
-        .map_err(|e| StoreError::Start(e.to_string()))?;
+        let raft = Raft::new(node_id, Arc::new(config), network::Network, log, sm)
+            .await
+            .map_err(|e| StoreError::Start(e.to_string()))?;
         if fresh {
             let mut members = BTreeMap::new();
             members.insert(node_id, BasicNode::new(addr));

@@ -7,6 +7,9 @@
 //! openraft re-applies. Applying publishes [`StoreEvent`]s and the applied
 //! index for the node agent and Watch.
 
+// openraft's storage traits fix the error type (`StorageError`, ~224 bytes).
+#![allow(clippy::result_large_err)]
+
 use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -118,9 +121,10 @@ impl StateMachine {
     pub fn open(dir: &Path) -> Result<Self, StorageError<NodeId>> {
         let path = snapshot_path(dir);
         let current: Option<SnapshotFile> = match std::fs::read(&path) {
-            Ok(b) => Some(serde_json::from_slice(&b).map_err(|e| {
-                StorageError::from(StorageIOError::read_snapshot(None, &e))
-            })?),
+            Ok(b) => Some(
+                serde_json::from_slice(&b)
+                    .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, &e)))?,
+            ),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(StorageIOError::read_snapshot(None, &e).into()),
         };
@@ -133,7 +137,9 @@ impl StateMachine {
             None => (ClusterState::default(), None, StoredMembership::default()),
         };
         let shared = Shared::new(state);
-        shared.applied.send_replace(last_applied.map_or(0, |l| l.index));
+        shared
+            .applied
+            .send_replace(last_applied.map_or(0, |l| l.index));
         Ok(Self {
             shared,
             last_applied,
@@ -151,7 +157,6 @@ impl StateMachine {
     fn install(&mut self, file: SnapshotFile) -> Result<(), StorageError<NodeId>> {
         let bytes = serde_json::to_vec(&file).map_err(snap_err)?;
         write_atomic(&snapshot_path(&self.dir), &bytes).map_err(snap_err)
-
     }
 }
 
@@ -190,8 +195,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn applied_state(
         &mut self,
-    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, Node>), StorageError<NodeId>>
-    {
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, Node>), StorageError<NodeId>> {
         Ok((self.last_applied, self.membership.clone()))
     }
 

@@ -339,9 +339,12 @@ mod tests {
     #[test]
     fn create_places_allocates_cids_and_refuses_duplicates_and_overcommit() {
         let mut s = ClusterState::default();
-        s.apply(1, &Command::PutNode {
-            node: node("n1", 2, 1024, 2.0),
-        });
+        s.apply(
+            1,
+            &Command::PutNode {
+                node: node("n1", 2, 1024, 2.0),
+            },
+        );
         let a = s.apply(2, &create("a", 2)).vm.unwrap();
         assert_eq!((a.node.as_str(), a.cid, a.revision), ("n1", 3, 2));
         let b = s.apply(3, &create("b", 2)).vm.unwrap();
@@ -354,17 +357,27 @@ mod tests {
         let r = s.apply(5, &create("c", 1)).rejected.unwrap();
         assert!(r.to_string().contains("vCPUs"), "{r}");
         // Stopping frees the vCPUs, starting again needs them back.
-        s.apply(6, &Command::SetDesired {
-            id: "b".into(),
-            desired: Desired::Stopped,
-        });
+        s.apply(
+            6,
+            &Command::SetDesired {
+                id: "b".into(),
+                desired: Desired::Stopped,
+            },
+        );
         assert!(s.apply(7, &create("c", 1)).rejected.is_none());
-        let r = s.apply(8, &Command::SetDesired {
-            id: "b".into(),
-            desired: Desired::Running,
-        });
+        let r = s.apply(
+            8,
+            &Command::SetDesired {
+                id: "b".into(),
+                desired: Desired::Running,
+            },
+        );
         assert!(matches!(r.rejected, Some(Rejection::NoCapacity { .. })));
-        assert!(s.apply(9, &Command::DeleteVm { id: "b".into() }).vm.is_some());
+        assert!(
+            s.apply(9, &Command::DeleteVm { id: "b".into() })
+                .vm
+                .is_some()
+        );
         assert_eq!(
             s.apply(10, &Command::DeleteVm { id: "b".into() }).rejected,
             Some(Rejection::NotFound { id: "b".into() })

@@ -26,7 +26,9 @@ pub fn no_vms() -> Option<String> {
         return Some(format!("/dev/kvm cannot be opened read-write: {e}"));
     }
     if vmm().is_none() {
-        return Some("cell0-vmm is not built next to cell0d (cargo build --workspace --bins)".into());
+        return Some(
+            "cell0-vmm is not built next to cell0d (cargo build --workspace --bins)".into(),
+        );
     }
     None
 }
