@@ -44,6 +44,9 @@ pub enum ApiError {
     /// Spawning the API thread failed.
     #[error("cannot start the API thread")]
     Thread(#[source] std::io::Error),
+    /// The API thread could not install its seccomp filter.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// A request handler for ops beyond the built-in ones (e.g. `quote`).
@@ -168,9 +171,18 @@ impl ApiServer {
             path: path.display().to_string(),
             source,
         })?;
+        // The thread installs its seccomp filter before it accepts anything and
+        // says whether that worked.
+        let (filtered_tx, filtered_rx) = std::sync::mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
+                let installed = crate::seccomp::install(crate::seccomp::ThreadKind::Api);
+                let ok = installed.is_ok();
+                let _ = filtered_tx.send(installed);
+                if !ok {
+                    return;
+                }
                 for conn in listener.incoming() {
                     match conn {
                         Ok(s) => {
@@ -183,9 +195,13 @@ impl ApiServer {
                 }
             })
             .map_err(ApiError::Thread)?;
-        Ok(Self {
+        let server = Self {
             path: path.to_path_buf(),
-        })
+        };
+        filtered_rx
+            .recv()
+            .map_err(|_| ApiError::Thread(std::io::Error::other("the API thread died")))??;
+        Ok(server)
     }
 }
 

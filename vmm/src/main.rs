@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use cell0_vmm::config::{DiskConfig, KernelSource, SerialOutput, VmConfig};
+use cell0_vmm::jail::{JailArgs, Jailed};
+use cell0_vmm::seccomp;
 use cell0_vmm::tpm::TpmConfig;
 use cell0_vmm::vm::Vm;
 use clap::{Parser, Subcommand};
@@ -100,6 +102,11 @@ struct LaunchArgs {
     /// Give the guest a virtio-rng device (entropy from the host's getrandom).
     #[arg(long)]
     rng: bool,
+    /// Debugging only: run without the per-thread seccomp filters (logs a warning).
+    #[arg(long)]
+    no_seccomp: bool,
+    #[command(flatten)]
+    jail: JailArgs,
 }
 
 fn init_logging(level: &str) -> anyhow::Result<()> {
@@ -145,7 +152,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 command,
                 disks,
                 rng,
+                no_seccomp,
+                jail,
             } = *a;
+            if no_seccomp {
+                tracing::warn!(
+                    "seccomp filters are off (--no-seccomp): use this for debugging only"
+                );
+                seccomp::disable();
+            } else {
+                // A data file that does not compile stops the VMM before it builds anything.
+                seccomp::prepare()?;
+            }
             let kernel = kernel.map_or(KernelSource::Nano, KernelSource::Path);
             let cfg = VmConfig::new(kernel, initrd, cmdline, vcpus, memory_mib, serial)?
                 .with_vsock(vsock_uds, cid)?
@@ -166,7 +184,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 rng,
                 ..cfg
             };
-            let reason = Vm::build(&cfg)?.run()?;
+            let mut vtpm = None;
+            let cfg = if jail.jail {
+                let cfg = cell0_vmm::jail::absolutize(&cfg)?;
+                match cell0_vmm::jail::launch(&jail, &cfg)? {
+                    Jailed::Supervisor(code) | Jailed::Done(code) => return Ok(code),
+                    Jailed::Inside(pending) => vtpm = pending,
+                }
+                cfg
+            } else {
+                cfg
+            };
+            let reason = Vm::build_with_vtpm(&cfg, vtpm)?.run()?;
             if reason.is_clean() {
                 Ok(ExitCode::SUCCESS)
             } else {

@@ -48,22 +48,39 @@ pub struct TpmConfig {
     pub command: Vec<String>,
 }
 
-/// A vTPM being started on its own thread while the VM is built.
-pub struct PendingVtpm(JoinHandle<Result<Vtpm, VtpmError>>);
+/// A vTPM being started on its own thread while the VM is built (or, in the
+/// jail, already started before `pivot_root`).
+pub struct PendingVtpm(Pending);
+
+enum Pending {
+    Thread(JoinHandle<Result<Vtpm, VtpmError>>),
+    Ready(Box<Vtpm>),
+}
 
 impl PendingVtpm {
     /// Starts swtpm (and manufactures its EK on first use) in the background.
     pub fn start(cfg: &TpmConfig) -> Self {
-        let opts = VtpmOptions::with_default_ca(cfg.run_dir.clone());
-        Self(std::thread::spawn(move || Vtpm::start(&opts)))
+        let mut opts = VtpmOptions::with_default_ca(cfg.run_dir.clone());
+        opts.worker_init = Some(crate::seccomp::vtpm_worker_init);
+        Self(Pending::Thread(std::thread::spawn(move || {
+            Vtpm::start(&opts)
+        })))
+    }
+
+    /// Waits until the vTPM has started and keeps it for [`PendingVtpm::wait`].
+    pub fn finish(self) -> Result<Self, TpmError> {
+        Ok(Self(Pending::Ready(Box::new(self.wait()?))))
     }
 
     /// Waits for the vTPM.
     pub fn wait(self) -> Result<Vtpm, TpmError> {
-        self.0
-            .join()
-            .map_err(|_| TpmError::Thread)?
-            .map_err(TpmError::from)
+        match self.0 {
+            Pending::Thread(t) => t
+                .join()
+                .map_err(|_| TpmError::Thread)?
+                .map_err(TpmError::from),
+            Pending::Ready(v) => Ok(*v),
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use kvm_ioctls::VcpuFd;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use crate::exit::{ExitCounters, ExitSignal, StopReason, VcpuAction, handle_exit};
+use crate::seccomp::{StartGate, ThreadKind};
 
 /// Lifecycle state of a vCPU thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,12 +105,18 @@ pub struct VcpuHandle {
 impl Vcpu {
     /// Starts the vCPU on its own thread.
     pub fn start(self) -> std::io::Result<VcpuHandle> {
+        self.start_gated(Arc::new(StartGate::opened()))
+    }
+
+    /// Starts the vCPU on its own thread, which installs its seccomp filter,
+    /// reports to `gate` and enters the guest only once the gate opens.
+    pub fn start_gated(self, gate: Arc<StartGate>) -> std::io::Result<VcpuHandle> {
         let control = Arc::new(VcpuControl::new());
         let c = control.clone();
         let index = self.index;
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || self.run(&c))?;
+            .spawn(move || self.run(&c, &gate))?;
         Ok(VcpuHandle {
             index,
             control,
@@ -117,8 +124,14 @@ impl Vcpu {
         })
     }
 
-    fn run(mut self, control: &VcpuControl) {
+    fn run(mut self, control: &VcpuControl, gate: &StartGate) {
         control.set(VcpuState::Running);
+        // The filter goes in before the first KVM_RUN; the gate holds the guest
+        // back until every other thread has its filter too.
+        if !gate.arrive(crate::seccomp::install(ThreadKind::Vcpu)) {
+            control.set(VcpuState::Exited);
+            return;
+        }
         let mut first = true;
         while !control.stop.load(Ordering::Acquire) {
             if first {

@@ -31,6 +31,7 @@ use crate::exit::{ExitCounters, ExitSignal, StopReason};
 use crate::legacy::{
     I8042, I8042_PORT, I8042_PORT_LEN, SERIAL_PORT, SERIAL_PORT_LEN, SerialDevice,
 };
+use crate::seccomp::{self, StartGate, ThreadKind};
 use crate::shm::{ShmApi, ShmWindow};
 use crate::tpm::{self, Measured, PendingVtpm, TpmApi};
 use crate::vcpu::{self, Vcpu, VcpuHandle};
@@ -125,6 +126,9 @@ pub enum VmError {
     /// The event loop failed.
     #[error("the event loop failed")]
     EventLoop(#[source] event_manager::Error),
+    /// A seccomp filter could not be installed.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 type Result<T> = std::result::Result<T, VmError>;
@@ -203,8 +207,14 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
 impl Vm {
     /// Builds the VM: everything up to, but not including, the first vCPU entry.
     pub fn build(cfg: &VmConfig) -> Result<Self> {
+        Self::build_with_vtpm(cfg, None)
+    }
+
+    /// [`Vm::build`] with a vTPM started earlier (the jail starts it before
+    /// `pivot_root`); `None` starts one here if `cfg.tpm` asks for it.
+    pub fn build_with_vtpm(cfg: &VmConfig, vtpm: Option<PendingVtpm>) -> Result<Self> {
         // swtpm takes the longest to start: begin it first, join before measuring.
-        let pending_tpm = cfg.tpm.as_ref().map(PendingVtpm::start);
+        let pending_tpm = vtpm.or_else(|| cfg.tpm.as_ref().map(PendingVtpm::start));
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
         vm.set_tss_address(KVM_TSS_ADDR)
@@ -478,14 +488,26 @@ impl Vm {
         };
         vcpu::install_kick_handler().map_err(os_err("install the vCPU kick handler"))?;
         let mut handles: Vec<VcpuHandle> = Vec::with_capacity(self.vcpus.len());
+        // Each vCPU thread installs its seccomp filter and waits at the gate; this
+        // thread installs its own once they all have, then lets them into the guest.
+        let gate = Arc::new(StartGate::new());
         for v in std::mem::take(&mut self.vcpus) {
-            match v.start() {
+            match v.start_gated(gate.clone()) {
                 Ok(h) => handles.push(h),
                 Err(e) => {
+                    gate.release(false);
                     stop_all(&mut handles);
                     return Err(os_err("spawn a vCPU thread")(e));
                 }
             }
+        }
+        let filtered = gate
+            .wait_arrivals(handles.len(), Duration::from_secs(10))
+            .and_then(|()| seccomp::install(ThreadKind::Vmm));
+        gate.release(filtered.is_ok());
+        if let Err(e) = filtered {
+            stop_all(&mut handles);
+            return Err(VmError::Seccomp(e));
         }
         let reason = loop {
             if let Some(r) = self.exit.reason() {

@@ -154,6 +154,9 @@ pub enum VtpmError {
     /// The worker thread is gone (it panicked).
     #[error("the vTPM worker thread has stopped")]
     WorkerGone,
+    /// The caller's worker start hook failed (see [`VtpmOptions::worker_init`]).
+    #[error("the vTPM worker's start hook failed: {0}")]
+    WorkerInit(String),
 }
 
 /// How to start a vTPM.
@@ -178,6 +181,10 @@ pub struct VtpmOptions {
     pub op_timeout: Duration,
     /// Keep `<run_dir>/vtpm/` when the vTPM stops (default: remove it).
     pub keep_state: bool,
+    /// Run on the worker thread once swtpm answers and the AK exists, before
+    /// the first request (cell0-vmm installs the thread's seccomp filter here).
+    /// An error stops the vTPM's start.
+    pub worker_init: Option<fn() -> Result<(), String>>,
 }
 
 impl VtpmOptions {
@@ -194,6 +201,7 @@ impl VtpmOptions {
             setup_timeout: Duration::from_secs(60),
             op_timeout: Duration::from_secs(30),
             keep_state: false,
+            worker_init: None,
         }
     }
 
@@ -468,6 +476,12 @@ fn worker_main(
             return;
         }
     };
+    if let Some(Err(e)) = opts.worker_init.map(|init| init()) {
+        conn.close();
+        proc.stop();
+        let _ = ready.send(Err(VtpmError::WorkerInit(e)));
+        return;
+    }
     if ready.send(Ok(started)).is_err() {
         conn.close();
         proc.stop();
