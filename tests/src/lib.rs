@@ -237,3 +237,39 @@ pub fn swtpm_pids_with(needle: &str) -> Vec<u32> {
     }
     out
 }
+
+/// The line the nano guest's `sypas-serve` prints once it listens on port 5000.
+pub const SERVE_LISTENING: &str = "cell0-nano: sypas-serve: listening on port 5000, mode ";
+
+/// Reads serial output until a line starts with `prefix`, then keeps draining the
+/// rest on a thread (so the VMM never blocks on a full pipe), printing it when
+/// `echo` is set with `tag` before each line. Lines before `prefix` are printed too.
+#[allow(clippy::print_stdout)] // echoing the guest's console is the point
+pub fn wait_for_serial_line(
+    out: std::process::ChildStdout,
+    prefix: &str,
+    echo: Option<&'static str>,
+) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    let mut lines = std::io::BufReader::new(out).lines();
+    loop {
+        let Some(line) = lines.next() else {
+            anyhow::bail!("the guest stopped before printing {prefix:?}");
+        };
+        let line = line?;
+        if let Some(tag) = echo {
+            println!("{tag}{line}");
+        }
+        if line.starts_with(prefix) {
+            break;
+        }
+    }
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if let Some(tag) = echo {
+                println!("{tag}{line}");
+            }
+        }
+    });
+    Ok(())
+}

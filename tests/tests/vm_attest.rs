@@ -117,6 +117,14 @@ fn quote(vm: &Vm, nonce: &cell0_attest::Nonce) -> (QuoteBundle, EventLog) {
     attest::quote(&vm.api, nonce).unwrap()
 }
 
+/// Enrolls `vm` as `id`, asks it for a quote over a fresh nonce, and verifies it.
+fn enroll_and_verify(v: &mut Verifier, id: &str, vm: &Vm, golden: &Manifest) -> Verdict {
+    enroll(v, id, vm);
+    let n = v.issue_nonce(id);
+    let (q, log) = quote(vm, &n);
+    v.verify(id, &q, &log, golden)
+}
+
 fn stop(mut vm: Vm) -> PathBuf {
     assert_eq!(api_request(&vm.api, &json!({"op": "stop"}))["ok"], true);
     let st = vm.child.0.wait().unwrap();
@@ -184,10 +192,7 @@ fn honest_boot_verifies_and_each_tampered_input_is_named() {
     ];
     for (name, k, cmdline, mem, event, pcr) in cases {
         let vm = launch(dir.path(), name, &ca, &k, cmdline, mem);
-        enroll(&mut v, name, &vm);
-        let n = v.issue_nonce(name);
-        let (q, log) = quote(&vm, &n);
-        only_mismatch(&v.verify(name, &q, &log, &golden), event, pcr);
+        only_mismatch(&enroll_and_verify(&mut v, name, &vm, &golden), event, pcr);
         stop(vm);
     }
 
@@ -201,10 +206,11 @@ fn honest_boot_verifies_and_each_tampered_input_is_named() {
         64,
         Some(b"extra"),
     );
-    enroll(&mut v, "initrd", &vm);
-    let n = v.issue_nonce("initrd");
-    let (q, log) = quote(&vm, &n);
-    only_mismatch(&v.verify("initrd", &q, &log, &golden), EventType::Initrd, 9);
+    only_mismatch(
+        &enroll_and_verify(&mut v, "initrd", &vm, &golden),
+        EventType::Initrd,
+        9,
+    );
     stop(vm);
 
     // A quote signed by another VM's AK does not verify for this VM.
@@ -292,10 +298,7 @@ fn twenty_vms_with_vtpms_in_parallel_all_verify() {
     let mut v = verifier(&ca);
     for (i, vm) in vms.iter().enumerate() {
         let id = format!("vm{i}");
-        enroll(&mut v, &id, vm);
-        let n = v.issue_nonce(&id);
-        let (q, log) = quote(vm, &n);
-        let verdict = v.verify(&id, &q, &log, &golden);
+        let verdict = enroll_and_verify(&mut v, &id, vm, &golden);
         assert!(verdict.is_trusted(), "{id}: {verdict}");
     }
     let runs: Vec<PathBuf> = vms.into_iter().map(stop).collect();

@@ -3,13 +3,14 @@
 //! SYPAS over virtio-vsock between the nano guest in a real VM and host
 //! processes on the VMM's hybrid Unix socket (issue 3).
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use cell0_proto::host::{Client, ClientConfig, ClientError, Endpoint, ReconnectPolicy};
-use cell0_tests::{ChildGuard, launch, require_kvm, start_echo_server, vmm, wait_for_path};
+use cell0_tests::{
+    ChildGuard, SERVE_LISTENING, api_request, launch, require_kvm, start_echo_server, vmm,
+    wait_for_path, wait_for_serial_line,
+};
 
 const CID: &str = "3";
 
@@ -111,19 +112,7 @@ fn start_serving_vm(extra_cmdline: &str) -> ServingVm {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let out = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(out).lines();
-    loop {
-        let l = lines
-            .next()
-            .expect("the guest printed its listening line before exiting")
-            .unwrap();
-        if l.starts_with("cell0-nano: sypas-serve: listening on port 5000, mode ") {
-            break;
-        }
-    }
-    // Keep draining serial output so the VMM never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+    wait_for_serial_line(child.stdout.take().unwrap(), SERVE_LISTENING, None).unwrap();
     assert!(wait_for_path(&api, Duration::from_secs(5)));
     ServingVm {
         child: ChildGuard(child),
@@ -142,16 +131,6 @@ fn client_config() -> ClientConfig {
     }
 }
 
-fn api_request(api: &Path, req: &str) -> serde_json::Value {
-    use std::io::Write;
-    let s = std::os::unix::net::UnixStream::connect(api).unwrap();
-    let mut w = s.try_clone().unwrap();
-    writeln!(w, "{req}").unwrap();
-    let mut l = String::new();
-    BufReader::new(s).read_line(&mut l).unwrap();
-    serde_json::from_str(&l).unwrap()
-}
-
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
     (0..n)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -162,7 +141,7 @@ fn pattern(n: usize, seed: u8) -> Vec<u8> {
 fn host_initiated_connection_to_a_guest_listener() {
     require_kvm!();
     let mut vm = start_serving_vm("");
-    let d = api_request(&vm.api, r#"{"op":"describe"}"#);
+    let d = api_request(&vm.api, &serde_json::json!({"op": "describe"}));
     assert_eq!(d["vm"]["vsock"]["cid"], 3, "{d}");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -202,9 +181,11 @@ fn vm_gone_mid_transfer_gives_the_host_a_clean_error_not_a_hang() {
             }));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let stopped = tokio::task::spawn_blocking(move || api_request(&api, r#"{"op":"stop"}"#))
-            .await
-            .unwrap();
+        let stopped = tokio::task::spawn_blocking(move || {
+            api_request(&api, &serde_json::json!({"op": "stop"}))
+        })
+        .await
+        .unwrap();
         assert_eq!(stopped["ok"], true);
         let mut failed = 0;
         for h in calls {

@@ -7,13 +7,12 @@
 //! `cell0-bench-sypas-vm [--calls N] [--poll 0|1] [--inflight K] [--json]`
 #![allow(clippy::print_stdout)]
 
-use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use cell0_proto::host::{Client, ClientConfig, Endpoint, ReconnectPolicy};
-use cell0_tests::{ChildGuard, vmm};
+use cell0_tests::{ChildGuard, SERVE_LISTENING, vmm, wait_for_serial_line};
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -76,16 +75,7 @@ fn main() -> anyhow::Result<()> {
         .context("cannot start cell0-vmm")?;
     let out = child.stdout.take().context("no stdout")?;
     let _guard = ChildGuard(child);
-    let mut lines = BufReader::new(out).lines();
-    loop {
-        let l = lines
-            .next()
-            .context("the guest exited before listening")??;
-        if l.starts_with("cell0-nano: sypas-serve: listening on port 5000, mode ") {
-            break;
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
+    wait_for_serial_line(out, SERVE_LISTENING, None)?;
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -5,7 +5,6 @@
 //! guest over virtio-vsock, and shut it down.
 #![allow(clippy::print_stdout)]
 
-use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -13,7 +12,7 @@ use anyhow::{Context, bail};
 use cell0_attest::Verdict;
 use cell0_proto::host::{Client, ClientConfig, Endpoint, ReconnectPolicy};
 use cell0_tests::attest::{self, VmSpec};
-use cell0_tests::{ChildGuard, bin, vmm, wait_for_path};
+use cell0_tests::{ChildGuard, SERVE_LISTENING, bin, vmm, wait_for_path, wait_for_serial_line};
 
 const GUEST_CMDLINE: &str = "cell0.test=sypas-serve cell0.port=5000";
 const CID: u64 = 3;
@@ -49,21 +48,7 @@ fn main() -> anyhow::Result<()> {
         .context("cannot start cell0-vmm")?;
     let out = child.stdout.take().context("no serial output")?;
     let mut guard = ChildGuard(child);
-    let mut serial = BufReader::new(out).lines();
-    loop {
-        let line = serial
-            .next()
-            .context("the guest stopped before it listened")??;
-        println!("      guest | {line}");
-        if line.starts_with("cell0-nano: sypas-serve: listening on port 5000") {
-            break;
-        }
-    }
-    std::thread::spawn(move || {
-        for line in serial.map_while(Result::ok) {
-            println!("      guest | {line}");
-        }
-    });
+    wait_for_serial_line(out, SERVE_LISTENING, Some("      guest | "))?;
     if !wait_for_path(&api, Duration::from_secs(30)) {
         bail!("the VMM did not open its API socket");
     }
