@@ -56,8 +56,9 @@ struct PageDirectories([[u64; 512]; IDENTITY_PDS]);
 #[repr(C, align(4096))]
 struct PageTable([*const u8; 512]);
 
-// SAFETY: the tables are never written by Rust; the CPU only sets accessed and
-// dirty bits, which are preset anyway.
+// SAFETY: PML4 is never written by Rust; the PDPT sits in `Shared` and is
+// written through raw pointers only (`link_pd`). The CPU only sets accessed
+// and dirty bits, which are preset anyway.
 unsafe impl Sync for PageTable {}
 
 static PDS: PageDirectories = PageDirectories(tables::identity_pds());
@@ -68,7 +69,10 @@ const fn next_level(table: *const u8) -> *const u8 {
     table.wrapping_add(TABLE_FLAGS as usize)
 }
 
-static PDPT: PageTable = {
+/// The PDPT behind PML4 entry 0 (0..512 GiB). Entries 0..4 point at the
+/// identity map's directories; ring 3 adds the shared-memory window's
+/// directories above them at run time (`link_pd`), hence `Shared`.
+static PDPT: Shared<PageTable> = Shared::new({
     let mut t = [ptr::null::<u8>(); 512];
     let mut i = 0;
     while i < IDENTITY_PDS {
@@ -76,13 +80,37 @@ static PDPT: PageTable = {
         i += 1;
     }
     PageTable(t)
-};
+});
 
 static PML4: PageTable = {
     let mut t = [ptr::null::<u8>(); 512];
-    t[0] = next_level((&raw const PDPT).cast());
+    t[0] = next_level(PDPT.get().cast_const().cast());
     PageTable(t)
 };
+
+/// Links the page directory at `pd` (4 KiB-aligned, identity-mapped, filled
+/// in) as PDPT entry `gib`, so it maps `gib` GiB..`gib + 1` GiB. Refuses
+/// (`false`) an index inside the identity map, past 511, or already linked.
+///
+/// No TLB flush is needed: the entry goes from not present to present, and
+/// no CPU caches a translation through a non-present entry (Intel SDM
+/// 4.10.4.3); a shadow-paging host traps the write to the live table.
+pub fn link_pd(gib: usize, pd: u64) -> bool {
+    if !(IDENTITY_PDS..512).contains(&gib) || pd % 4096 != 0 {
+        return false;
+    }
+    // SAFETY: `gib` < 512 is in bounds; the slot is read and written through
+    // raw pointers only (volatile: the CPU walks this live table). Only the
+    // BSP's ring 3 calls this, before any CPU touches the new range.
+    unsafe {
+        let slot = (&raw mut (*PDPT.get()).0[gib]).cast::<u64>();
+        if ptr::read_volatile(slot) != 0 {
+            return false;
+        }
+        ptr::write_volatile(slot, pd | TABLE_FLAGS);
+    }
+    true
+}
 
 // ---------------------------------------------------------------------------
 // Descriptor tables.

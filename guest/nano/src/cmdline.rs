@@ -177,6 +177,20 @@ pub fn parse_list(s: &[u8], out: &mut [u64]) -> Option<usize> {
     Some(n)
 }
 
+/// Decodes base64 in the URL-safe alphabet that `cell0d token mint`
+/// (biscuit's `to_base64`) prints, or the standard one, padded or not;
+/// `None` when it is neither.
+pub fn parse_base64(s: &[u8]) -> Option<alloc::vec::Vec<u8>> {
+    use base64::Engine as _;
+    use base64::alphabet::{STANDARD, URL_SAFE};
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    const CONFIG: GeneralPurposeConfig =
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
+    const URL: GeneralPurpose = GeneralPurpose::new(&URL_SAFE, CONFIG);
+    const STD: GeneralPurpose = GeneralPurpose::new(&STANDARD, CONFIG);
+    URL.decode(s).or_else(|_| STD.decode(s)).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,6 +325,22 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    #[test]
+    fn tokens_are_base64_in_either_alphabet() {
+        assert_eq!(
+            parse_base64(b"aGk_-w=="),
+            Some(vec![b'h', b'i', 0x3f, 0xfb])
+        );
+        assert_eq!(parse_base64(b"aGk_-w"), Some(vec![b'h', b'i', 0x3f, 0xfb]));
+        assert_eq!(
+            parse_base64(b"aGk/+w=="),
+            Some(vec![b'h', b'i', 0x3f, 0xfb])
+        );
+        assert_eq!(parse_base64(b""), Some(vec![]));
+        assert_eq!(parse_base64(b"a?b"), None);
+        assert_eq!(parse_base64(b"aGk_+w=="), None);
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! The pure parts of the cell0 nano guest: its fixed layout, the constant
 //! descriptor and page tables, the per-CPU fault record, the cmdline parser,
 //! the e820 map, the heap allocator, virtqueue rings, the vsock wire format
-//! and credit, and the test payload pattern. `no_std` in the kernel; with std
-//! under `cargo test`.
+//! and credit, the shared-memory window, and the test payload pattern.
+//! `no_std` in the kernel; with std under `cargo test`.
 #![cfg_attr(not(test), no_std)]
 
 extern crate alloc;
@@ -13,6 +13,7 @@ pub mod e820;
 pub mod heap;
 pub mod pattern;
 pub mod record;
+pub mod shm;
 pub mod tables;
 pub mod text;
 pub mod virtq;

@@ -15,6 +15,7 @@ use cell0_nano::text::Escaped;
 use cell0_proto::bytes::Bytes;
 
 use crate::selftest::{Ctx, Fail};
+use crate::session::describe_rights;
 use crate::sypas::{Client, Server};
 use crate::vsock::{self, Mode, Vsock};
 use crate::{galloc, say, time};
@@ -30,7 +31,7 @@ const MAX_CONNS: u64 = 1000;
 
 /// A numeric `cell0.*` key: its value, or `default` when absent; a value
 /// that is not a number in `min..=max` fails the test.
-fn opt(ctx: &Ctx<'_>, key: &str, default: u64, min: u64, max: u64) -> Result<u64, Fail> {
+pub(crate) fn opt(ctx: &Ctx<'_>, key: &str, default: u64, min: u64, max: u64) -> Result<u64, Fail> {
     let Some(v) = cmdline::value(ctx.cmdline, key.as_bytes()) else {
         return Ok(default);
     };
@@ -47,7 +48,7 @@ fn opt(ctx: &Ctx<'_>, key: &str, default: u64, min: u64, max: u64) -> Result<u64
 }
 
 /// `cell0.poll=1` selects busy-polling, `cell0.poll=0` (the default) interrupts.
-fn mode(ctx: &Ctx<'_>) -> Result<Mode, Fail> {
+pub(crate) fn mode(ctx: &Ctx<'_>) -> Result<Mode, Fail> {
     Ok(match opt(ctx, "cell0.poll", 0, 0, 1)? {
         1 => Mode::Poll,
         _ => Mode::Irq,
@@ -56,7 +57,7 @@ fn mode(ctx: &Ctx<'_>) -> Result<Mode, Fail> {
 
 /// Brings up the vsock device in the mode the cmdline asks for and prints
 /// the device line.
-fn open(ctx: &Ctx<'_>, name: &str) -> Result<Vsock, Fail> {
+pub(crate) fn open(ctx: &Ctx<'_>, name: &str) -> Result<Vsock, Fail> {
     let m = mode(ctx)?;
     let mut devices: Vec<MmioDevice> = Vec::new();
     for d in cmdline::mmio_devices(ctx.cmdline) {
@@ -88,7 +89,7 @@ fn open(ctx: &Ctx<'_>, name: &str) -> Result<Vsock, Fail> {
 /// The deadline from `cell0.timeout` (seconds, default 120), counted with
 /// the TSC at the conservative 1 GHz guess (see `time`): on a 2.6 GHz TSC
 /// 120 nominal seconds are about 46 real ones.
-fn deadline(ctx: &Ctx<'_>) -> Result<(u64, u64), Fail> {
+pub(crate) fn deadline(ctx: &Ctx<'_>) -> Result<(u64, u64), Fail> {
     let secs = opt(ctx, "cell0.timeout", 120, 1, 86_400)?;
     Ok((secs, time::deadline_ms(secs * 1000)))
 }
@@ -129,7 +130,7 @@ fn run(
 }
 
 /// "2600 MHz" or "uncalibrated".
-fn tsc_rate() -> String {
+pub(crate) fn tsc_rate() -> String {
     if time::calibrated() {
         format!("{} MHz", time::per_ms() / 1000)
     } else {
@@ -137,8 +138,54 @@ fn tsc_rate() -> String {
     }
 }
 
-fn token(ctx: &Ctx<'_>) -> Bytes {
-    Bytes::copy_from_slice(cmdline::value(ctx.cmdline, b"cell0.token").unwrap_or(b""))
+/// The token under `key` (`cell0.token`, `cell0.token2`): the base64 text
+/// `cell0d token mint` prints, decoded; `None` when the key is absent.
+pub(crate) fn token_opt(ctx: &Ctx<'_>, key: &str) -> Result<Option<Bytes>, Fail> {
+    let Some(v) = cmdline::value(ctx.cmdline, key.as_bytes()) else {
+        return Ok(None);
+    };
+    cmdline::parse_base64(v)
+        .map(|b| Some(Bytes::from(b)))
+        .ok_or_else(|| {
+            Fail(format!(
+                "bad {} value '{}': expected base64 (as `cell0d token mint` prints it)",
+                key,
+                Escaped(v)
+            ))
+        })
+}
+
+/// The value of `key` as UTF-8 text, `None` when absent.
+pub(crate) fn cmdline_str<'a>(cmdline: &'a [u8], key: &str) -> Result<Option<&'a str>, Fail> {
+    match cmdline::value(cmdline, key.as_bytes()) {
+        None => Ok(None),
+        Some(v) => core::str::from_utf8(v).map(Some).map_err(|_| {
+            Fail(format!(
+                "bad {} value '{}': expected UTF-8",
+                key,
+                Escaped(v)
+            ))
+        }),
+    }
+}
+
+/// The HELLO token (`cell0.token`, empty when absent).
+pub(crate) fn token(ctx: &Ctx<'_>) -> Result<Bytes, Fail> {
+    Ok(token_opt(ctx, "cell0.token")?.unwrap_or_default())
+}
+
+/// The agent id HELLO names (`cell0.agent_id`, default `nano`).
+pub(crate) fn agent_id(ctx: &Ctx<'_>) -> Result<String, Fail> {
+    match cmdline::value(ctx.cmdline, b"cell0.agent_id") {
+        None => Ok(String::from(crate::sypas::AGENT_ID)),
+        Some(v) => match core::str::from_utf8(v) {
+            Ok(s) if !s.is_empty() && s.len() <= 256 => Ok(String::from(s)),
+            _ => Err(Fail(format!(
+                "bad cell0.agent_id value '{}': expected 1 to 256 bytes of UTF-8",
+                Escaped(v)
+            ))),
+        },
+    }
 }
 
 /// Steps one client; the `run` step result for it.
@@ -179,8 +226,10 @@ pub fn sypas_echo(ctx: &Ctx<'_>) -> Result<(), Fail> {
             })?,
     };
     let plan: Vec<(usize, u32)> = sizes[..n].iter().map(|s| (*s as usize, calls)).collect();
+    let tok = token(ctx).map_err(with_mode)?;
+    let agent = agent_id(ctx).map_err(with_mode)?;
     let mut vs = open(ctx, NAME)?;
-    let mut c = Client::connect(&mut vs.core, port, token(ctx), plan.clone());
+    let mut c = Client::connect(&mut vs.core, port, tok.clone(), plan.clone()).agent(agent);
     let r = run(
         &mut vs,
         ctx,
@@ -188,6 +237,17 @@ pub fn sypas_echo(ctx: &Ctx<'_>) -> Result<(), Fail> {
         |vs| step_client(&mut c, vs),
         || String::from("the echo session did not finish"),
     );
+    // With a token, the grant the router gave (WELCOME's rights and expiry).
+    if let (false, Some(w)) = (tok.is_empty(), &c.welcome) {
+        say!(
+            "{}: welcome: session {}, rights {}, token expiry {}, mode {}",
+            NAME,
+            w.session_id,
+            describe_rights(&w.rights),
+            w.token_expiry,
+            m
+        );
+    }
     // Whatever happened, report the sizes that completed.
     let total: u32 = plan.iter().map(|p| p.1).sum();
     for (i, (size, n)) in plan.iter().enumerate() {
@@ -353,11 +413,13 @@ pub fn vsock_flood(ctx: &Ctx<'_>) -> Result<(), Fail> {
     let conns = opt(ctx, "cell0.conns", 64, 1, MAX_CONNS).map_err(with_mode)? as usize;
     let calls = opt(ctx, "cell0.calls", 4, 1, 1_000_000).map_err(with_mode)? as u32;
     let size = opt(ctx, "cell0.size", 65536, 0, MAX_SIZE).map_err(with_mode)? as usize;
+    let tok = token(ctx).map_err(with_mode)?;
+    let agent = agent_id(ctx).map_err(with_mode)?;
     let mut vs = open(ctx, NAME)?;
-    let tok = token(ctx);
     let mut clients: Vec<Client> = (0..conns)
         .map(|i| {
             Client::connect(&mut vs.core, port, tok.clone(), alloc::vec![(size, calls)])
+                .agent(agent.clone())
                 .pattern_base(i as u32 * calls)
                 .hold()
         })
@@ -435,7 +497,7 @@ fn driver_line(name: &str, vs: &Vsock) {
 }
 
 /// Microseconds with one decimal, from TSC cycles.
-fn us1(cycles: u64) -> String {
+pub(crate) fn us1(cycles: u64) -> String {
     let tenths = (u128::from(cycles) * 10_000 / u128::from(time::per_ms())) as u64;
     format!("{}.{}", tenths / 10, tenths % 10)
 }
@@ -452,12 +514,14 @@ pub fn sypas_bench(ctx: &Ctx<'_>) -> Result<(), Fail> {
     let window = opt(ctx, "cell0.window", 64, 1, 4096).map_err(with_mode)? as usize;
     let pipelined = opt(ctx, "cell0.pipelined", 20_000, 1, 10_000_000).map_err(with_mode)? as u32;
     let bulk_mib = opt(ctx, "cell0.bulk_mib", 64, 1, 65536).map_err(with_mode)? as u32;
+    let tok = token(ctx).map_err(with_mode)?;
+    let agent = agent_id(ctx).map_err(with_mode)?;
     let mut vs = open(ctx, NAME)?;
-    let tok = token(ctx);
 
     // 1. Round trips, one at a time.
-    let mut c =
-        Client::connect(&mut vs.core, port, tok.clone(), alloc::vec![(size, calls)]).record_rtts();
+    let mut c = Client::connect(&mut vs.core, port, tok.clone(), alloc::vec![(size, calls)])
+        .agent(agent.clone())
+        .record_rtts();
     run(
         &mut vs,
         ctx,
@@ -489,6 +553,7 @@ pub fn sypas_bench(ctx: &Ctx<'_>) -> Result<(), Fail> {
         tok.clone(),
         alloc::vec![(size, pipelined)],
     )
+    .agent(agent.clone())
     .window(window);
     run(
         &mut vs,
@@ -514,7 +579,9 @@ pub fn sypas_bench(ctx: &Ctx<'_>) -> Result<(), Fail> {
     // 3. Bulk: 64 KiB calls, 8 in flight.
     const BULK: usize = 64 * 1024;
     let bulk_calls = bulk_mib * 16;
-    let mut c = Client::connect(&mut vs.core, port, tok, alloc::vec![(BULK, bulk_calls)]).window(8);
+    let mut c = Client::connect(&mut vs.core, port, tok, alloc::vec![(BULK, bulk_calls)])
+        .agent(agent)
+        .window(8);
     run(
         &mut vs,
         ctx,

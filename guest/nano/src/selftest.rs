@@ -11,7 +11,7 @@ use core::sync::atomic::Ordering;
 use cell0_nano::layout::{IDENTITY_MAP_END, SERIAL_PORT, SERIAL_VECTOR, TIMER_VECTOR};
 
 use crate::arch::IRQ_COUNTS;
-use crate::{lapic, nettest, say, smp, sys, time};
+use crate::{lapic, nettest, routertest, say, smp, sys, time};
 
 /// Why a self-test failed: the text after `test NAME failed: `.
 #[derive(Debug)]
@@ -87,6 +87,18 @@ pub const TESTS: &[SelfTest] = &[
     SelfTest {
         name: "sypas-bench",
         run: nettest::sypas_bench,
+    },
+    SelfTest {
+        name: "sypas-shm",
+        run: routertest::sypas_shm,
+    },
+    SelfTest {
+        name: "sypas-agents",
+        run: routertest::sypas_agents,
+    },
+    SelfTest {
+        name: "sypas-refusal",
+        run: routertest::sypas_refusal,
     },
 ];
 

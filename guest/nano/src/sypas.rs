@@ -211,6 +211,10 @@ pub struct Client {
     pub first_reply_at: Option<u64>,
     /// Whether to wait for `start` after WELCOME.
     hold: bool,
+    /// The agent id HELLO names.
+    agent: String,
+    /// The WELCOME: the granted rights and the token's expiry.
+    pub welcome: Option<Welcome>,
 }
 
 impl Client {
@@ -239,7 +243,16 @@ impl Client {
             welcome_at: None,
             first_reply_at: None,
             hold: false,
+            agent: String::from(AGENT_ID),
+            welcome: None,
         }
+    }
+
+    /// HELLO names `agent` (the token's agent) instead of `nano`.
+    #[must_use]
+    pub fn agent(mut self, agent: String) -> Self {
+        self.agent = agent;
+        self
     }
 
     /// Up to `window` CALLs in flight at once.
@@ -401,7 +414,7 @@ impl Client {
         if self.state == ClientState::Connecting && conn_state == State::Established {
             let hello = Hello {
                 versions: vec![u32::from(VERSION)],
-                agent_id: AGENT_ID.into(),
+                agent_id: self.agent.clone(),
                 token: self.token.clone(),
             };
             self.send(core, encode(Kind::Hello, 0, 0, &hello))?;
@@ -431,6 +444,7 @@ impl Client {
                         return Err(Fail(format!("WELCOME chose version {}", w.version)));
                     }
                     self.welcome_at = Some(time::now());
+                    self.welcome = Some(w);
                     if self.hold {
                         self.state = ClientState::Ready;
                     } else {

@@ -45,6 +45,12 @@ pub const fn identity_pde(addr: u64) -> u64 {
     addr | PTE_PRESENT | PTE_WRITABLE | PTE_USER | PTE_ACCESSED | PTE_DIRTY | PTE_HUGE | cache
 }
 
+/// The PDE that maps the 2 MiB page of the shared-memory window at `addr`
+/// (above 4 GiB; ordinary cached memory that the host maps too).
+pub const fn shm_pde(addr: u64) -> u64 {
+    addr | PTE_PRESENT | PTE_WRITABLE | PTE_USER | PTE_ACCESSED | PTE_DIRTY | PTE_HUGE
+}
+
 /// The page directories that identity-map 0..IDENTITY_MAP_END with 2 MiB
 /// pages (never 1 GiB pages: they triple-fault on the project's hosts).
 pub const fn identity_pds() -> [[u64; 512]; IDENTITY_PDS] {
@@ -187,6 +193,12 @@ mod tests {
         );
         // RAM below 3 GiB is cached.
         assert_eq!(pds[2][511] & (PTE_PCD | PTE_PWT), 0);
+    }
+
+    #[test]
+    fn shm_pdes_are_cached_user_writable_2mib_pages() {
+        assert_eq!(shm_pde(4 << 30), (4 << 30) | 0xe7);
+        assert_eq!(shm_pde(4 << 30) & (PTE_PCD | PTE_PWT), 0);
     }
 
     #[test]
