@@ -9,6 +9,7 @@ PACKAGES=(
   libtss2-dev               # tss-esapi (attest/)
   swtpm swtpm-tools         # per-VM vTPM (attest/)
   busybox-static cpio       # guest images (rootfs/)
+  make flex bison bc libelf-dev libssl-dev xz-utils  # cell0-rootfs kernel (the minimal guest kernel)
   protobuf-compiler         # protoc for the gRPC API (proto/ feature grpc)
 )
 
