@@ -43,7 +43,6 @@ fn main() {
     let mut cmd = Command::new(cargo);
     cmd.arg("build")
         .arg("--release")
-        .arg("--locked")
         .arg("--package")
         .arg("cell0-agent")
         .arg("--bin")
