@@ -273,3 +273,117 @@ pub fn wait_for_serial_line(
     });
     Ok(())
 }
+
+/// A `cell0-vmm launch` running in the background, its serial output and
+/// stderr collected by threads (so the VMM never blocks on a full pipe).
+#[derive(Debug)]
+pub struct BgVm {
+    /// The VMM process (killed and reaped on drop).
+    pub child: ChildGuard,
+    out: Option<std::thread::JoinHandle<String>>,
+    err: Option<std::thread::JoinHandle<String>>,
+}
+
+impl BgVm {
+    /// Starts `cell0-vmm launch ARGS`.
+    pub fn spawn(args: &[&str]) -> BgVm {
+        use std::io::Read;
+        let mut child = vmm()
+            .arg("launch")
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("cell0-vmm runs");
+        let mut so = child.stdout.take().expect("piped stdout");
+        let mut se = child.stderr.take().expect("piped stderr");
+        let out = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = so.read_to_end(&mut v);
+            String::from_utf8_lossy(&v).into_owned()
+        });
+        let err = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = se.read_to_end(&mut v);
+            String::from_utf8_lossy(&v).into_owned()
+        });
+        BgVm {
+            child: ChildGuard(child),
+            out: Some(out),
+            err: Some(err),
+        }
+    }
+
+    /// The VMM's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    /// Whether the VMM is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.0.try_wait(), Ok(None))
+    }
+
+    /// Waits at most `timeout` for the VMM to exit and returns the outcome;
+    /// past the timeout it is killed, and the outcome says so (`code: None`).
+    pub fn wait(mut self, timeout: std::time::Duration) -> Run {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut code = None;
+        loop {
+            match self.child.0.try_wait() {
+                Ok(Some(st)) => {
+                    code = st.code();
+                    break;
+                }
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                _ => {
+                    let _ = self.child.0.kill();
+                    let _ = self.child.0.wait();
+                    break;
+                }
+            }
+        }
+        let join = |h: Option<std::thread::JoinHandle<String>>| {
+            h.map(|h| h.join().unwrap_or_default()).unwrap_or_default()
+        };
+        Run {
+            code,
+            serial: join(self.out.take()),
+            stderr: join(self.err.take()),
+        }
+    }
+}
+
+/// What `/proc/<pid>` says about a process: open fds, threads, resident KiB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcUsage {
+    /// Entries of `/proc/<pid>/fd`.
+    pub fds: usize,
+    /// `Threads:` of `/proc/<pid>/status`.
+    pub threads: usize,
+    /// `VmRSS:` of `/proc/<pid>/status`, in KiB.
+    pub rss_kib: u64,
+}
+
+/// Reads `ProcUsage` of `pid`; `None` once the process is gone.
+pub fn proc_usage(pid: u32) -> Option<ProcUsage> {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some(ProcUsage {
+        fds,
+        threads: field("Threads:")? as usize,
+        rss_kib: field("VmRSS:")?,
+    })
+}
