@@ -59,6 +59,42 @@ struct Args {
     /// Token verifications per figure.
     #[arg(long, default_value_t = 2_000)]
     verifies: usize,
+    /// Worker threads of the `cell0d router` process (its `--threads`).
+    #[arg(long, default_value_t = 1)]
+    router_threads: usize,
+    /// Worker threads of the clients' runtime (1: a current-thread runtime).
+    #[arg(long, default_value_t = 1)]
+    client_threads: usize,
+}
+
+/// CPU seconds this thread has used.
+fn thread_cpu() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into `ts`, which lives for the call.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts);
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+/// CPU seconds (user + system) a process has used, from /proc.
+fn proc_cpu(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command (which may hold spaces) start after ") ".
+    let rest = &stat[stat.rfind(") ")? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / hz)
+}
+
+/// CPU seconds (user + system) this process has used.
+fn self_cpu() -> f64 {
+    proc_cpu(std::process::id()).unwrap_or(f64::NAN)
 }
 
 struct RouterProc(Child);
@@ -73,7 +109,13 @@ impl Drop for RouterProc {
     }
 }
 
-fn start_process(bin: &Path, sock: &Path, data: &Path, vm: &str) -> anyhow::Result<RouterProc> {
+fn start_process(
+    bin: &Path,
+    sock: &Path,
+    data: &Path,
+    vm: &str,
+    threads: usize,
+) -> anyhow::Result<RouterProc> {
     use std::io::BufRead;
     let mut child = Command::new(bin)
         .args(["router", "--socket"])
@@ -81,6 +123,7 @@ fn start_process(bin: &Path, sock: &Path, data: &Path, vm: &str) -> anyhow::Resu
         .arg("--data-dir")
         .arg(data)
         .args(["--vm", vm])
+        .args(["--threads", &threads.to_string()])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()
@@ -152,11 +195,14 @@ fn bench_verify(data: &Path, n: usize) -> anyhow::Result<serde_json::Value> {
             verifier.verify(t)?;
         }
         let start = Instant::now();
+        let cpu = thread_cpu();
         for _ in 0..n {
             verifier.verify(t)?;
         }
+        let cpu_us = (thread_cpu() - cpu) * 1e6 / n as f64;
         let us = start.elapsed().as_secs_f64() * 1e6 / n as f64;
         out.insert(format!("verify_{name}_us"), json!(us));
+        out.insert(format!("verify_{name}_cpu_us"), json!(cpu_us));
         out.insert(format!("token_{name}_bytes"), json!(t.len()));
     }
     Ok(out.into())
@@ -182,6 +228,7 @@ async fn bench_throughput(
     sock: &Path,
     token: &Bytes,
     a: &Args,
+    router_pid: Option<u32>,
 ) -> anyhow::Result<serde_json::Value> {
     let mut clients = Vec::new();
     for _ in 0..a.clients {
@@ -215,16 +262,24 @@ async fn bench_throughput(
         r??;
     }
     let start = Instant::now();
+    let router_cpu = router_pid.and_then(proc_cpu);
+    let client_cpu = self_cpu();
     let mut set = run(per_task);
     while let Some(r) = set.join_next().await {
         r??;
     }
     let secs = start.elapsed().as_secs_f64();
     let total = per_task * a.clients * a.in_flight;
+    let per_call = |before: Option<f64>, after: Option<f64>| match (before, after) {
+        (Some(b), Some(a)) => json!((a - b) * 1e6 / total as f64),
+        _ => serde_json::Value::Null,
+    };
     Ok(json!({
         "throughput_calls": total, "throughput_clients": a.clients,
         "throughput_in_flight_per_client": a.in_flight,
         "throughput_calls_per_s": total as f64 / secs,
+        "throughput_router_cpu_us_per_call": per_call(router_cpu, router_pid.and_then(proc_cpu)),
+        "throughput_clients_cpu_us_per_call": per_call(Some(client_cpu), Some(self_cpu())),
     }))
 }
 
@@ -343,9 +398,16 @@ fn merge(into: &mut serde_json::Map<String, serde_json::Value>, v: serde_json::V
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = if a.client_threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(a.client_threads)
+            .enable_all()
+            .build()?
+    };
     rt.block_on(run(a))
 }
 
@@ -365,7 +427,7 @@ async fn run(a: Args) -> anyhow::Result<()> {
     let mut results = serde_json::Map::new();
     merge(&mut results, bench_verify(&data, a.verifies)?);
 
-    let _proc;
+    let mut proc = None;
     let _router;
     if a.in_process {
         let r = Router::new(RouterConfig::new(data.clone()))?;
@@ -381,14 +443,28 @@ async fn run(a: Args) -> anyhow::Result<()> {
                 .context("no folder")?
                 .join("cell0d"),
         };
-        _proc = Some(start_process(&bin, &sock, &data, &vm_arg)?);
-        results.insert("router".into(), json!("cell0d router process"));
+        proc = Some(start_process(
+            &bin,
+            &sock,
+            &data,
+            &vm_arg,
+            a.router_threads,
+        )?);
+        results.insert(
+            "router".into(),
+            json!(format!(
+                "cell0d router process, {} thread(s)",
+                a.router_threads
+            )),
+        );
     }
+    results.insert("client_threads".into(), json!(a.client_threads));
+    let router_pid = proc.as_ref().map(|p: &RouterProc| p.0.id());
     let host_token = mint(&data, "bench", "host", &[("echo", "*")])?;
     merge(&mut results, bench_hello(&sock, &host_token, 200).await?);
     merge(
         &mut results,
-        bench_throughput(&sock, &host_token, &a).await?,
+        bench_throughput(&sock, &host_token, &a, router_pid).await?,
     );
     let vm_token = mint(&data, "guest", "bench-vm", &[("echo", "*")])?;
     merge(
@@ -415,12 +491,15 @@ async fn run(a: Args) -> anyhow::Result<()> {
             .unwrap_or(f64::NAN)
     };
     println!("router: {}", results["router"]);
+    println!("client threads: {}", a.client_threads);
     println!(
-        "token verify: {:.1} µs minted ({} B), {:.1} µs attenuated ({} B)",
+        "token verify: {:.1} µs minted ({} B; {:.1} µs CPU), {:.1} µs attenuated ({} B; {:.1} µs CPU)",
         f("verify_minted_us"),
         results["token_minted_bytes"],
+        f("verify_minted_cpu_us"),
         f("verify_attenuated_us"),
-        results["token_attenuated_bytes"]
+        results["token_attenuated_bytes"],
+        f("verify_attenuated_cpu_us")
     );
     println!(
         "connect + HELLO + WELCOME: p50 {:.1} µs, p99 {:.1} µs",
@@ -428,10 +507,12 @@ async fn run(a: Args) -> anyhow::Result<()> {
         f("hello_p99_us")
     );
     println!(
-        "small CALLs: {:.0} calls/s ({} clients x {} in flight)",
+        "small CALLs: {:.0} calls/s ({} clients x {} in flight); CPU per call: router {:.2} µs, clients {:.2} µs",
         f("throughput_calls_per_s"),
         a.clients,
-        a.in_flight
+        a.in_flight,
+        f("throughput_router_cpu_us_per_call"),
+        f("throughput_clients_cpu_us_per_call")
     );
     for l in ["1mib", "64mib"] {
         println!(

@@ -362,7 +362,7 @@ impl RouterHandler {
             ));
         }
         let service = format!("{EVENT_PREFIX}{topic}");
-        if !permits(&session.grant().rights, &service, method) {
+        if !permits(&session.shared_grant().rights, &service, method) {
             let e = err(
                 ErrorCode::PermissionDenied,
                 format!("The session may not {method} topic {topic:?}."),
@@ -376,9 +376,11 @@ impl RouterHandler {
 
 impl Handler for RouterHandler {
     async fn call(&self, session: Arc<Session>, call: Call) -> Result<Reply, ServiceError> {
-        let (service, method) = (call.service.clone(), call.method.clone());
+        // Only calls with refs can be refused for shm reasons: keep their
+        // names for the audit log, and spare the small calls the copies.
+        let names = (!call.shm.is_empty()).then(|| (call.service.clone(), call.method.clone()));
         let r = self.route(&session, call).await;
-        if let Err(e) = &r {
+        if let (Err(e), Some((service, method))) = (&r, names) {
             if matches!(
                 e.error_code(),
                 Some(ErrorCode::ShmOutOfBounds | ErrorCode::ShmUnavailable)

@@ -201,6 +201,12 @@ impl Core {
         let mut services = write(&self.services);
         match services.get(name) {
             Some(Service::Remote(p)) if p.session.id() == peer.session.id() => Ok(()),
+            // A registration left by a connection that ended without a clean
+            // close (cut at shutdown) does not hold the name.
+            Some(Service::Remote(p)) if p.session.is_closed() => {
+                services.insert(name.to_owned(), Service::Remote(peer));
+                Ok(())
+            }
             Some(_) => Err(ServiceError::new(
                 ErrorCode::BadRequest,
                 format!("Service {name:?} is already registered."),
@@ -225,6 +231,16 @@ impl Core {
                 format!("This session has not registered service {name:?}."),
             )),
         }
+    }
+
+    /// Forgets every session of a VM, and every closed session's subscriptions.
+    fn purge(&self, origin: &Arc<Origin>) {
+        write(&self.agents).retain(|_, p| !Arc::ptr_eq(&p.origin, origin));
+        write(&self.services).retain(|_, s| match s {
+            Service::Remote(p) => !Arc::ptr_eq(&p.origin, origin) && !p.session.is_closed(),
+            Service::Local(_) => true,
+        });
+        self.topics.remove_closed();
     }
 
     /// Every session of a VM (to end them when the VM is detached).
@@ -531,9 +547,7 @@ impl Router {
         l.stop.notify_one();
         let _ = l.task.await;
         // Sessions cut before they could close cleanly leave no trace behind.
-        for s in self.core.sessions_of(&l.origin) {
-            self.core.remove_session(&s);
-        }
+        self.core.purge(&l.origin);
         let _ = std::fs::remove_file(&l.path);
     }
 

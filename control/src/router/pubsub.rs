@@ -59,6 +59,15 @@ impl Topics {
         });
     }
 
+    /// Removes every session whose connection has ended.
+    pub fn remove_closed(&self) {
+        let mut m = self.map.write().unwrap_or_else(|p| p.into_inner());
+        m.retain(|_, subs| {
+            subs.retain(|_, s| !s.is_closed());
+            !subs.is_empty()
+        });
+    }
+
     /// Queues `event` for every subscriber of its topic, dropping the slow ones.
     pub fn publish(&self, event: &Event) -> Delivery {
         let mut out = Delivery::default();

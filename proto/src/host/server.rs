@@ -226,7 +226,7 @@ struct OutCalls {
 pub struct Session {
     id: u64,
     agent_id: String,
-    grant: RwLock<Grant>,
+    grant: RwLock<Arc<Grant>>,
     tx: mpsc::Sender<Outbound>,
     kill: Arc<Kill>,
     calls: Mutex<OutCalls>,
@@ -243,8 +243,18 @@ impl Session {
         &self.agent_id
     }
 
+    /// Whether the session's connection has ended (its writer is gone).
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
     /// The current grant.
     pub fn grant(&self) -> Grant {
+        Grant::clone(&self.shared_grant())
+    }
+
+    /// The current grant, shared (no copy of the rights: what every CALL checks).
+    pub fn shared_grant(&self) -> Arc<Grant> {
         match self.grant.read() {
             Ok(g) => g.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
@@ -252,6 +262,7 @@ impl Session {
     }
 
     fn set_grant(&self, grant: Grant) {
+        let grant = Arc::new(grant);
         match self.grant.write() {
             Ok(mut g) => *g = grant,
             Err(poisoned) => *poisoned.into_inner() = grant,
@@ -695,7 +706,7 @@ impl<H: Handler, A: HelloHook> Server<H, A> {
                 Err(e) => send(error_from(e, id, channel)).await,
             },
             Body::Call(call) => {
-                let grant = sess.grant();
+                let grant = sess.shared_grant();
                 let refusal = if grant.expired_at(unix_now()) {
                     Some(ServiceError::new(
                         ErrorCode::TokenExpired,
@@ -768,7 +779,7 @@ impl<H: Handler, A: HelloHook> Server<H, A> {
         let session = Arc::new(Session {
             id,
             agent_id: hello.agent_id.clone(),
-            grant: RwLock::new(grant),
+            grant: RwLock::new(Arc::new(grant)),
             tx: tx.clone(),
             kill: kill.clone(),
             calls: Mutex::new(OutCalls::default()),
