@@ -25,6 +25,15 @@ unsafe extern "C" {
 /// Heap arena alignment (a page).
 const ARENA_ALIGN: u64 = 4096;
 
+/// One past the highest e820 RAM byte (0 before `init`): what lies above is
+/// not guest RAM (the evil self-test aims buffers there).
+static RAM_TOP: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// One past the highest byte of guest RAM, from the e820 map.
+pub fn ram_top() -> u64 {
+    RAM_TOP.load(core::sync::atomic::Ordering::Relaxed)
+}
+
 /// Gives the heap the RAM above the image, per the zero page's e820 map.
 pub fn init(boot_params: usize) {
     let image_end = (&raw const nano_image_end) as u64;
@@ -38,6 +47,13 @@ pub fn init(boot_params: usize) {
         unsafe { ptr::copy_nonoverlapping(at as *const u8, b.as_mut_ptr(), E820_ENTRY_SIZE) };
         Entry::from_bytes(&b)
     });
+    let top = entries
+        .clone()
+        .filter(|e| e.kind == cell0_nano::e820::E820_RAM)
+        .map(|e| e.range().end)
+        .max()
+        .unwrap_or(0);
+    RAM_TOP.store(top, core::sync::atomic::Ordering::Relaxed);
     let rd_start = u64::from(crate::read_u32(boot_params + BP_RAMDISK_IMAGE));
     let rd_size = u64::from(crate::read_u32(boot_params + BP_RAMDISK_SIZE));
     let ramdisk = (rd_size > 0).then_some(rd_start..rd_start + rd_size);

@@ -11,6 +11,8 @@ extern crate alloc;
 
 mod arch;
 mod console;
+mod devtest;
+mod evil;
 mod fault;
 mod galloc;
 mod lapic;
@@ -20,6 +22,7 @@ mod routertest;
 mod selftest;
 mod session;
 mod shmwin;
+mod simpledev;
 mod smp;
 mod sypas;
 mod sys;

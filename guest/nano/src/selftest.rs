@@ -11,7 +11,7 @@ use core::sync::atomic::Ordering;
 use cell0_nano::layout::{IDENTITY_MAP_END, SERIAL_PORT, SERIAL_VECTOR, TIMER_VECTOR};
 
 use crate::arch::IRQ_COUNTS;
-use crate::{lapic, nettest, routertest, say, smp, sys, time};
+use crate::{devtest, evil, lapic, nettest, routertest, say, smp, sys, time};
 
 /// Why a self-test failed: the text after `test NAME failed: `.
 #[derive(Debug)]
@@ -99,6 +99,18 @@ pub const TESTS: &[SelfTest] = &[
     SelfTest {
         name: "sypas-refusal",
         run: routertest::sypas_refusal,
+    },
+    SelfTest {
+        name: "blk",
+        run: devtest::blk,
+    },
+    SelfTest {
+        name: "rng",
+        run: devtest::rng,
+    },
+    SelfTest {
+        name: "evil",
+        run: evil::evil,
     },
 ];
 
