@@ -347,7 +347,7 @@ fn two_vms_talk_through_the_router_and_a_third_without_the_right_is_refused() {
         .lines()
         .find(|l| l.contains("agent-to-agent round trip"))
         .unwrap();
-    println!("{p50}");
+    eprintln!("{p50}");
     let rec = router.wait_audit("CALL", "PERMISSION_DENIED", "carol");
     assert_eq!(rec["service"], "agent/bob", "{rec}");
     assert_eq!(rec["vm"], "vm-c", "{rec}");
