@@ -125,6 +125,21 @@ fn init_main() -> ExitCode {
     }
 }
 
+/// An agent EVENT as a JSON line: output as text, exit and heartbeat decoded.
+fn event_json(topic: &str, payload: &[u8]) -> serde_json::Value {
+    use prost::Message;
+    if topic.ends_with("/exit") {
+        if let Ok(s) = api::ExitStatus::decode(payload) {
+            return serde_json::json!({"event": topic, "exit": {"code": s.code, "signal": s.signal}});
+        }
+    } else if topic.ends_with("/heartbeat") {
+        if let Ok(h) = api::Heartbeat::decode(payload) {
+            return serde_json::json!({"event": topic, "heartbeat": {"seq": h.seq, "uptime_ns": h.uptime_ns, "workload_running": h.workload_running}});
+        }
+    }
+    serde_json::json!({"event": topic, "data": String::from_utf8_lossy(payload)})
+}
+
 fn emit(v: serde_json::Value) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{v}");
@@ -167,7 +182,7 @@ fn host_main(
         loop {
             tokio::select! {
                 ev = conn.events.recv() => match ev {
-                    Some(HostEvent::Event { topic, payload }) => emit(serde_json::json!({"event": topic, "data": String::from_utf8_lossy(&payload)})),
+                    Some(HostEvent::Event { topic, payload }) => emit(event_json(&topic, &payload)),
                     Some(HostEvent::Ready(_)) => emit(serde_json::json!({"reconnected": true})),
                     Some(HostEvent::Closed) | None => { emit(serde_json::json!({"closed": true})); return Ok(()); }
                 },
@@ -207,7 +222,7 @@ fn host_main(
                             }
                             for ev in conn.wait_closed(Duration::from_secs(30)).await.unwrap_or_default() {
                                 if let HostEvent::Event { topic, payload } = ev {
-                                    emit(serde_json::json!({"event": topic, "data": String::from_utf8_lossy(&payload)}));
+                                    emit(event_json(&topic, &payload));
                                 }
                             }
                             emit(serde_json::json!({"closed": true}));
