@@ -2,7 +2,7 @@
 //! The audit log: one JSON line per refused request (docs/SYPAS.md §16).
 //!
 //! ```json
-//! {"time":"2026-11-26T12:00:00.123456Z","kind":"CALL","agent":"a3","vm":"vm9","session":12,
+//! {"time":"2026-11-26T12:00:00.123456789Z","kind":"CALL","agent":"a3","vm":"vm9","session":12,
 //!  "service":"agent/a1","method":"ping","code":"PERMISSION_DENIED","code_num":48,
 //!  "reason":"The session may not call agent/a1/ping."}
 //! ```
@@ -93,7 +93,7 @@ impl AuditRecord {
     }
 }
 
-/// The current time as RFC 3339 UTC, microseconds.
+/// The current time as RFC 3339 UTC (nanoseconds).
 pub fn rfc3339_now() -> String {
     let now = time::OffsetDateTime::now_utc();
     now.format(&time::format_description::well_known::Rfc3339)
