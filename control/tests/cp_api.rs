@@ -213,3 +213,39 @@ fn cell0ctl_help_completion_and_node_and_cluster_views() {
     assert_eq!(st["leader_id"], 1);
     assert_eq!(st["members"].as_array().unwrap().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_reflection_lists_the_services() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let d = Daemon::start(&["--vmm", "/bin/true"]);
+    let ch = tonic::transport::Channel::from_shared(format!("http://{}", d.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = ServerReflectionClient::new(ch);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut s = c
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let r = s.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(l)) = r.message_response else {
+        panic!("unexpected reflection answer: {r:?}");
+    };
+    let names: Vec<String> = l.service.into_iter().map(|s| s.name).collect();
+    for svc in [
+        "cell0.control.v1.VmService",
+        "cell0.control.v1.NodeService",
+        "cell0.control.v1.ClusterService",
+    ] {
+        assert!(names.iter().any(|n| n == svc), "{svc} not in {names:?}");
+    }
+}

@@ -721,6 +721,8 @@ impl Agent {
         Ok(c)
     }
 
+    /// Prepares the run dir and starts `cell0-vmm` on the blocking pool, so
+    /// that neither the reconciliation loop nor the API waits for fork/exec.
     fn launch(self: &Arc<Self>, id: &str, rt: &mut Runtime) {
         let dir = self.run_dir(id);
         if let Err(e) = std::fs::create_dir_all(&dir) {
@@ -759,40 +761,77 @@ impl Agent {
         // Its own process group: a signal to cell0d's group (Ctrl-C) does not
         // reach the VMs, and the VMs outlive a cell0d crash.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let t0 = Instant::now();
-        let child = match cmd.spawn() {
-            Ok(c) => c,
+        rt.launch_seq += 1;
+        rt.pid = 0;
+        rt.pidfd = None;
+        rt.ready = false;
+        rt.ready_latency_us = 0;
+        rt.exit_code = -1;
+        rt.started_at_ms = crate::now_ms();
+        self.set_state(id, rt, VmState::Starting, "launching cell0-vmm");
+        let seq = rt.launch_seq;
+        let me = self.clone();
+        let id = id.to_string();
+        tokio::spawn(async move {
+            let spawned = tokio::task::spawn_blocking(move || {
+                let t0 = Instant::now();
+                cmd.spawn().map(|c| (c.id() as i32, t0))
+            })
+            .await;
+            let r = match spawned {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            me.finish_launch(&id, seq, r);
+        });
+    }
+
+    fn finish_launch(self: &Arc<Self>, id: &str, seq: u64, r: Result<(i32, Instant), String>) {
+        let mut vms = lock(&self.vms);
+        let (pid, t0) = match r {
+            Ok(x) => x,
             Err(e) => {
                 self.metrics.launch_failed();
-                self.set_state(
-                    id,
-                    rt,
-                    VmState::Failed,
-                    format!("cannot start {}: {e}", self.cfg.vmm_bin.display()),
-                );
+                if let Some(rt) = vms.get_mut(id).filter(|rt| rt.launch_seq == seq) {
+                    let msg = format!("cannot start {}: {e}", self.cfg.vmm_bin.display());
+                    self.set_state(id, rt, VmState::Failed, msg);
+                }
                 return;
             }
         };
         self.metrics.launched();
-        let pid = child.id() as i32;
-        // The Child is dropped without waiting: the exit watcher reaps it.
-        drop(child);
         let fd = match PidFd::open(pid) {
             Ok(fd) => Arc::new(fd),
             Err(e) => {
-                self.set_state(id, rt, VmState::Failed, e.to_string());
                 proc::reap(pid);
+                if let Some(rt) = vms.get_mut(id).filter(|rt| rt.launch_seq == seq) {
+                    self.set_state(id, rt, VmState::Failed, e.to_string());
+                }
                 return;
             }
         };
-        rt.launch_seq += 1;
+        let Some(rt) = vms
+            .get_mut(id)
+            .filter(|rt| rt.launch_seq == seq && !rt.stop_requested)
+        else {
+            // Deleted or stopped while it was being spawned.
+            let deleted = !vms.contains_key(id);
+            drop(vms);
+            let _ = fd.signal(libc::SIGKILL);
+            let me = self.clone();
+            let id = id.to_string();
+            tokio::spawn(async move {
+                fd.exited().await;
+                proc::reap(fd.pid);
+                if deleted {
+                    me.remove_run_dir(&id);
+                }
+            });
+            return;
+        };
         rt.pid = pid;
         rt.start_time = proc::start_time(pid).unwrap_or(0);
         rt.spawned_at = Some(t0);
-        rt.started_at_ms = crate::now_ms();
-        rt.ready = false;
-        rt.ready_latency_us = 0;
-        rt.exit_code = -1;
         rt.health = "process".into();
         rt.pidfd = Some(fd.clone());
         let msg = if rt.restarts > 0 {
@@ -801,8 +840,10 @@ impl Agent {
             format!("cell0-vmm started (pid {pid})")
         };
         self.set_state(id, rt, VmState::Starting, msg);
-        self.persist(id, rt);
-        self.watch_exit(id.to_string(), rt.launch_seq, fd, Some(t0));
+        let rt = rt.clone();
+        drop(vms);
+        self.persist(id, &rt);
+        self.watch_exit(id.to_string(), seq, fd, Some(t0));
     }
 
     /// Waits for readiness (when `spawned` is set) and then for the exit.
@@ -830,7 +871,9 @@ impl Agent {
     async fn wait_ready(&self, id: &str, seq: u64, t0: Instant) {
         let dir = self.run_dir(id);
         let nano = self.runtime(id).is_some_and(|r| r.record.spec.is_nano());
-        let mut delay = Duration::from_micros(500);
+        // Fine-grained at first (a nano guest is ready within milliseconds),
+        // then backing off.
+        let mut delay = Duration::from_micros(250);
         loop {
             let ready = if nano {
                 serial_ready(&dir.join("serial.log"))
@@ -849,7 +892,9 @@ impl Agent {
                 return;
             }
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(50));
+            if t0.elapsed() > Duration::from_millis(25) {
+                delay = (delay * 2).min(Duration::from_millis(50));
+            }
             if t0.elapsed() > Duration::from_secs(120) {
                 return;
             }
@@ -886,9 +931,12 @@ impl Agent {
         rt.pid = 0;
         rt.pidfd = None;
         if !rt.ready && serial_ready(&self.run_dir(&id).join("serial.log")) {
+            // Ready and gone before the readiness poll saw it: the latency is
+            // an upper bound (spawn → exit).
             rt.ready = true;
             if let Some(t0) = rt.spawned_at {
                 rt.ready_latency_us = t0.elapsed().as_micros() as u64;
+                self.metrics.ready(t0.elapsed());
             }
         }
         rt.exit_code = x.code.unwrap_or(-1);

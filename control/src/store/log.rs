@@ -87,15 +87,21 @@ impl LogStore {
         }
     }
 
+    /// Writes a meta key; `durable` false skips the fsync (redb makes it
+    /// durable with the next durable commit).
     async fn put_meta<T: serde::Serialize>(
         &self,
         key: &'static str,
         v: &T,
+        durable: bool,
     ) -> Result<(), StorageError<NodeId>> {
         let bytes = serde_json::to_vec(v).map_err(io_err)?;
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || -> Result<(), StorageError<NodeId>> {
-            let w = db.begin_write().map_err(io_err)?;
+            let mut w = db.begin_write().map_err(io_err)?;
+            if !durable {
+                w.set_durability(redb::Durability::None);
+            }
             {
                 let mut t = w.open_table(META).map_err(io_err)?;
                 t.insert(key, bytes.as_slice()).map_err(io_err)?;
@@ -164,7 +170,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
-        self.put_meta(KEY_VOTE, vote).await
+        // A vote must be on disk before it is answered.
+        self.put_meta(KEY_VOTE, vote, true).await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
@@ -175,7 +182,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         &mut self,
         committed: Option<LogId<NodeId>>,
     ) -> Result<(), StorageError<NodeId>> {
-        self.put_meta(KEY_COMMITTED, &committed).await
+        // The committed id is a hint that saves re-applying after a restart;
+        // losing the latest one is safe (the entries are in the log), so it
+        // rides on the next durable commit instead of costing an fsync.
+        self.put_meta(KEY_COMMITTED, &committed, false).await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
