@@ -54,126 +54,172 @@ async fn welcome_returns_the_granted_rights_and_expiry() {
     assert_eq!(&reply.payload[..], b"hi");
 }
 
-#[tokio::test]
-async fn each_token_refusal_has_its_own_code_and_the_session_stays_usable() {
-    let dir = tempfile::tempdir().unwrap();
-    let r = RouterProc::start(
-        dir.path(),
-        &[
-            "--vm",
-            &format!("vm7={}", dir.path().join("vm7.sock").display()),
-        ],
-    );
-    let good = r.token("a1", "host", &[ECHO], 600);
-    let expired = r.token("a1", "host", &[ECHO], 0);
-    // Forged: the right key id, another key's signature.
-    let ks = cell0_control::token::keys::KeyStore::open(&r.data).unwrap();
-    let forged = biscuit_auth::Biscuit::builder()
-        .root_key_id(ks.signing_key_id())
-        .code(r#"agent("a1"); vm("host"); right("*", "*"); expires(4000000000);"#)
-        .unwrap()
-        .build(&biscuit_auth::KeyPair::new())
-        .unwrap()
-        .to_vec()
-        .unwrap();
-    // Another root: a whole other data dir.
-    let other_dir = tempfile::tempdir().unwrap();
-    let other = cell0_control::token::keys::KeyStore::open(other_dir.path())
-        .unwrap()
-        .minter()
-        .mint(&cell0_control::token::Claims {
-            agent: "a1".into(),
-            vm: "host".into(),
-            rights: vec![cell0_proto::msg::Right::all()],
-            expires: cell0_proto::host::unix_now() + 600,
-        })
-        .unwrap();
-    // Widening: a holder's block that claims everything.
-    let wide = biscuit_auth::UnverifiedBiscuit::from(&good[..])
-        .unwrap()
-        .append(
-            biscuit_auth::BlockBuilder::new()
-                .code(r#"right("*", "*");"#)
-                .unwrap(),
-        )
-        .unwrap()
-        .to_vec()
-        .unwrap();
-    let vm7 = r.token("a1", "vm7", &[ECHO], 600);
+/// Which bad token a refusal test sends.
+enum Bad {
+    Expired,
+    Forged,
+    Garbage,
+    AnotherRoot,
+    Widening,
+    AnotherAgent,
+    AnotherVm,
+}
 
-    let mut raw = Raw::connect(&r.socket).await;
-    let cases: Vec<(&str, Bytes, &str, ErrorCode)> = vec![
-        ("expired", expired, "a1", ErrorCode::TokenExpired),
-        ("forged", forged.into(), "a1", ErrorCode::TokenInvalid),
-        (
-            "garbage",
-            Bytes::from_static(b"not a token"),
+/// Sends HELLO with a bad token on the host socket, expects `want` (also
+/// through the client library), then shows nothing was disturbed: the same
+/// connection says HELLO with a good token and calls, and the refusal is in
+/// the audit log.
+async fn refused_hello(bad: Bad, want: ErrorCode) {
+    let dir = tempfile::tempdir().unwrap();
+    let vm7 = dir.path().join("vm7.sock");
+    let r = RouterProc::start(dir.path(), &["--vm", &format!("vm7={}", vm7.display())]);
+    let good = r.token("a1", "host", &[ECHO], 600);
+    let ks = cell0_control::token::keys::KeyStore::open(&r.data).unwrap();
+    let (agent, token): (&str, Bytes) = match bad {
+        Bad::Expired => ("a1", r.token("a1", "host", &[ECHO], 0)),
+        // The right key id, another key's signature.
+        Bad::Forged => (
             "a1",
-            ErrorCode::TokenInvalid,
+            biscuit_auth::Biscuit::builder()
+                .root_key_id(ks.signing_key_id())
+                .code(r#"agent("a1"); vm("host"); right("*", "*"); expires(4000000000);"#)
+                .unwrap()
+                .build(&biscuit_auth::KeyPair::new())
+                .unwrap()
+                .to_vec()
+                .unwrap()
+                .into(),
         ),
-        ("another root", other.into(), "a1", ErrorCode::WrongRoot),
-        ("widening", wide.into(), "a1", ErrorCode::AttenuationWidens),
-        (
-            "another agent",
-            good.clone(),
-            "a2",
-            ErrorCode::AgentMismatch,
+        Bad::Garbage => ("a1", Bytes::from_static(b"not a token")),
+        // Signed by the root key of a whole other data dir.
+        Bad::AnotherRoot => {
+            let other = tempfile::tempdir().unwrap();
+            let t = cell0_control::token::keys::KeyStore::open(other.path())
+                .unwrap()
+                .minter()
+                .mint(&cell0_control::token::Claims {
+                    agent: "a1".into(),
+                    vm: "host".into(),
+                    rights: vec![cell0_proto::msg::Right::all()],
+                    expires: cell0_proto::host::unix_now() + 600,
+                })
+                .unwrap();
+            ("a1", t.into())
+        }
+        // A holder's block that claims everything.
+        Bad::Widening => (
+            "a1",
+            biscuit_auth::UnverifiedBiscuit::from(&good[..])
+                .unwrap()
+                .append(
+                    biscuit_auth::BlockBuilder::new()
+                        .code(r#"right("*", "*");"#)
+                        .unwrap(),
+                )
+                .unwrap()
+                .to_vec()
+                .unwrap()
+                .into(),
         ),
-        ("another VM", vm7, "a1", ErrorCode::AgentMismatch),
-    ];
-    let mut id = 0;
-    for (what, token, agent, want) in cases {
-        id += 1;
-        raw.send(Kind::Hello, id, &hello(agent, token.clone()))
-            .await;
-        assert_eq!(raw.error_code(id).await, want.as_u32(), "{what}");
-        // The same refusal through the client library.
-        assert_eq!(code(connect(&r.socket, agent, token).await), want, "{what}");
-    }
+        Bad::AnotherAgent => ("a2", good.clone()),
+        Bad::AnotherVm => ("a1", r.token("a1", "vm7", &[ECHO], 600)),
+    };
+    let mut raw = Raw::connect(&r.socket).await;
+    raw.send(Kind::Hello, 1, &hello(agent, token.clone())).await;
+    assert_eq!(raw.error_code(1).await, want.as_u32());
+    assert_eq!(code(connect(&r.socket, agent, token).await), want);
     // Nothing was disturbed: the same connection says HELLO and calls.
-    id += 1;
-    raw.send(Kind::Hello, id, &hello("a1", good.clone())).await;
-    let w = raw.answer(id).await;
+    raw.send(Kind::Hello, 2, &hello("a1", good)).await;
+    let w = raw.answer(2).await;
     assert_eq!(w.kind, Kind::Welcome);
     let welcome: Welcome = w.decode_message().unwrap();
     assert_eq!(welcome.rights.len(), 1);
-    id += 1;
-    raw.send(Kind::Call, id, &echo_call(b"still here")).await;
-    let f = raw.answer(id).await;
+    raw.send(Kind::Call, 3, &echo_call(b"still here")).await;
+    let f = raw.answer(3).await;
     assert_eq!(f.kind, Kind::Reply);
     assert_eq!(
         &f.decode_message::<Reply>().unwrap().payload[..],
         b"still here"
     );
-    // Each refusal is in the audit log, with the agent and the VM.
-    for want in [
-        "TOKEN_EXPIRED",
-        "TOKEN_INVALID",
-        "WRONG_ROOT",
-        "ATTENUATION_WIDENS",
-        "AGENT_MISMATCH",
-    ] {
-        let line = r.wait_audit(|v| v["code"] == want).await;
-        assert_eq!(line["kind"], "HELLO");
-        assert_eq!(line["vm"], "host");
-    }
+    let line = r.wait_audit(|v| v["code"] == want.name()).await;
+    assert_eq!(line["kind"], "HELLO");
+    assert_eq!(line["vm"], "host");
+    assert_eq!(line["agent"], agent);
 }
 
 #[tokio::test]
-async fn session_rule_refusals_not_hello_already_hello_permission_denied() {
-    let dir = tempfile::tempdir().unwrap();
-    let r = RouterProc::start(dir.path(), &[]);
+async fn an_expired_token_is_token_expired() {
+    refused_hello(Bad::Expired, ErrorCode::TokenExpired).await;
+}
+
+#[tokio::test]
+async fn a_forged_signature_is_token_invalid() {
+    refused_hello(Bad::Forged, ErrorCode::TokenInvalid).await;
+}
+
+#[tokio::test]
+async fn bytes_that_are_no_token_are_token_invalid() {
+    refused_hello(Bad::Garbage, ErrorCode::TokenInvalid).await;
+}
+
+#[tokio::test]
+async fn a_token_of_another_root_is_wrong_root() {
+    refused_hello(Bad::AnotherRoot, ErrorCode::WrongRoot).await;
+}
+
+#[tokio::test]
+async fn a_widening_attenuation_is_attenuation_widens() {
+    refused_hello(Bad::Widening, ErrorCode::AttenuationWidens).await;
+}
+
+#[tokio::test]
+async fn a_token_of_another_agent_is_agent_mismatch() {
+    refused_hello(Bad::AnotherAgent, ErrorCode::AgentMismatch).await;
+}
+
+#[tokio::test]
+async fn a_token_of_another_vm_is_agent_mismatch() {
+    refused_hello(Bad::AnotherVm, ErrorCode::AgentMismatch).await;
+}
+
+/// A router and a raw connection that has said HELLO as `a1` with (echo, echo).
+async fn helloed(dir: &std::path::Path) -> (RouterProc, Raw) {
+    let r = RouterProc::start(dir, &[]);
     let token = r.token("a1", "host", &[("echo", "echo")], 600);
     let mut raw = Raw::connect(&r.socket).await;
-    // CALL before HELLO.
+    raw.send(Kind::Hello, 1, &hello("a1", token)).await;
+    assert_eq!(raw.answer(1).await.kind, Kind::Welcome);
+    (r, raw)
+}
+
+#[tokio::test]
+async fn a_call_before_hello_is_not_hello() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = RouterProc::start(dir.path(), &[]);
+    let mut raw = Raw::connect(&r.socket).await;
     raw.send(Kind::Call, 1, &echo_call(b"x")).await;
     assert_eq!(raw.error_code(1).await, ErrorCode::NotHello.as_u32());
-    raw.send(Kind::Hello, 2, &hello("a1", token.clone())).await;
+    // The connection stays open for HELLO and calls.
+    let token = r.token("a1", "host", &[ECHO], 600);
+    raw.send(Kind::Hello, 2, &hello("a1", token)).await;
     assert_eq!(raw.answer(2).await.kind, Kind::Welcome);
-    // HELLO twice.
-    raw.send(Kind::Hello, 3, &hello("a1", token.clone())).await;
-    assert_eq!(raw.error_code(3).await, ErrorCode::AlreadyHello.as_u32());
-    // A method the token does not grant.
+    raw.send(Kind::Call, 3, &echo_call(b"ok")).await;
+    assert_eq!(raw.answer(3).await.kind, Kind::Reply);
+    let line = r.wait_audit(|v| v["code"] == "NOT_HELLO").await;
+    assert!(line["agent"].is_null());
+    assert_eq!(line["service"], "echo");
+}
+
+#[tokio::test]
+async fn hello_twice_is_already_hello() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, mut raw) = helloed(dir.path()).await;
+    let token = r.token("a2", "host", &[ECHO], 600);
+    raw.send(Kind::Hello, 2, &hello("a2", token)).await;
+    assert_eq!(raw.error_code(2).await, ErrorCode::AlreadyHello.as_u32());
+    // The session is unchanged: still a1 with (echo, echo) only, not a2's echo/*.
+    raw.send(Kind::Call, 3, &echo_call(b"ok")).await;
+    assert_eq!(raw.answer(3).await.kind, Kind::Reply);
     let mut fold = echo_call(b"x");
     fold.method = "fold".into();
     raw.send(Kind::Call, 4, &fold).await;
@@ -181,18 +227,33 @@ async fn session_rule_refusals_not_hello_already_hello_permission_denied() {
         raw.error_code(4).await,
         ErrorCode::PermissionDenied.as_u32()
     );
-    // The session still works.
-    raw.send(Kind::Call, 5, &echo_call(b"ok")).await;
-    assert_eq!(raw.answer(5).await.kind, Kind::Reply);
+    let line = r.wait_audit(|v| v["code"] == "ALREADY_HELLO").await;
+    assert_eq!(line["agent"], "a1");
+}
+
+#[tokio::test]
+async fn a_missing_right_is_permission_denied() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, mut raw) = helloed(dir.path()).await;
+    let mut fold = echo_call(b"x");
+    fold.method = "fold".into();
+    raw.send(Kind::Call, 2, &fold).await;
+    assert_eq!(
+        raw.error_code(2).await,
+        ErrorCode::PermissionDenied.as_u32()
+    );
+    // The session still works for what it may do.
+    raw.send(Kind::Call, 3, &echo_call(b"ok")).await;
+    assert_eq!(raw.answer(3).await.kind, Kind::Reply);
     let line = r
         .wait_audit(|v| v["code"] == "PERMISSION_DENIED" && v["method"] == "fold")
         .await;
     assert_eq!(line["agent"], "a1");
+    assert_eq!(line["vm"], "host");
     assert_eq!(line["service"], "echo");
     assert_eq!(line["kind"], "CALL");
-    let line = r.wait_audit(|v| v["code"] == "NOT_HELLO").await;
-    assert!(line["agent"].is_null());
-    r.wait_audit(|v| v["code"] == "ALREADY_HELLO").await;
+    assert!(line["time"].as_str().unwrap().ends_with('Z'));
+    assert!(line["reason"].as_str().unwrap().contains("echo/fold"));
 }
 
 #[tokio::test]
