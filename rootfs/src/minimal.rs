@@ -30,6 +30,12 @@ pub struct MinimalKernel {
 fn make(src: &Path, args: &[&str], env: &[(&str, &Path)]) -> Result<(), KernelError> {
     let mut c = Command::new("make");
     c.current_dir(src).args(args);
+    // The same source and config give the same image: no build date, user or host in it.
+    let epoch = std::env::var("SOURCE_DATE_EPOCH").unwrap_or_else(|_| "0".into());
+    c.env("KBUILD_BUILD_TIMESTAMP", format!("@{epoch}"))
+        .env("KBUILD_BUILD_USER", "cell0")
+        .env("KBUILD_BUILD_HOST", "cell0")
+        .env("KBUILD_BUILD_VERSION", "1");
     for (k, v) in env {
         c.env(k, v);
     }
