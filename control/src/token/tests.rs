@@ -314,3 +314,74 @@ proptest! {
         prop_assert!(v.verify_at(short, NOW).is_err());
     }
 }
+
+#[test]
+fn vm_and_sub_agent_narrowing() {
+    let m = minter();
+    let mut c = claims();
+    c.vm = ANY_VM.into();
+    let token = m.mint_at(&c, NOW).unwrap();
+    let bound = attenuate(
+        &token,
+        &Attenuation {
+            vm: Some("vm9".into()),
+            agent: Some("a1/w".into()),
+            ..Attenuation::default()
+        },
+    )
+    .unwrap();
+    let v = verifier(&m).verify_at(&bound, NOW).unwrap();
+    assert_eq!(
+        (v.claims.vm.as_str(), v.claims.agent.as_str()),
+        ("vm9", "a1/w")
+    );
+    // Bound to a VM, it stays there; a sub-agent's sub-agent is fine.
+    let err = attenuate(
+        &bound,
+        &Attenuation {
+            vm: Some(ANY_VM.into()),
+            ..Attenuation::default()
+        },
+    )
+    .unwrap_err();
+    assert_eq!(err.code(), ErrorCode::AttenuationWidens);
+    let deeper = attenuate(
+        &bound,
+        &Attenuation {
+            agent: Some("a1/w/x".into()),
+            ..Attenuation::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        verifier(&m).verify_at(&deeper, NOW).unwrap().claims.agent,
+        "a1/w/x"
+    );
+    // An empty sub-agent suffix is not a sub-agent: another identity.
+    let wide = append_raw(&token, r#"agent("a1/");"#);
+    assert_eq!(
+        verifier(&m).verify_at(&wide, NOW).unwrap_err().code(),
+        ErrorCode::AttenuationWidens
+    );
+}
+
+fn pattern() -> impl Strategy<Value = String> {
+    // A small alphabet so that covering pairs are common.
+    "[ab/]{0,3}\\*?".prop_filter("non-empty", |s| !s.is_empty())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, .. ProptestConfig::default() })]
+
+    /// The widening check is sound: a pattern that covers another matches
+    /// every name the other matches, so an attenuation can never grant a
+    /// name its parent did not.
+    #[test]
+    fn covering_patterns_match_a_superset(outer in pattern(), inner in pattern(), name in "[ab/]{0,5}") {
+        let outer_r = Right::new(outer.clone(), "*");
+        let inner_r = Right::new(inner.clone(), "*");
+        if pattern_covers(&outer, &inner) && inner_r.permits(&name, "m") {
+            prop_assert!(outer_r.permits(&name, "m"), "{outer} covers {inner} but not {name}");
+        }
+    }
+}
