@@ -66,6 +66,9 @@ pub enum ServeError {
     /// The gRPC server failed.
     #[error("the gRPC server failed")]
     Grpc(#[from] tonic::transport::Error),
+    /// The SYPAS router could not start.
+    #[error("the SYPAS router failed")]
+    Router(#[from] crate::router::RouterError),
     /// Reflection could not be set up.
     #[error("cannot set up gRPC reflection")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -139,7 +142,21 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         metrics.clone(),
     )
     .await?;
-    let agent = Agent::start(node_cfg, store.clone(), metrics.clone()).await?;
+    // The SYPAS router: root keys and its refusal log under the data dir, a
+    // host socket, and one listener per VM (attached by the node agent).
+    let router = Arc::new(crate::router::Router::new(crate::router::RouterConfig {
+        audit_log: Some(cfg.data_dir.join("router-audit.log")),
+        ..crate::router::RouterConfig::new(cfg.data_dir.join("router"))
+    })?);
+    let router_sock = cfg.data_dir.join("router.sock");
+    router.listen_host(&router_sock).await?;
+    let agent = Agent::start(
+        node_cfg,
+        store.clone(),
+        metrics.clone(),
+        Some(router.clone()),
+    )
+    .await?;
     let agent_task = tokio::spawn(agent.clone().run());
     let (metrics_addr, metrics_task) = crate::metrics::serve(cfg.metrics, metrics.clone()).await?;
 
@@ -151,6 +168,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     let info = serde_json::json!({
         "grpc": grpc_addr.to_string(),
         "metrics": metrics_addr.to_string(),
+        "router": router_sock.display().to_string(),
         "pid": std::process::id(),
     });
     crate::store::sm::write_atomic(&addr_file, info.to_string().as_bytes()).map_err(|source| {
@@ -187,6 +205,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         .await?;
     agent_task.abort();
     metrics_task.abort();
+    router.shutdown().await;
     store.shutdown().await;
     let _ = std::fs::remove_file(&addr_file);
     Ok(())

@@ -169,6 +169,12 @@ impl VmSpec {
         } else {
             p.name
         };
+        if name == "host" {
+            return Err(bad(
+                "spec.name",
+                "\"host\" is reserved (the SYPAS router's name for host processes)",
+            ));
+        }
         if !is_dns_label(&name) {
             return Err(bad(
                 "spec.name",

@@ -304,3 +304,46 @@ fn http_get(addr: &str, path: &str) -> String {
     s.read_to_string(&mut out).unwrap();
     out
 }
+
+#[test]
+fn nano_agents_reach_the_embedded_router_with_their_minted_token() {
+    require_vms!();
+    let d = Daemon::start(&[]);
+    // The guest's token grants echo: its echo calls go through the router.
+    d.ctl_ok(&[
+        "run",
+        "--name",
+        "granted",
+        "--right",
+        "echo:*",
+        "--no-wait",
+        "--cmdline",
+        "cell0.test=sypas-echo cell0.sizes=0,4096 cell0.calls=2",
+    ]);
+    // No right: the router refuses the CALL and the guest's self-test fails.
+    d.ctl_ok(&[
+        "run",
+        "--name",
+        "denied",
+        "--no-wait",
+        "--cmdline",
+        "cell0.test=sypas-echo cell0.sizes=0 cell0.calls=1",
+    ]);
+    let v = d.wait_vm("granted", "exited", |v| {
+        state(v) == "exited" || state(v) == "failed"
+    });
+    let serial = d.ctl_ok(&["logs", "granted"]);
+    assert_eq!(state(&v), "exited", "{serial}");
+    assert!(
+        serial.contains("cell0-nano: test sypas-echo passed"),
+        "{serial}"
+    );
+    d.wait_vm("denied", "failed", |v| state(v) == "failed");
+    let serial = d.ctl_ok(&["logs", "denied"]);
+    assert!(serial.contains("PERMISSION_DENIED"), "{serial}");
+    let refusals = std::fs::read_to_string(d.data().join("router-audit.log")).unwrap();
+    assert!(
+        refusals.contains("\"vm\":\"denied\"") && refusals.contains("PERMISSION_DENIED"),
+        "{refusals}"
+    );
+}

@@ -454,14 +454,15 @@ impl Api {
         let a = self
             .agent
             .attest
-            .attest(
+            .attest(&crate::node::attest::Target {
                 id,
-                rt.launch_seq,
-                &sock,
-                &rec.spec,
-                rec.cid,
-                &self.agent.config().vmm_bin,
-            )
+                launch: rt.launch_seq,
+                sock: &sock,
+                spec: &rec.spec,
+                cid: rec.cid,
+                cmdline_extra: &rt.cmdline_extra,
+                vmm_bin: &self.agent.config().vmm_bin,
+            })
             .await
             .map_err(|e| {
                 let mut s = e.to_string();

@@ -81,6 +81,25 @@ struct Inner {
     vmm: Option<VmmIdentity>,
 }
 
+/// The VM to attest.
+#[derive(Clone, Copy)]
+pub struct Target<'a> {
+    /// VM id.
+    pub id: &'a str,
+    /// Launch counter (a new launch has a new vTPM).
+    pub launch: u64,
+    /// The VM's API socket.
+    pub sock: &'a Path,
+    /// Its spec.
+    pub spec: &'a crate::spec::VmSpec,
+    /// Its vsock CID.
+    pub cid: u32,
+    /// What cell0d appended to its cmdline for this launch.
+    pub cmdline_extra: &'a str,
+    /// The cell0-vmm executable that launched it.
+    pub vmm_bin: &'a Path,
+}
+
 /// The node's verifier state.
 pub struct AttestState {
     inner: tokio::sync::Mutex<Inner>,
@@ -113,15 +132,16 @@ impl AttestState {
 
     /// Enrolls (once per launch) and verifies a fresh quote of the VM whose
     /// API socket is `sock`.
-    pub async fn attest(
-        &self,
-        id: &str,
-        launch: u64,
-        sock: &Path,
-        spec: &crate::spec::VmSpec,
-        cid: u32,
-        vmm_bin: &Path,
-    ) -> Result<Attestation, AttestError> {
+    pub async fn attest(&self, t: &Target<'_>) -> Result<Attestation, AttestError> {
+        let Target {
+            id,
+            launch,
+            sock,
+            spec,
+            cid,
+            cmdline_extra,
+            vmm_bin,
+        } = *t;
         if !spec.tpm {
             return Err(AttestError::NoTpm(id.to_string()));
         }
@@ -180,8 +200,13 @@ impl AttestState {
                 reason: "not initialized".into(),
             });
         };
-        let manifest =
-            super::golden::manifest(spec, cid, vmm, nano_elf.as_deref().unwrap_or_default())?;
+        let manifest = super::golden::manifest(
+            spec,
+            cid,
+            cmdline_extra,
+            vmm,
+            nano_elf.as_deref().unwrap_or_default(),
+        )?;
         let nonce = verifier.issue_nonce(&key);
         let q = proc::api_call_async(
             sock,

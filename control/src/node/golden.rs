@@ -54,12 +54,23 @@ pub fn shm_gpa(memory_mib: u64) -> u64 {
     ram_end.max(4 * g).div_ceil(g) * g
 }
 
-/// The full command line the guest sees.
-pub fn expected_cmdline(spec: &VmSpec) -> String {
+/// The command line cell0d passes to cell0-vmm: the spec's (or the VMM
+/// default), then `extra` (what cell0d adds per launch, such as the nano
+/// guest's token), if any.
+pub fn launch_cmdline(spec: &VmSpec, extra: &str) -> Option<String> {
+    match (&spec.cmdline, extra.is_empty()) {
+        (c, true) => c.clone(),
+        (c, false) => Some(format!(
+            "{} {extra}",
+            c.as_deref().unwrap_or(VMM_DEFAULT_CMDLINE)
+        )),
+    }
+}
+
+/// The full command line the guest sees, for a launch with `extra`.
+pub fn expected_cmdline(spec: &VmSpec, extra: &str) -> String {
     let mut parts = vec![
-        spec.cmdline
-            .clone()
-            .unwrap_or_else(|| VMM_DEFAULT_CMDLINE.to_string()),
+        launch_cmdline(spec, extra).unwrap_or_else(|| VMM_DEFAULT_CMDLINE.to_string()),
         format!("virtio_mmio.device=4K@{VIRTIO_MMIO_BASE:#x}:{VIRTIO_IRQ_BASE}"),
     ];
     if spec.shm_mib > 0 {
@@ -115,6 +126,7 @@ fn read(path: &Path) -> Result<Vec<u8>, GoldenError> {
 pub fn manifest(
     spec: &VmSpec,
     cid: u32,
+    extra: &str,
     vmm: &VmmIdentity,
     nano_elf: &[u8],
 ) -> Result<Manifest, GoldenError> {
@@ -123,7 +135,7 @@ pub fn manifest(
         None => nano_elf.to_vec(),
     };
     let initrd = spec.initrd.as_deref().map(read).transpose()?;
-    let cmdline = expected_cmdline(spec);
+    let cmdline = expected_cmdline(spec, extra);
     let config = expected_config(spec, cid);
     let workload = WorkloadSpec {
         agent_id: spec.agent_id.clone(),
@@ -152,13 +164,17 @@ mod tests {
     fn cmdline_follows_the_layout_contract() {
         let mut s = VmSpec::from_proto(grpc::VmSpec::default(), "a").unwrap();
         assert_eq!(
-            expected_cmdline(&s),
+            expected_cmdline(&s, ""),
             "console=ttyS0 reboot=k panic=1 pci=off virtio_mmio.device=4K@0xd0000000:5 cell0.cpus=1"
+        );
+        assert_eq!(
+            expected_cmdline(&s, "cell0.token=t"),
+            "console=ttyS0 reboot=k panic=1 pci=off cell0.token=t virtio_mmio.device=4K@0xd0000000:5 cell0.cpus=1"
         );
         s.shm_mib = 16;
         s.cmdline = Some("cell0.test=sypas-serve".into());
         assert_eq!(
-            expected_cmdline(&s),
+            expected_cmdline(&s, ""),
             "cell0.test=sypas-serve virtio_mmio.device=4K@0xd0000000:5 cell0.shm=0x1000000@0x100000000 cell0.cpus=1"
         );
         assert_eq!(shm_gpa(128), 4 << 30);

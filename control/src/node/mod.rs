@@ -28,6 +28,7 @@ use serde_json::json;
 use tokio::sync::{Notify, broadcast, mpsc};
 
 use crate::metrics::Metrics;
+use crate::router::Router;
 use crate::spec::RestartPolicy;
 use crate::store::state::{NodeRecord, NodeState, Resources};
 use crate::store::{Command, Desired, Store, VmRecord};
@@ -37,6 +38,8 @@ use proc::PidFd;
 pub const NANO_READY: &str = "cell0-nano: ready";
 /// Longest Unix socket path.
 const SUN_PATH_MAX: usize = 107;
+/// Lifetime of the token minted for a nano guest's launch.
+const TOKEN_TTL_S: u64 = 12 * 3600;
 /// How long a stopped VMM gets before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(3);
 
@@ -127,6 +130,9 @@ pub struct Persisted {
     /// Last message.
     #[serde(default)]
     pub message: String,
+    /// What cell0d appended to the cmdline of this launch.
+    #[serde(default)]
+    pub cmdline_extra: String,
 }
 
 /// The runtime state of one VM on this node.
@@ -160,6 +166,9 @@ pub struct Runtime {
     start_time: u64,
     /// The record as last seen.
     pub record: VmRecord,
+    /// What cell0d appended to the cmdline of the current launch (the nano
+    /// guest's agent id and token); part of the measured cmdline.
+    pub cmdline_extra: String,
 }
 
 struct Exit {
@@ -181,6 +190,7 @@ pub struct Agent {
     exits_rx: Mutex<Option<mpsc::UnboundedReceiver<Exit>>>,
     /// Attestation state (verifier, enrolled AKs).
     pub attest: attest::AttestState,
+    router: Option<Arc<Router>>,
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> NodeError + 'a {
@@ -240,6 +250,7 @@ impl Agent {
         cfg: NodeConfig,
         store: Store,
         metrics: Arc<Metrics>,
+        router: Option<Arc<Router>>,
     ) -> Result<Arc<Self>, NodeError> {
         let vms_dir = cfg.data_dir.join("node").join("vms");
         std::fs::create_dir_all(&vms_dir).map_err(io_err("create", &vms_dir))?;
@@ -256,6 +267,7 @@ impl Agent {
             exits: tx,
             exits_rx: Mutex::new(Some(rx)),
             attest,
+            router,
         });
         agent.register().await?;
         agent.adopt();
@@ -367,6 +379,7 @@ impl Agent {
             stop_requested: false,
             start_time: 0,
             record: rec.clone(),
+            cmdline_extra: String::new(),
         }
     }
 
@@ -383,6 +396,7 @@ impl Agent {
             state: state_name(rt.state).to_string(),
             exit_code: rt.exit_code,
             message: rt.message.clone(),
+            cmdline_extra: rt.cmdline_extra.clone(),
         };
         let path = self.run_dir(id).join("state.json");
         match serde_json::to_vec(&p) {
@@ -437,6 +451,7 @@ impl Agent {
             rt.launch_seq = p.launch_seq;
             rt.started_at_ms = p.launched_at_ms;
             rt.ready_latency_us = p.ready_latency_us;
+            rt.cmdline_extra = p.cmdline_extra.clone();
             let running = p.pid > 0
                 && proc::start_time(p.pid) == Some(p.start_time)
                 && proc::exe_matches(p.pid, &vmm_name);
@@ -460,6 +475,19 @@ impl Agent {
                     let seq = rt.launch_seq;
                     lock(&self.vms).insert(id.clone(), rt);
                     self.watch_exit(id.clone(), seq, fd, None);
+                    if let Some(r) = self.router.clone() {
+                        let sock = PathBuf::from(format!(
+                            "{}_{}",
+                            ent.path().join("vsock.sock").display(),
+                            cell0_proto::ROUTER_VSOCK_PORT
+                        ));
+                        let id = id.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = r.attach_vm_with_window(&id, &sock, None, None).await {
+                                tracing::warn!(vm = %id, error = %e, "cannot re-attach the VM to the SYPAS router");
+                            }
+                        });
+                    }
                 }
                 None if p.pid == 0 => {
                     // It had ended before we went down: keep what we knew.
@@ -647,6 +675,12 @@ impl Agent {
             }
         }
         self.attest.forget(id);
+        if let Some(r) = self.router.clone() {
+            let id = id.to_string();
+            tokio::spawn(async move {
+                let _ = r.detach_vm(&id).await;
+            });
+        }
     }
 
     /// Stops a VMM: `stop` over its API socket, SIGKILL after the grace time;
@@ -671,7 +705,12 @@ impl Agent {
         });
     }
 
-    fn vmm_command(&self, id: &str, rec: &VmRecord) -> Result<std::process::Command, String> {
+    fn vmm_command(
+        &self,
+        id: &str,
+        rec: &VmRecord,
+        extra: &str,
+    ) -> Result<std::process::Command, String> {
         let dir = self.run_dir(id);
         let api = dir.join("api.sock");
         let vsock = dir.join("vsock.sock");
@@ -708,7 +747,7 @@ impl Agent {
         if let Some(i) = &s.initrd {
             c.arg("--initrd").arg(i);
         }
-        if let Some(cmd) = &s.cmdline {
+        if let Some(cmd) = golden::launch_cmdline(s, extra) {
             c.arg(format!("--cmdline={cmd}"));
         }
         if s.tpm {
@@ -719,6 +758,46 @@ impl Agent {
             }
         }
         Ok(c)
+    }
+
+    /// The nano guest's SYPAS identity for this launch: `cell0.agent_id=` and a
+    /// fresh capability token (`cell0.token=`, biscuit, base64) minted for the
+    /// VM's agent id, VM id and rights. Other guests get nothing on their
+    /// cmdline: a token never goes on a Linux guest's cmdline.
+    fn cmdline_extra(&self, id: &str, rec: &VmRecord) -> String {
+        let Some(r) = &self.router else {
+            return String::new();
+        };
+        if !rec.spec.is_nano() {
+            return String::new();
+        }
+        let minted = r.minter().map_err(|e| e.to_string()).and_then(|m| {
+            let claims = crate::token::Claims {
+                agent: rec.spec.agent_id.clone(),
+                vm: id.to_string(),
+                rights: rec
+                    .spec
+                    .rights
+                    .iter()
+                    .map(|x| cell0_proto::msg::Right {
+                        service: x.service.clone(),
+                        method: x.method.clone(),
+                    })
+                    .collect(),
+                expires: crate::token::keys::unix_now() + TOKEN_TTL_S,
+            };
+            let t = m.mint(&claims).map_err(|e| e.to_string())?;
+            biscuit_auth::UnverifiedBiscuit::from(t)
+                .and_then(|b| b.to_base64())
+                .map_err(|e| e.to_string())
+        });
+        match minted {
+            Ok(tok) => format!("cell0.agent_id={} cell0.token={tok}", rec.spec.agent_id),
+            Err(e) => {
+                tracing::warn!(vm = id, error = %e, "cannot mint the VM's token");
+                String::new()
+            }
+        }
     }
 
     /// Prepares the run dir and starts `cell0-vmm` on the blocking pool, so
@@ -742,7 +821,8 @@ impl Agent {
         if serial.exists() {
             let _ = std::fs::rename(&serial, dir.join("serial.prev.log"));
         }
-        let mut cmd = match self.vmm_command(id, &rt.record) {
+        let extra = self.cmdline_extra(id, &rt.record);
+        let mut cmd = match self.vmm_command(id, &rt.record, &extra) {
             Ok(c) => c,
             Err(e) => {
                 self.metrics.launch_failed();
@@ -768,11 +848,25 @@ impl Agent {
         rt.ready_latency_us = 0;
         rt.exit_code = -1;
         rt.started_at_ms = crate::now_ms();
+        rt.cmdline_extra = extra;
         self.set_state(id, rt, VmState::Starting, "launching cell0-vmm");
         let seq = rt.launch_seq;
         let me = self.clone();
         let id = id.to_string();
+        let guest_sock = PathBuf::from(format!(
+            "{}_{}",
+            dir.join("vsock.sock").display(),
+            cell0_proto::ROUTER_VSOCK_PORT
+        ));
         tokio::spawn(async move {
+            // The router listens on the guest's port-1024 socket before the
+            // guest can connect to it.
+            if let Some(r) = me.router.clone() {
+                let _ = r.detach_vm(&id).await;
+                if let Err(e) = r.attach_vm_with_window(&id, &guest_sock, None, None).await {
+                    tracing::warn!(vm = %id, error = %e, "cannot attach the VM to the SYPAS router");
+                }
+            }
             let spawned = tokio::task::spawn_blocking(move || {
                 let t0 = Instant::now();
                 cmd.spawn().map(|c| (c.id() as i32, t0))
