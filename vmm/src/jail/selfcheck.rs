@@ -38,10 +38,11 @@ fn rlimit(resource: libc::__rlimit_resource_t) -> Value {
 
 fn bounding_set_count() -> u32 {
     (0..64u32)
-        // SAFETY: prctl(PR_CAPBSET_READ) takes a capability number only.
-        .filter(
-            |&c| unsafe { libc::prctl(libc::PR_CAPBSET_READ, c as libc::c_ulong, 0, 0, 0) } == 1,
-        )
+        .filter(|&c| {
+            // SAFETY: prctl(PR_CAPBSET_READ) takes a capability number only.
+            let r = unsafe { libc::prctl(libc::PR_CAPBSET_READ, c as libc::c_ulong, 0, 0, 0) };
+            r == 1
+        })
         .count() as u32
 }
 
