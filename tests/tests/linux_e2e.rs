@@ -192,7 +192,7 @@ fn linux_guest_boots_runs_exec_attests_and_shuts_down() {
             "120",
         ]);
     for w in WORKLOAD {
-        host_cmd.arg("--workload").arg(w);
+        host_cmd.arg(format!("--workload={w}"));
     }
     let mut host = ChildGuard(
         host_cmd
@@ -230,7 +230,7 @@ fn linux_guest_boots_runs_exec_attests_and_shuts_down() {
         .arg(&api)
         .args(["--agent-id", AGENT_ID]);
     for w in WORKLOAD {
-        v.arg("--command").arg(w);
+        v.arg(format!("--command={w}"));
     }
     if with_tpm {
         v.arg("--tpm").arg("--run-dir").arg(run.join("vm"));

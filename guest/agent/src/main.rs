@@ -55,8 +55,8 @@ enum Cmd {
         /// The token handed out at bootstrap.
         #[arg(long, default_value = "cell0-test-token")]
         token: String,
-        /// Workload argv word (repeat).
-        #[arg(long = "workload")]
+        /// Workload argv word (repeat; words may start with `-`).
+        #[arg(long = "workload", allow_hyphen_values = true)]
         workload: Vec<String>,
         /// Seconds to wait for the agent's ready.
         #[arg(long, default_value_t = 60)]
