@@ -38,6 +38,16 @@ pub enum BootError {
     /// linux-loader refused the bzImage.
     #[error("cannot load the bzImage kernel")]
     BzImage(#[source] linux_loader::loader::Error),
+    /// The kernel's segments (with their zero-filled tails) end past guest RAM.
+    #[error(
+        "the kernel image's segments end at {end:#x}, past the end of guest RAM at {ram_end:#x}"
+    )]
+    KernelPastRam {
+        /// Where the last segment ends.
+        end: u64,
+        /// Where RAM ends.
+        ram_end: u64,
+    },
     /// The initrd file is empty.
     #[error("the initrd is empty")]
     EmptyInitrd,
@@ -121,28 +131,41 @@ pub fn load_kernel(mem: &GuestMemoryMmap, mem_size: u64, image: &[u8]) -> Result
         });
     }
     let highmem = Some(GuestAddress(HIMEM_START));
-    if image.starts_with(ELF_MAGIC) {
+    let kernel = if image.starts_with(ELF_MAGIC) {
         let r = Elf::load(mem, None, &mut Cursor::new(image), highmem).map_err(BootError::Elf)?;
-        Ok(LoadedKernel {
+        LoadedKernel {
             format: KernelFormat::Elf,
             entry: r.kernel_load.0,
             end: r.kernel_end,
             setup_header: None,
             smp_entry: find_smp_note(image),
-        })
+        }
     } else if image.get(BZIMAGE_MAGIC_OFFSET..BZIMAGE_MAGIC_OFFSET + 4) == Some(BZIMAGE_MAGIC) {
         let r = BzImage::load(mem, None, &mut Cursor::new(image), highmem)
             .map_err(BootError::BzImage)?;
-        Ok(LoadedKernel {
+        LoadedKernel {
             format: KernelFormat::BzImage,
             entry: r.kernel_load.0 + BZIMAGE_64BIT_ENTRY,
             end: r.kernel_end,
             setup_header: r.setup_header,
             smp_entry: None,
-        })
+        }
     } else {
-        Err(BootError::UnknownKernelFormat)
+        return Err(BootError::UnknownKernelFormat);
+    };
+    // linux-loader bounds the bytes it copies, not where the image says it
+    // ends: an ELF segment's zero-filled tail (p_memsz) or a bzImage's header
+    // can claim any address (both found by the `boot` fuzz target).
+    let ram_end = ram_ranges(mem_size)
+        .last()
+        .map_or(0, |(start, len)| start + len);
+    if kernel.end > ram_end {
+        return Err(BootError::KernelPastRam {
+            end: kernel.end,
+            ram_end,
+        });
     }
+    Ok(kernel)
 }
 
 /// ELF note type of cell0's direct-SMP entry (owner "CELL0"): the descriptor is
@@ -204,7 +227,10 @@ pub fn load_initrd(
     }
     let size = initrd.len() as u64;
     let low_end = mem_size.min(MMIO_HOLE_START);
-    let floor = (kernel_end + 0xfff) & !0xfff;
+    // Checked: a kernel end near u64::MAX must not wrap the floor to zero.
+    let floor = kernel_end
+        .checked_add(0xfff)
+        .map_or(u64::MAX, |e| e & !0xfff);
     let free = low_end.saturating_sub(floor);
     if size > free {
         return Err(BootError::InitrdTooLarge { size, free });
@@ -364,6 +390,38 @@ mod tests {
         assert_eq!(b, 0xf4);
         let k = load_kernel(&m, 16 << 20, &tiny_elf(false)).unwrap();
         assert_eq!(k.smp_entry, None);
+    }
+
+    #[test]
+    fn segments_past_ram_and_huge_kernel_ends_are_errors_not_panics() {
+        // Found by the `boot` fuzz target (fuzz/regressions/boot/).
+        let m = mem(16 << 20);
+        let mut elf = tiny_elf(false);
+        // p_memsz of the PT_LOAD: far past 16 MiB of RAM.
+        elf[0x40 + 40..0x40 + 48].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+        assert!(matches!(
+            load_kernel(&m, 16 << 20, &elf),
+            Err(BootError::KernelPastRam { ram_end, .. }) if ram_end == 16 << 20
+        ));
+        assert!(matches!(
+            load_initrd(&m, 16 << 20, u64::MAX - 10, b"initrd"),
+            Err(BootError::InitrdTooLarge { free: 0, .. })
+        ));
+        // A bzImage with an empty protected-mode kernel "loads" anywhere its
+        // header's code32_start says (fuzz/regressions/boot/crash-4ae3…).
+        let mut bz = vec![0u8; 1024];
+        bz[0x1f1] = 1; // setup_sects: the whole image is setup
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        bz[0x206..0x208].copy_from_slice(&0x20cu16.to_le_bytes());
+        bz[0x211] = 1; // LOADED_HIGH
+        bz[0x214..0x218].copy_from_slice(&0xffff_ff00u32.to_le_bytes());
+        assert!(matches!(
+            load_kernel(&m, 16 << 20, &bz),
+            Err(BootError::KernelPastRam {
+                end: 0xffff_ff00,
+                ..
+            })
+        ));
     }
 
     #[test]
