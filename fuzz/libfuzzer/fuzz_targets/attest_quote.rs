@@ -1,0 +1,5 @@
+// SPDX-License-Identifier: Apache-2.0
+//! libFuzzer entry for the `attest_quote` harness (`cell0_fuzz::attest::quote`); see docs/SECURITY.md.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| cell0_fuzz::attest::quote(data));
