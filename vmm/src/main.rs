@@ -93,7 +93,7 @@ struct LaunchArgs {
     #[arg(long, default_value = "")]
     agent_id: String,
     /// Workload command word, measured into PCR 12 (repeat for each argument).
-    #[arg(long = "command")]
+    #[arg(long = "command", allow_hyphen_values = true)]
     command: Vec<String>,
     /// A virtio-blk disk backed by an image file: PATH, PATH,ro or PATH,rw
     /// (repeat for more disks; Linux names them vda, vdb, … in this order).

@@ -57,3 +57,24 @@ fn nano_image_is_an_elf_with_the_smp_note() {
         "nano guest lacks the CELL0 SMP note"
     );
 }
+
+#[test]
+fn command_words_may_start_with_a_hyphen() {
+    // `--vcpus 0` is refused after parsing, so reaching that error shows `-c` was taken
+    // as the value of `--command` rather than as an unknown flag.
+    let o = vmm()
+        .args([
+            "launch",
+            "--vcpus",
+            "0",
+            "--command",
+            "/bin/sh",
+            "--command",
+            "-c",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("--vcpus must be between 1 and 32, got 0"), "{e}");
+}
