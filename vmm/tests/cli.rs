@@ -78,3 +78,15 @@ fn command_words_may_start_with_a_hyphen() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("--vcpus must be between 1 and 32, got 0"), "{e}");
 }
+
+#[test]
+fn usage_errors_exit_1_not_the_guest_crash_status() {
+    let o = vmm().args(["launch", "--no-such-flag"]).output().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "exit 2 is reserved for guest crashes"
+    );
+    let o = vmm().args(["launch", "--help"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(0));
+}
