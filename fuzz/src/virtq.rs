@@ -148,7 +148,12 @@ fn round(
         // harness does not follow) lets the device's own data writes rewrite
         // the used ring: the guest asked for that, and the ring checks below
         // stop meaning anything.
-        if hits_rings(a, u64::from(l).max(16), nq) || f & VRING_DESC_F_INDIRECT as u16 != 0 {
+        // So does a descriptor index past the table: its 16 bytes land on the
+        // avail or used ring. (Request headers are written at `a`: 64 bytes.)
+        if i >= size
+            || hits_rings(a, u64::from(l).max(64), nq)
+            || f & VRING_DESC_F_INDIRECT as u16 != 0
+        {
             *clobbered = true;
         }
         if u.ratio(1, 2)? {

@@ -290,8 +290,21 @@ fn host_action(host: &mut Host, u: &mut Unstructured<'_>) -> arbitrary::Result<(
     Ok(())
 }
 
+/// `cell0-vmm` ignores SIGPIPE (Rust's runtime does so before `main`), so the
+/// muxer's `write(2)` to a host stream whose peer has gone gets EPIPE. A
+/// libFuzzer binary starts in C and keeps the default action, which would kill
+/// it: do what the VMM's runtime does.
+fn ignore_sigpipe() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: setting a signal's disposition to SIG_IGN touches no memory.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    });
+}
+
 /// The target.
 pub fn run(data: &[u8]) {
+    ignore_sigpipe();
     static N: AtomicU64 = AtomicU64::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
     let dir = socket_dir();
