@@ -228,7 +228,15 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id() as i32;
-        assert!(exe_matches(pid, "sleep"));
+        // /proc/<pid>/comm can lag the exec for a moment on a loaded host: poll, bounded.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !exe_matches(pid, "sleep") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "comm never became sleep"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let fd = PidFd::open(pid).unwrap();
         fd.signal(libc::SIGKILL).unwrap();
         fd.exited().await;
