@@ -153,6 +153,9 @@ pub fn token(data: &[u8]) {
         1 => {
             let mut t = m.token.clone();
             for _ in 0..u.int_in_range(1u8..=4).unwrap_or(1) {
+                if t.is_empty() {
+                    break;
+                }
                 let Ok(op) = u.int_in_range(0u8..=2) else {
                     break;
                 };
