@@ -206,7 +206,8 @@ pub fn node_json(n: &grpc::Node) -> Value {
 /// The JSON form of the cluster status.
 pub fn cluster_json(c: &grpc::ClusterStatus) -> Value {
     json!({
-        "node_id": c.node_id, "leader_id": c.leader_id, "state": c.state, "term": c.term,
+        "node_id": c.node_id, "leader_id": c.leader_id, "leader_address": c.leader_address,
+        "state": c.state, "term": c.term,
         "last_log_index": c.last_log_index, "last_applied": c.last_applied,
         "snapshot_index": c.snapshot_index, "purged_index": c.purged_index,
         "members": c.members.iter().map(|m| json!({"id": m.id, "address": m.address, "voter": m.voter})).collect::<Vec<_>>(),

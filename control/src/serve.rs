@@ -4,28 +4,42 @@
 //! one process, state in one data dir.
 //!
 //! Files in the data dir: `raft/` (log, snapshot), `node/vms/<id>/` (run dirs),
-//! `audit.log`, `cell0d.lock` (one daemon per data dir), `cell0d.addr` (the
-//! bound addresses, JSON, written once serving).
+//! `audit.log`, `cell0d.lock` (one daemon per data dir), `cell0d.member` (the
+//! member id and gRPC address, JSON, written as soon as Raft is served),
+//! `cell0d.addr` (the bound addresses, JSON, written once the API serves).
+//!
+//! Start-up order: the gRPC server starts first with `RaftService` and
+//! `ClusterService`, because members need each other to elect a leader; the
+//! VM and node services answer UNAVAILABLE until this member knows a leader
+//! and its node agent has registered (a member started with `--join` waits
+//! there until `cell0ctl cluster add` adds it).
 
 // Start-up errors are returned once; their size does not matter.
 #![allow(clippy::result_large_err)]
 
+use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use cell0_proto::grpc::{
     cluster_service_server::ClusterServiceServer, node_service_server::NodeServiceServer,
-    vm_service_server::VmServiceServer,
+    raft_service_server::RaftServiceServer, vm_service_server::VmServiceServer,
 };
+use tonic::body::Body;
+use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
+use tonic::server::NamedService;
 
 use crate::api::Api;
 use crate::audit::AuditLog;
 use crate::metrics::Metrics;
 use crate::node::{Agent, NodeConfig};
-use crate::store::Store;
+use crate::store::network::MAX_MESSAGE;
+use crate::store::rpc::{ClusterApi, RaftRpc};
+use crate::store::{Bootstrap, NodeId, Store, StoreConfig};
 
 /// Errors of `cell0d serve`.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +86,9 @@ pub enum ServeError {
     /// Reflection could not be set up.
     #[error("cannot set up gRPC reflection")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// A command-line value is wrong.
+    #[error("{0}")]
+    Usage(String),
 }
 
 /// Settings of `cell0d serve`.
@@ -85,6 +102,10 @@ pub struct ServeConfig {
     pub metrics: SocketAddr,
     /// Raft member id.
     pub raft_id: u64,
+    /// The address other members reach this one at (default: the bound gRPC address).
+    pub advertise: Option<String>,
+    /// What a fresh data dir does.
+    pub bootstrap: Bootstrap,
     /// Log entries between snapshots.
     pub snapshot_every: u64,
     /// The node agent's settings (its data dir is `data_dir`).
@@ -108,6 +129,63 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File, ServeError> {
         return Err(ServeError::Locked(dir.to_path_buf()));
     }
     Ok(f)
+}
+
+/// Answers UNAVAILABLE until the service behind it is set: the API of a
+/// member that has not joined a cluster yet, or whose node agent is starting.
+#[derive(Clone)]
+struct Gate<S> {
+    inner: Arc<OnceLock<S>>,
+}
+
+impl<S> Gate<S> {
+    fn new() -> Self {
+        Self {
+            inner: Arc::new(OnceLock::new()),
+        }
+    }
+}
+
+impl<S: NamedService> NamedService for Gate<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> Service<http::Request<Body>> for Gate<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        match self.inner.get() {
+            Some(s) => {
+                let mut s = s.clone();
+                Box::pin(async move {
+                    std::future::poll_fn(|cx| s.poll_ready(cx)).await?;
+                    s.call(req).await
+                })
+            }
+            None => Box::pin(async {
+                Ok(tonic::Status::unavailable(
+                    "this cell0d member is starting: it knows no Raft leader yet (a member \
+                     started with --join waits for `cell0ctl cluster add`), or its node agent \
+                     is registering; try again, or ask another member",
+                )
+                .into_http())
+            }),
+        }
+    }
 }
 
 /// Runs the daemon until SIGINT or SIGTERM. VMs keep running when it exits;
@@ -134,51 +212,25 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     if node_cfg.address.is_empty() {
         node_cfg.address = grpc_addr.to_string();
     }
+    let advertise = cfg
+        .advertise
+        .clone()
+        .unwrap_or_else(|| grpc_addr.to_string());
     let store = Store::open(
         &cfg.data_dir,
-        cfg.raft_id,
-        &grpc_addr.to_string(),
-        cfg.snapshot_every,
+        StoreConfig {
+            node_id: cfg.raft_id,
+            addr: advertise.clone(),
+            snapshot_every: cfg.snapshot_every,
+            bootstrap: cfg.bootstrap.clone(),
+        },
         metrics.clone(),
     )
     .await?;
-    // The SYPAS router: root keys and its refusal log under the data dir, a
-    // host socket, and one listener per VM (attached by the node agent).
-    let router = Arc::new(crate::router::Router::new(crate::router::RouterConfig {
-        audit_log: Some(cfg.data_dir.join("router-audit.log")),
-        ..crate::router::RouterConfig::new(cfg.data_dir.join("router"))
-    })?);
-    let router_sock = cfg.data_dir.join("router.sock");
-    router.listen_host(&router_sock).await?;
-    let agent = Agent::start(
-        node_cfg,
-        store.clone(),
-        metrics.clone(),
-        Some(router.clone()),
-    )
-    .await?;
-    let agent_task = tokio::spawn(agent.clone().run());
-    let (metrics_addr, metrics_task) = crate::metrics::serve(cfg.metrics, metrics.clone()).await?;
 
-    let api = Api::new(store.clone(), agent.clone(), metrics.clone(), audit);
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(cell0_proto::grpc::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let addr_file = cfg.data_dir.join("cell0d.addr");
-    let info = serde_json::json!({
-        "grpc": grpc_addr.to_string(),
-        "metrics": metrics_addr.to_string(),
-        "router": router_sock.display().to_string(),
-        "pid": std::process::id(),
-    });
-    crate::store::sm::write_atomic(&addr_file, info.to_string().as_bytes()).map_err(|source| {
-        ServeError::Io {
-            path: addr_file.clone(),
-            source,
-        }
-    })?;
-    tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, data = %cfg.data_dir.display(), "cell0d serving");
-    let shutdown = async {
+    // Shutdown: SIGINT or SIGTERM, seen by every phase below.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
@@ -191,24 +243,139 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
             } => {}
         }
         tracing::info!("shutting down; VMs keep running and are re-adopted at the next start");
+        let _ = stop_tx.send(true);
+    });
+    let stopped = {
+        let rx = stop_rx.clone();
+        move || {
+            let mut rx = rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        }
     };
-    tonic::transport::Server::builder()
+
+    // Raft and ClusterService serve at once; the API once this member has a
+    // leader and a node agent.
+    let vm_gate = Gate::<VmServiceServer<Api>>::new();
+    let node_gate = Gate::<NodeServiceServer<Api>>::new();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(cell0_proto::grpc::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .tcp_nodelay(true)
         .add_service(reflection)
-        .add_service(VmServiceServer::new(api.clone()))
-        .add_service(NodeServiceServer::new(api.clone()))
-        .add_service(ClusterServiceServer::new(api))
+        .add_service(
+            RaftServiceServer::new(RaftRpc::new(store.clone()))
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(ClusterServiceServer::new(ClusterApi::new(
+            store.clone(),
+            metrics.clone(),
+            audit.clone(),
+        )))
+        .add_service(vm_gate.clone())
+        .add_service(node_gate.clone())
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
+            stopped(),
+        );
+    let mut server = tokio::spawn(server);
+    let member_file = cfg.data_dir.join("cell0d.member");
+    let member = serde_json::json!({
+        "id": cfg.raft_id,
+        "grpc": grpc_addr.to_string(),
+        "advertise": advertise,
+        "pid": std::process::id(),
+    });
+    crate::store::sm::write_atomic(&member_file, member.to_string().as_bytes()).map_err(
+        |source| ServeError::Io {
+            path: member_file.clone(),
+            source,
+        },
+    )?;
+    tracing::info!(id = cfg.raft_id, grpc = %grpc_addr, %advertise, "Raft member serving; waiting for a leader");
+
+    let started = async {
+        loop {
+            match store.wait_leader(Some(Duration::from_secs(10))).await {
+                Ok(()) => break,
+                Err(_) => tracing::info!(
+                    id = cfg.raft_id,
+                    "no Raft leader known yet (a --join member waits for: cell0ctl cluster add {} {advertise})",
+                    cfg.raft_id
+                ),
+            }
+        }
+        // The SYPAS router: root keys and its refusal log under the data dir, a
+        // host socket, and one listener per VM (attached by the node agent).
+        let router = Arc::new(crate::router::Router::new(crate::router::RouterConfig {
+            audit_log: Some(cfg.data_dir.join("router-audit.log")),
+            ..crate::router::RouterConfig::new(cfg.data_dir.join("router"))
+        })?);
+        let router_sock = cfg.data_dir.join("router.sock");
+        router.listen_host(&router_sock).await?;
+        let agent = Agent::start(
+            node_cfg,
+            store.clone(),
+            metrics.clone(),
+            Some(router.clone()),
         )
         .await?;
+        Ok::<_, ServeError>((router, router_sock, agent))
+    };
+    let (router, router_sock, agent) = tokio::select! {
+        r = started => r?,
+        () = stopped() => {
+            store.shutdown().await;
+            let _ = (&mut server).await;
+            let _ = std::fs::remove_file(&member_file);
+            return Ok(());
+        }
+        r = &mut server => {
+            store.shutdown().await;
+            return match r {
+                Ok(r) => r.map_err(ServeError::from),
+                Err(e) => Err(ServeError::Usage(format!("the gRPC server task failed: {e}"))),
+            };
+        }
+    };
+    let agent_task = tokio::spawn(agent.clone().run());
+    let (metrics_addr, metrics_task) = crate::metrics::serve(cfg.metrics, metrics.clone()).await?;
+
+    let api = Api::new(store.clone(), agent.clone(), metrics.clone(), audit);
+    let _ = vm_gate.inner.set(VmServiceServer::new(api.clone()));
+    let _ = node_gate.inner.set(NodeServiceServer::new(api));
+    let addr_file = cfg.data_dir.join("cell0d.addr");
+    let info = serde_json::json!({
+        "grpc": grpc_addr.to_string(),
+        "metrics": metrics_addr.to_string(),
+        "router": router_sock.display().to_string(),
+        "pid": std::process::id(),
+        "member": cfg.raft_id,
+    });
+    crate::store::sm::write_atomic(&addr_file, info.to_string().as_bytes()).map_err(|source| {
+        ServeError::Io {
+            path: addr_file.clone(),
+            source,
+        }
+    })?;
+    tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, data = %cfg.data_dir.display(), "cell0d serving");
+    let r = server.await;
     agent_task.abort();
     metrics_task.abort();
     router.shutdown().await;
     store.shutdown().await;
     let _ = std::fs::remove_file(&addr_file);
-    Ok(())
+    let _ = std::fs::remove_file(&member_file);
+    match r {
+        Ok(r) => Ok(r?),
+        Err(e) => Err(ServeError::Usage(format!(
+            "the gRPC server task failed: {e}"
+        ))),
+    }
 }
 
 /// `cell0d serve`'s command line.
@@ -217,6 +384,10 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
   cell0d serve --data-dir /var/lib/cell0
   cell0d serve --data-dir /tmp/c0 --listen 127.0.0.1:0 --metrics 127.0.0.1:0
   cell0d serve --data-dir /tmp/c0 --cpu-overcommit 256   # many small nano VMs
+  # a three-member control plane (docs/CLUSTER.md):
+  cell0d serve --data-dir /tmp/m1 --node-id 1 --listen 127.0.0.1:7071 --node-name m1
+  cell0d serve --data-dir /tmp/m2 --node-id 2 --listen 127.0.0.1:7072 --node-name m2 --join
+  cell0ctl --endpoint 127.0.0.1:7071 cluster add 2 127.0.0.1:7072
 
 Logs: RUST_LOG (e.g. RUST_LOG=info,cell0_control=debug).")]
 pub struct ServeArgs {
@@ -229,9 +400,25 @@ pub struct ServeArgs {
     /// Prometheus /metrics listen address.
     #[arg(long, default_value = "127.0.0.1:9070")]
     pub metrics: SocketAddr,
-    /// Raft member id.
+    /// Raft member id (1 or more; unique in the cluster).
     #[arg(long, default_value_t = 1)]
     pub node_id: u64,
+    /// The address other members reach this one at (default: the bound --listen address).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// On a fresh data dir, initialize a new cluster of this member plus --peers
+    /// (the default when neither --join nor --peers is given: a one-member cluster).
+    #[arg(long, conflicts_with = "join")]
+    pub init: bool,
+    /// On a fresh data dir, wait to be added to an existing cluster
+    /// (`cell0ctl cluster add ID ADDR` on any member).
+    #[arg(long)]
+    pub join: bool,
+    /// The other initial members, `ID=HOST:PORT,...`. With --init this member
+    /// initializes the cluster with them; without it, it waits for the member
+    /// that does.
+    #[arg(long, value_name = "ID=ADDR,...", value_delimiter = ',')]
+    pub peers: Vec<String>,
     /// Raft log entries between snapshots (the log before a snapshot is purged).
     #[arg(long, default_value_t = crate::store::SNAPSHOT_EVERY)]
     pub snapshot_every: u64,
@@ -268,6 +455,16 @@ pub struct ServeArgs {
     /// Region of this node.
     #[arg(long, default_value = "local")]
     pub region: String,
+    /// The uid every VMM runs as inside its jail (not 0).
+    #[arg(long, default_value_t = crate::node::DEFAULT_VM_ID)]
+    pub vm_uid: u32,
+    /// The gid every VMM runs as inside its jail (not 0).
+    #[arg(long, default_value_t = crate::node::DEFAULT_VM_ID)]
+    pub vm_gid: u32,
+    /// Debugging only: launch VMMs without the jail (namespaces, cgroup,
+    /// unprivileged uid); logs a warning. The jail needs cell0d to run as root.
+    #[arg(long, conflicts_with_all = ["vm_uid", "vm_gid"])]
+    pub no_jail: bool,
 }
 
 fn default_vmm() -> PathBuf {
@@ -327,14 +524,73 @@ pub async fn serve_main(a: ServeArgs) -> Result<(), ServeError> {
         health_interval: Duration::from_millis(a.health_ms),
         zone: a.zone,
         region: a.region,
+        jail: (!a.no_jail).then_some(crate::node::VmJail {
+            uid: a.vm_uid,
+            gid: a.vm_gid,
+        }),
+    };
+    let peers = parse_peers(&a.peers)?;
+    if peers.contains_key(&a.node_id) {
+        return Err(ServeError::Usage(format!(
+            "--peers lists this member's own id {}; list only the others",
+            a.node_id
+        )));
+    }
+    let bootstrap = if a.join || (!a.init && !peers.is_empty()) {
+        Bootstrap::Join
+    } else {
+        Bootstrap::Init(peers)
     };
     run(ServeConfig {
         data_dir: a.data_dir,
         listen: a.listen,
         metrics: a.metrics,
         raft_id: a.node_id,
+        advertise: a.advertise,
+        bootstrap,
         snapshot_every: a.snapshot_every,
         node,
     })
     .await
+}
+
+/// Parses `--peers` (`ID=HOST:PORT` items).
+pub fn parse_peers(items: &[String]) -> Result<BTreeMap<NodeId, String>, ServeError> {
+    let mut out = BTreeMap::new();
+    for it in items.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        let (id, addr) = it
+            .split_once('=')
+            .ok_or_else(|| ServeError::Usage(format!("--peers: {it:?} is not ID=HOST:PORT")))?;
+        let id: NodeId = id.trim().parse().ok().filter(|i| *i > 0).ok_or_else(|| {
+            ServeError::Usage(format!("--peers: {id:?} is not a member id (1 or more)"))
+        })?;
+        let addr = addr.trim();
+        if !addr.contains(':') || addr.contains(char::is_whitespace) {
+            return Err(ServeError::Usage(format!(
+                "--peers: {addr:?} is not HOST:PORT"
+            )));
+        }
+        if out.insert(id, addr.to_string()).is_some() {
+            return Err(ServeError::Usage(format!(
+                "--peers: member {id} is listed twice"
+            )));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_parse_and_bad_ones_are_refused() {
+        let p = parse_peers(&["2=127.0.0.1:7072".into(), " 3=h:1 ".into()]).unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[&3], "h:1");
+        for bad in ["2", "x=h:1", "0=h:1", "2=nohostport", "2=h:1,2=h:2"] {
+            let items: Vec<String> = bad.split(',').map(String::from).collect();
+            assert!(parse_peers(&items).is_err(), "{bad}");
+        }
+    }
 }

@@ -13,10 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use cell0_proto::grpc::{
-    self, cluster_service_server::ClusterService, node_service_server::NodeService,
-    vm_service_server::VmService,
-};
+use cell0_proto::grpc::{self, node_service_server::NodeService, vm_service_server::VmService};
 use sha2::{Digest, Sha256};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Request, Response, Status};
@@ -223,9 +220,12 @@ impl VmService for Api {
         &self,
         request: Request<grpc::GetVmRequest>,
     ) -> Result<Response<grpc::Vm>, Status> {
-        let r = self
-            .get_record(&request.get_ref().id)
-            .map(|rec| self.vm(&rec));
+        let r = match self.store.linearize().await {
+            Ok(()) => self
+                .get_record(&request.get_ref().id)
+                .map(|rec| self.vm(&rec)),
+            Err(e) => Err(store_status(e)),
+        };
         self.done("Get", &r);
         r.map(Response::new)
     }
@@ -235,6 +235,11 @@ impl VmService for Api {
         request: Request<grpc::ListVmsRequest>,
     ) -> Result<Response<grpc::ListVmsResponse>, Status> {
         let sel = &request.get_ref().label_selector;
+        if let Err(e) = self.store.linearize().await {
+            let s = store_status(e);
+            self.done::<()>("List", &Err(s.clone()));
+            return Err(s);
+        }
         let recs: Vec<VmRecord> = self.store.read(|s| {
             s.vms
                 .values()
@@ -543,9 +548,12 @@ impl NodeService for Api {
         &self,
         _r: Request<grpc::ListNodesRequest>,
     ) -> Result<Response<grpc::ListNodesResponse>, Status> {
-        let r = Ok(grpc::ListNodesResponse {
-            nodes: self.node_list(),
-        });
+        let r = match self.store.linearize().await {
+            Ok(()) => Ok(grpc::ListNodesResponse {
+                nodes: self.node_list(),
+            }),
+            Err(e) => Err(store_status(e)),
+        };
         self.done("NodeList", &r);
         r.map(Response::new)
     }
@@ -555,51 +563,5 @@ impl NodeService for Api {
         _r: Request<grpc::DrainNodeRequest>,
     ) -> Result<Response<grpc::Node>, Status> {
         Err(issue7("NodeService.Drain"))
-    }
-}
-
-#[tonic::async_trait]
-impl ClusterService for Api {
-    async fn status(
-        &self,
-        _r: Request<grpc::ClusterStatusRequest>,
-    ) -> Result<Response<grpc::ClusterStatus>, Status> {
-        let st = self.store.status();
-        let (vms, nodes) = self
-            .store
-            .read(|s| (s.vms.len() as u64, s.nodes.len() as u64));
-        let r = Ok(grpc::ClusterStatus {
-            node_id: st.node_id,
-            leader_id: st.leader.unwrap_or(0),
-            term: st.term,
-            last_log_index: st.last_log_index,
-            last_applied: st.last_applied,
-            snapshot_index: st.snapshot_index,
-            members: st
-                .members
-                .into_iter()
-                .map(|(id, (address, voter))| grpc::Member { id, address, voter })
-                .collect(),
-            state: st.state,
-            vms,
-            nodes,
-            purged_index: st.purged_index,
-        });
-        self.done("ClusterStatus", &r);
-        r.map(Response::new)
-    }
-
-    async fn add_member(
-        &self,
-        _r: Request<grpc::AddMemberRequest>,
-    ) -> Result<Response<grpc::ClusterStatus>, Status> {
-        Err(issue7("ClusterService.AddMember"))
-    }
-
-    async fn remove_member(
-        &self,
-        _r: Request<grpc::RemoveMemberRequest>,
-    ) -> Result<Response<grpc::ClusterStatus>, Status> {
-        Err(issue7("ClusterService.RemoveMember"))
     }
 }

@@ -158,8 +158,23 @@ enum NodeCmd {
 
 #[derive(Subcommand, Debug)]
 enum ClusterCmd {
-    /// Raft state of the control plane.
+    /// Raft state of the control plane: members, leader, term, log and applied index.
     Status,
+    /// Add a member: it joins as a learner, catches up, then becomes a voter.
+    #[command(after_help = "Examples:
+  cell0d serve --data-dir /tmp/m2 --node-id 2 --listen 127.0.0.1:7072 --join &
+  cell0ctl --endpoint 127.0.0.1:7071 cluster add 2 127.0.0.1:7072")]
+    Add {
+        /// Member id (as given to `cell0d serve --node-id`).
+        id: u64,
+        /// Its gRPC address, HOST:PORT.
+        address: String,
+    },
+    /// Remove a member (voter or learner).
+    Remove {
+        /// Member id.
+        id: u64,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -574,21 +589,29 @@ async fn dispatch(cli: Cli) -> Result<(), CtlError> {
                 ),
             }
         }
-        Cmd::Cluster {
-            cmd: ClusterCmd::Status,
-        } => {
-            let s = c
-                .cluster
-                .status(grpc::ClusterStatusRequest {})
-                .await?
-                .into_inner();
+        Cmd::Cluster { cmd } => {
+            let s = match cmd {
+                ClusterCmd::Status => c.cluster.status(grpc::ClusterStatusRequest {}).await?,
+                ClusterCmd::Add { id, address } => {
+                    c.cluster
+                        .add_member(grpc::AddMemberRequest { id, address })
+                        .await?
+                }
+                ClusterCmd::Remove { id } => {
+                    c.cluster
+                        .remove_member(grpc::RemoveMemberRequest { id })
+                        .await?
+                }
+            }
+            .into_inner();
             match out {
                 Output::Table => {
                     println!(
-                        "member {} ({}), leader {}, term {}\nlog: last {}, applied {}, snapshot {}, purged {}\nstate: {} VMs, {} nodes",
+                        "member {} ({}), leader {} {}, term {}\nlog: last {}, applied {}, snapshot {}, purged {}\nstate: {} VMs, {} nodes",
                         s.node_id,
                         s.state,
                         s.leader_id,
+                        s.leader_address,
                         s.term,
                         s.last_log_index,
                         s.last_applied,

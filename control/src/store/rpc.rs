@@ -1,0 +1,269 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The server side of Raft between members (`RaftService`) and the
+//! `ClusterService` API (status, add and remove members).
+//!
+//! `Forward` is how a member that is not the leader hands the leader a write,
+//! a membership change or a read-index request; the leader serves it itself
+//! and never forwards again, so a request makes at most one hop.
+
+// tonic handlers return `tonic::Status` (~176 bytes) by design.
+#![allow(clippy::result_large_err)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use cell0_proto::grpc::{self, RaftPayload, cluster_service_server::ClusterService};
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use serde::{Deserialize, Serialize};
+use tonic::{Code, Request, Response, Status};
+
+use super::network::{decode, encode};
+use super::{Applied, Command, NodeId, RaftStatus, Store, StoreError, TypeConfig};
+use crate::audit::{AuditLog, Entry};
+use crate::metrics::Metrics;
+
+/// A request handed to the leader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Forwarded {
+    /// A client write.
+    Write(Command),
+    /// Add a learner, then promote it.
+    AddMember {
+        /// Member id.
+        id: NodeId,
+        /// Its gRPC address.
+        addr: String,
+    },
+    /// Remove a member.
+    RemoveMember {
+        /// Member id.
+        id: NodeId,
+    },
+    /// The leader's read index, for a linearizable read on a follower.
+    ReadIndex,
+}
+
+/// The leader's answer to a [`Forwarded`] request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ForwardReply {
+    /// The write is committed and applied at `index`.
+    Written {
+        /// Log index.
+        index: u64,
+        /// What applying it gave.
+        applied: Box<Applied>,
+    },
+    /// The membership change is committed; the leader's view after it.
+    Status(Box<RaftStatus>),
+    /// Read at or after this index.
+    ReadIndex {
+        /// The index.
+        index: u64,
+    },
+    /// The receiver is not (or no longer) the leader; nothing was done.
+    NotLeader,
+    /// The request was refused or failed; nothing was applied.
+    Failed(String),
+    /// The request names a bad member.
+    Invalid(String),
+}
+
+fn bad(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("bad Raft message: {e}"))
+}
+
+fn reply<T: Serialize>(v: &T) -> Result<Response<RaftPayload>, Status> {
+    encode(v)
+        .map(Response::new)
+        .map_err(|e| Status::internal(e.to_string()))
+}
+
+/// `RaftService`: the Raft RPCs of this member.
+#[derive(Clone)]
+pub struct RaftRpc {
+    store: Store,
+}
+
+impl RaftRpc {
+    /// The service over `store`.
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+
+    async fn forwarded(&self, req: Forwarded) -> ForwardReply {
+        let s = &self.store;
+        match req {
+            Forwarded::Write(cmd) => match s.raft.client_write(cmd).await {
+                Ok(r) => ForwardReply::Written {
+                    index: r.log_id.index,
+                    applied: Box::new(r.data),
+                },
+                Err(e) if e.forward_to_leader::<super::Node>().is_some() => ForwardReply::NotLeader,
+                Err(e) => ForwardReply::Failed(e.to_string()),
+            },
+            Forwarded::ReadIndex => match s.raft.get_read_log_id().await {
+                Ok((read, _)) => ForwardReply::ReadIndex {
+                    index: read.map_or(0, |l| l.index),
+                },
+                Err(e) if e.forward_to_leader::<super::Node>().is_some() => ForwardReply::NotLeader,
+                Err(e) => ForwardReply::Failed(e.to_string()),
+            },
+            req @ (Forwarded::AddMember { .. } | Forwarded::RemoveMember { .. }) => {
+                if !s.is_leader() {
+                    return ForwardReply::NotLeader;
+                }
+                match s.change_membership_here(&req).await {
+                    Ok(st) => ForwardReply::Status(Box::new(st)),
+                    Err(StoreError::NoLeader(_)) => ForwardReply::NotLeader,
+                    Err(StoreError::InvalidMember(m)) => ForwardReply::Invalid(m),
+                    Err(e) => ForwardReply::Failed(e.to_string()),
+                }
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl grpc::raft_service_server::RaftService for RaftRpc {
+    async fn append_entries(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let req: AppendEntriesRequest<TypeConfig> = decode(request.get_ref()).map_err(bad)?;
+        reply(&self.store.raft.append_entries(req).await)
+    }
+
+    async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let req: VoteRequest<NodeId> = decode(request.get_ref()).map_err(bad)?;
+        reply(&self.store.raft.vote(req).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let req: InstallSnapshotRequest<TypeConfig> = decode(request.get_ref()).map_err(bad)?;
+        reply(&self.store.raft.install_snapshot(req).await)
+    }
+
+    async fn forward(
+        &self,
+        request: Request<RaftPayload>,
+    ) -> Result<Response<RaftPayload>, Status> {
+        let req: Forwarded = decode(request.get_ref()).map_err(bad)?;
+        reply(&self.forwarded(req).await)
+    }
+}
+
+/// `ClusterService`: the control plane's own membership.
+#[derive(Clone)]
+pub struct ClusterApi {
+    store: Store,
+    metrics: Arc<Metrics>,
+    audit: Arc<AuditLog>,
+}
+
+/// The gRPC status for a store error of a cluster call.
+pub fn status_of(e: StoreError) -> Status {
+    match e {
+        StoreError::InvalidMember(m) => Status::invalid_argument(m),
+        StoreError::Membership(m) => Status::failed_precondition(m),
+        e => Status::unavailable(format!("the membership change did not happen: {e}")),
+    }
+}
+
+/// The API form of a [`RaftStatus`].
+pub fn to_proto(st: RaftStatus, vms: u64, nodes: u64) -> grpc::ClusterStatus {
+    grpc::ClusterStatus {
+        node_id: st.node_id,
+        leader_id: st.leader.unwrap_or(0),
+        term: st.term,
+        last_log_index: st.last_log_index,
+        last_applied: st.last_applied,
+        snapshot_index: st.snapshot_index,
+        members: st
+            .members
+            .into_iter()
+            .map(|(id, (address, voter))| grpc::Member { id, address, voter })
+            .collect(),
+        state: st.state,
+        vms,
+        nodes,
+        purged_index: st.purged_index,
+        leader_address: st.leader_addr.unwrap_or_default(),
+    }
+}
+
+impl ClusterApi {
+    /// The service over `store`.
+    pub fn new(store: Store, metrics: Arc<Metrics>, audit: Arc<AuditLog>) -> Self {
+        Self {
+            store,
+            metrics,
+            audit,
+        }
+    }
+
+    fn counts(&self) -> (u64, u64) {
+        self.store
+            .read(|s| (s.vms.len() as u64, s.nodes.len() as u64))
+    }
+
+    fn finish(
+        &self,
+        method: &str,
+        peer: Option<SocketAddr>,
+        target: &str,
+        r: Result<RaftStatus, StoreError>,
+    ) -> Result<Response<grpc::ClusterStatus>, Status> {
+        let r = r.map_err(status_of);
+        let (code, msg) = match &r {
+            Ok(_) => (Code::Ok, String::new()),
+            Err(s) => (s.code(), s.message().to_string()),
+        };
+        self.audit.record(&Entry {
+            method,
+            peer: peer.map(|p| p.to_string()),
+            target,
+            code,
+            message: &msg,
+            revision: r.as_ref().map_or(0, |s| s.last_applied),
+        });
+        self.metrics.api(method, code);
+        let (vms, nodes) = self.counts();
+        r.map(|st| Response::new(to_proto(st, vms, nodes)))
+    }
+}
+
+#[tonic::async_trait]
+impl ClusterService for ClusterApi {
+    async fn status(
+        &self,
+        _r: Request<grpc::ClusterStatusRequest>,
+    ) -> Result<Response<grpc::ClusterStatus>, Status> {
+        let (vms, nodes) = self.counts();
+        let st = to_proto(self.store.status(), vms, nodes);
+        self.metrics.api("ClusterStatus", Code::Ok);
+        Ok(Response::new(st))
+    }
+
+    async fn add_member(
+        &self,
+        request: Request<grpc::AddMemberRequest>,
+    ) -> Result<Response<grpc::ClusterStatus>, Status> {
+        let peer = request.remote_addr();
+        let req = request.into_inner();
+        let r = self.store.add_member(req.id, &req.address).await;
+        self.finish("AddMember", peer, &format!("member-{}", req.id), r)
+    }
+
+    async fn remove_member(
+        &self,
+        request: Request<grpc::RemoveMemberRequest>,
+    ) -> Result<Response<grpc::ClusterStatus>, Status> {
+        let peer = request.remote_addr();
+        let id = request.into_inner().id;
+        let r = self.store.remove_member(id).await;
+        self.finish("RemoveMember", peer, &format!("member-{id}"), r)
+    }
+}
