@@ -11,6 +11,11 @@
 //!   launched twice); liveness is then checked through the API socket.
 //! - Health: SYPAS PING over the hybrid vsock where the guest serves SYPAS
 //!   (the nano guest's `sypas-serve` mode), else the API socket's `describe`.
+//! - Every VMM runs jailed by default (`cell0-vmm launch --jail`, see
+//!   docs/SECURITY.md): as an unprivileged uid/gid, in its own namespaces and
+//!   cgroup, with its seccomp filters. The run dir is group-writable by that gid
+//!   (sticky, so the VMM cannot remove cell0d's files), the router's listener
+//!   for the guest is handed to it, and the jail's root is `<run dir>/jail/<id>`.
 
 pub mod attest;
 pub mod golden;
@@ -40,8 +45,14 @@ pub const NANO_READY: &str = "cell0-nano: ready";
 const SUN_PATH_MAX: usize = 107;
 /// Lifetime of the token minted for a nano guest's launch.
 const TOKEN_TTL_S: u64 = 12 * 3600;
-/// How long a stopped VMM gets before SIGKILL.
+/// How long a stopped VMM gets before SIGTERM.
 const STOP_GRACE: Duration = Duration::from_secs(3);
+/// How long a VMM gets after SIGTERM before SIGKILL. A jailed VMM's supervisor
+/// kills the VMM on SIGTERM and then removes its cgroup and jail directory, which
+/// a SIGKILL would leave behind.
+const TERM_GRACE: Duration = Duration::from_secs(2);
+/// The uid and gid VMMs run as by default (`nobody`/`nogroup`).
+pub const DEFAULT_VM_ID: u32 = 65534;
 
 /// Errors of the node agent.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +82,18 @@ pub enum NodeError {
     /// Registering the node failed.
     #[error("cannot register the node")]
     Register(#[source] crate::store::StoreError),
+    /// VMs cannot be jailed as configured.
+    #[error("cannot jail VMs: {0}")]
+    Jail(String),
+}
+
+/// How the VMMs of this node are jailed (`cell0-vmm launch --jail`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmJail {
+    /// The uid every VMM runs as (not 0).
+    pub uid: u32,
+    /// The gid every VMM runs as (not 0).
+    pub gid: u32,
 }
 
 /// Node agent settings.
@@ -100,6 +123,8 @@ pub struct NodeConfig {
     pub zone: String,
     /// Region.
     pub region: String,
+    /// The jail of every VMM; `None` only with `cell0d serve --no-jail`.
+    pub jail: Option<VmJail>,
 }
 
 /// What `state.json` holds.
@@ -220,6 +245,65 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Checks the jail settings: VMMs can only be jailed by a root cell0d
+/// (`cell0-vmm --jail` starts as root), and never as uid or gid 0.
+fn check_jail(jail: Option<VmJail>) -> Result<(), NodeError> {
+    let Some(j) = jail else {
+        tracing::warn!(
+            "--no-jail: VMMs run without the jail (no namespaces, cgroup limits or \
+             unprivileged uid; seccomp stays on); for debugging only"
+        );
+        return Ok(());
+    };
+    if j.uid == 0 || j.gid == 0 {
+        return Err(NodeError::Jail(
+            "--vm-uid and --vm-gid must not be 0: the VMM would keep root's powers".into(),
+        ));
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(NodeError::Jail(
+            "cell0d must run as root: cell0-vmm --jail creates namespaces, cgroups and \
+             device nodes before it drops to --vm-uid (use --no-jail for unjailed \
+             debugging runs)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Makes the run dir usable by a jailed VMM: owned by root, group `gid`, mode
+/// 01770 (the VMM creates its sockets there; the sticky bit keeps it from
+/// removing or replacing cell0d's files such as `state.json`).
+fn prepare_run_dir(dir: &Path, jail: Option<VmJail>) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(j) = jail else { return Ok(()) };
+    std::os::unix::fs::chown(dir, Some(0), Some(j.gid))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1770))
+}
+
+/// Lets a jailed VMM connect to a host listener in its run dir (`<vsock>_P`):
+/// connecting to a Unix socket needs write permission on it.
+fn hand_socket_to_vm(sock: &Path, jail: Option<VmJail>) {
+    let Some(j) = jail else { return };
+    if let Err(e) = std::os::unix::fs::chown(sock, Some(j.uid), Some(j.gid)) {
+        tracing::warn!(socket = %sock.display(), error = %e, "cannot hand the socket to the VM's uid");
+    }
+}
+
+/// Ends a VMM: SIGTERM, then SIGKILL if it is still there after
+/// [`TERM_GRACE`]. A jailed VMM's supervisor answers SIGTERM by killing the VMM
+/// and removing its cgroup and jail directory.
+async fn terminate(fd: &PidFd) {
+    if fd.signal(libc::SIGTERM).is_ok()
+        && tokio::time::timeout(TERM_GRACE, fd.exited()).await.is_ok()
+    {
+        return;
+    }
+    let _ = fd.signal(libc::SIGKILL);
+    fd.exited().await;
+}
+
 /// Whether the serial log at `path` holds the nano guest's ready line.
 fn serial_ready(path: &Path) -> bool {
     std::fs::read(path)
@@ -252,6 +336,7 @@ impl Agent {
         metrics: Arc<Metrics>,
         router: Option<Arc<Router>>,
     ) -> Result<Arc<Self>, NodeError> {
+        check_jail(cfg.jail)?;
         let vms_dir = cfg.data_dir.join("node").join("vms");
         std::fs::create_dir_all(&vms_dir).map_err(io_err("create", &vms_dir))?;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -439,7 +524,14 @@ impl Agent {
                         && proc::exe_matches(p.pid, &vmm_name)
                     {
                         if let Ok(fd) = PidFd::open(p.pid) {
-                            let _ = fd.signal(libc::SIGKILL);
+                            // Wait (bounded) so that a jailed VMM's supervisor
+                            // cleans up before its jail root goes with the run dir.
+                            let dir = ent.path();
+                            tokio::spawn(async move {
+                                terminate(&fd).await;
+                                let _ = std::fs::remove_dir_all(dir);
+                            });
+                            continue;
                         }
                     }
                     let _ = std::fs::remove_dir_all(ent.path());
@@ -482,9 +574,13 @@ impl Agent {
                             cell0_proto::ROUTER_VSOCK_PORT
                         ));
                         let id = id.clone();
+                        let jail = self.cfg.jail;
                         tokio::spawn(async move {
-                            if let Err(e) = r.attach_vm_with_window(&id, &sock, None, None).await {
-                                tracing::warn!(vm = %id, error = %e, "cannot re-attach the VM to the SYPAS router");
+                            match r.attach_vm_with_window(&id, &sock, None, None).await {
+                                Ok(_) => hand_socket_to_vm(&sock, jail),
+                                Err(e) => {
+                                    tracing::warn!(vm = %id, error = %e, "cannot re-attach the VM to the SYPAS router");
+                                }
                             }
                         });
                     }
@@ -695,8 +791,7 @@ impl Agent {
                 .is_ok();
             let grace = if asked { STOP_GRACE } else { Duration::ZERO };
             if tokio::time::timeout(grace, fd.exited()).await.is_err() || !asked {
-                let _ = fd.signal(libc::SIGKILL);
-                fd.exited().await;
+                terminate(&fd).await;
             }
             if remove {
                 proc::reap(fd.pid);
@@ -749,6 +844,15 @@ impl Agent {
         }
         if let Some(cmd) = golden::launch_cmdline(s, extra) {
             c.arg(format!("--cmdline={cmd}"));
+        }
+        if let Some(j) = self.cfg.jail {
+            c.arg("--jail")
+                .arg("--uid")
+                .arg(j.uid.to_string())
+                .arg("--gid")
+                .arg(j.gid.to_string())
+                .arg("--jail-root")
+                .arg(dir.join("jail").join(id));
         }
         if s.tpm {
             c.arg("--tpm").arg("--run-dir").arg(&dir);
@@ -804,7 +908,9 @@ impl Agent {
     /// that neither the reconciliation loop nor the API waits for fork/exec.
     fn launch(self: &Arc<Self>, id: &str, rt: &mut Runtime) {
         let dir = self.run_dir(id);
-        if let Err(e) = std::fs::create_dir_all(&dir) {
+        if let Err(e) =
+            std::fs::create_dir_all(&dir).and_then(|()| prepare_run_dir(&dir, self.cfg.jail))
+        {
             self.metrics.launch_failed();
             self.set_state(
                 id,
@@ -863,8 +969,11 @@ impl Agent {
             // guest can connect to it.
             if let Some(r) = me.router.clone() {
                 let _ = r.detach_vm(&id).await;
-                if let Err(e) = r.attach_vm_with_window(&id, &guest_sock, None, None).await {
-                    tracing::warn!(vm = %id, error = %e, "cannot attach the VM to the SYPAS router");
+                match r.attach_vm_with_window(&id, &guest_sock, None, None).await {
+                    Ok(_) => hand_socket_to_vm(&guest_sock, me.cfg.jail),
+                    Err(e) => {
+                        tracing::warn!(vm = %id, error = %e, "cannot attach the VM to the SYPAS router");
+                    }
                 }
             }
             let spawned = tokio::task::spawn_blocking(move || {
@@ -911,11 +1020,10 @@ impl Agent {
             // Deleted or stopped while it was being spawned.
             let deleted = !vms.contains_key(id);
             drop(vms);
-            let _ = fd.signal(libc::SIGKILL);
             let me = self.clone();
             let id = id.to_string();
             tokio::spawn(async move {
-                fd.exited().await;
+                terminate(&fd).await;
                 proc::reap(fd.pid);
                 if deleted {
                     me.remove_run_dir(&id);

@@ -241,6 +241,33 @@ pub fn choose(
     }
 }
 
+/// Removes the cgroups that supervisors which died without cleaning up (they
+/// were SIGKILLed) left in `parent`: `cell0-<name>-<pid>` where no process
+/// `<pid>` exists any more. `rmdir` refuses a cgroup that still holds a process,
+/// so the cgroup of a running VM is never removed.
+fn sweep_stale(parent: &Path) {
+    let Ok(rd) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("cell0-"))
+            .and_then(|n| n.rsplit_once('-'))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == 0 || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if std::fs::remove_dir(e.path()).is_ok() {
+            tracing::info!(cgroup = %e.path().display(), "removed the cgroup of a VM whose supervisor was killed");
+        }
+    }
+}
+
 impl Cgroup {
     /// Creates `cell0-<name>` in this process's own cgroup of each hierarchy and
     /// writes `limits`, reading the real mount table and `/proc/self/cgroup`.
@@ -294,6 +321,7 @@ impl Cgroup {
                     let dir = parent.join(leaf);
                     // Co-mounted controllers (cpu,cpuacct) share one directory.
                     if !self.dirs.contains(&dir) {
+                        sweep_stale(&parent);
                         std::fs::create_dir(&dir)
                             .map_err(step_io(format!("create the {c} cgroup {}", dir.display())))?;
                         self.dirs.push(dir.clone());
@@ -316,6 +344,7 @@ impl Cgroup {
                      (cgroup v2 needs a delegated parent cgroup without processes)",
                     ctl.display()
                 )))?;
+                sweep_stale(&parent);
                 let dir = parent.join(leaf);
                 std::fs::create_dir(&dir)
                     .map_err(step_io(format!("create the cgroup {}", dir.display())))?;
@@ -511,6 +540,23 @@ mod tests {
         let none = Mounts::default();
         let e = Cgroup::create_in(&none, &own, "x", &limits(), None).unwrap_err();
         assert!(e.to_string().contains("no v1 hierarchy is mounted"), "{e}");
+    }
+
+    #[test]
+    fn cgroups_of_dead_supervisors_are_swept_and_live_ones_kept() {
+        let (_d, m, own) = fake("hugetlb");
+        let pids = m.v1["pids"].clone();
+        // pid_max is at most 2^22: this supervisor never existed.
+        let dead = pids.join("cell0-gone-999999999");
+        let live = pids.join(format!("cell0-live-{}", std::process::id()));
+        let other = pids.join("not-ours-999999999");
+        for d in [&dead, &live, &other] {
+            std::fs::create_dir(d).unwrap();
+        }
+        Cgroup::create_in(&m, &own, "new-1", &limits(), None).unwrap();
+        assert!(!dead.exists());
+        assert!(live.exists() && other.exists());
+        assert!(pids.join("cell0-new-1").exists());
     }
 
     #[test]
