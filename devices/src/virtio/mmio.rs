@@ -5,7 +5,7 @@
 //! 0x100 are 32-bit and aligned; the device config space starts at 0x100 and
 //! takes any width. Every guest access is checked: a register access of the
 //! wrong size, a write in the wrong device state or an invalid value is ignored
-//! and counted in [`MmioMetrics`] (and logged once); an unrecoverable problem
+//! and counted in [`MmioMetrics`] (and logged at a bounded rate); an unrecoverable problem
 //! (bad queue setup at DRIVER_OK, a failed activation) sets NEEDS_RESET.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::{
     GuestMemory, Interrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtQueue, VirtioDevice,
-    count_and_warn_once, status,
+    count_and_warn, rings_in_memory, status,
 };
 use crate::bus::BusDevice;
 
@@ -254,7 +254,7 @@ impl MmioTransport {
             regs::VIRTIO_MMIO_SHM_LEN_LOW | regs::VIRTIO_MMIO_SHM_LEN_HIGH => u32::MAX,
             regs::VIRTIO_MMIO_SHM_BASE_LOW | regs::VIRTIO_MMIO_SHM_BASE_HIGH => u32::MAX,
             _ => {
-                count_and_warn_once(
+                count_and_warn(
                     &self.metrics.invalid_access,
                     "virtio-mmio: guest read a write-only or unknown register",
                 );
@@ -322,14 +322,14 @@ impl MmioTransport {
                         tracing::warn!(error = %e, queue = v, "cannot signal a queue eventfd");
                     }
                 }
-                None => count_and_warn_once(
+                None => count_and_warn(
                     &self.metrics.invalid_notify,
                     "virtio-mmio: guest notified a queue that does not exist",
                 ),
             },
             regs::VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(v),
             regs::VIRTIO_MMIO_STATUS => self.set_status(v),
-            _ => count_and_warn_once(
+            _ => count_and_warn(
                 &self.metrics.invalid_access,
                 "virtio-mmio: guest wrote a read-only or unknown register",
             ),
@@ -337,7 +337,7 @@ impl MmioTransport {
     }
 
     fn wrong_state(&self, what: &str) {
-        count_and_warn_once(
+        count_and_warn(
             &self.metrics.write_in_wrong_state,
             &format!(
                 "virtio-mmio: {what} written in device status {:#x}",
@@ -355,14 +355,14 @@ impl MmioTransport {
         }
         let metrics = self.metrics.clone();
         let Some(slot) = self.selected_queue() else {
-            return count_and_warn_once(
+            return count_and_warn(
                 &metrics.invalid_queue_config,
                 "virtio-mmio: queue register written with QueueSel past the last queue",
             );
         };
         if !f(&mut slot.queue) {
             slot.bad_config = true;
-            count_and_warn_once(
+            count_and_warn(
                 &metrics.invalid_queue_config,
                 &format!("virtio-mmio: invalid {what} value"),
             );
@@ -390,7 +390,7 @@ impl MmioTransport {
                 _ => false,
             };
         if !ok {
-            return count_and_warn_once(
+            return count_and_warn(
                 &self.metrics.invalid_status,
                 &format!("virtio-mmio: invalid status transition {cur:#x} -> {v:#x}"),
             );
@@ -403,7 +403,7 @@ impl MmioTransport {
                     || self.acked_features & VIRTIO_F_VERSION_1 == 0
                 {
                     // FEATURES_OK stays clear; the driver reads it back and gives up.
-                    return count_and_warn_once(
+                    return count_and_warn(
                         &self.metrics.features_rejected,
                         &format!(
                             "virtio-mmio: driver features {:#x} refused (offered {:#x})",
@@ -425,7 +425,7 @@ impl MmioTransport {
     fn activate(&mut self) {
         let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
         for (i, slot) in self.queues.iter_mut().enumerate() {
-            if slot.queue.ready() && (slot.bad_config || !slot.queue.is_valid(&self.mem)) {
+            if slot.queue.ready() && (slot.bad_config || !rings_in_memory(&slot.queue, &self.mem)) {
                 return self.fail(&format!(
                     "queue {i} is set up outside guest memory or badly"
                 ));
@@ -454,7 +454,7 @@ impl MmioTransport {
     }
 
     fn fail(&mut self, why: &str) {
-        count_and_warn_once(&self.metrics.needs_reset, &format!("virtio-mmio: {why}"));
+        count_and_warn(&self.metrics.needs_reset, &format!("virtio-mmio: {why}"));
         self.interrupt.set_needs_reset();
     }
 
@@ -498,7 +498,7 @@ impl BusDevice for MmioTransport {
             Ok(out) if offset % 4 == 0 => *out = self.read_reg(offset as u32).to_le_bytes(),
             _ => {
                 data.fill(0);
-                count_and_warn_once(
+                count_and_warn(
                     &self.metrics.invalid_access,
                     "virtio-mmio: register read that is not 32-bit and aligned",
                 );
@@ -515,7 +515,7 @@ impl BusDevice for MmioTransport {
         }
         match <[u8; 4]>::try_from(data) {
             Ok(b) if offset % 4 == 0 => self.write_reg(offset as u32, u32::from_le_bytes(b)),
-            _ => count_and_warn_once(
+            _ => count_and_warn(
                 &self.metrics.invalid_access,
                 "virtio-mmio: register write that is not 32-bit and aligned",
             ),

@@ -527,3 +527,65 @@ proptest! {
         }
     }
 }
+
+/// Counts the tracing events emitted on the thread it is the default of.
+struct CountEvents(Arc<std::sync::atomic::AtomicUsize>);
+
+impl tracing::Subscriber for CountEvents {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, _: &tracing::Event<'_>) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// Runs `f` and returns how many log events it emitted on this thread.
+fn log_events(f: impl FnOnce()) -> usize {
+    let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tracing::subscriber::with_default(CountEvents(n.clone()), f);
+    n.load(Ordering::Relaxed)
+}
+
+fn logged_out_of(n: u64) -> usize {
+    (1..=n).filter(|&k| crate::virtio::log_decision(k)).count()
+}
+
+#[test]
+fn a_flood_of_guest_errors_is_counted_exactly_and_logged_at_a_bounded_rate() {
+    // Notifies of a queue that does not exist, in a loop.
+    let (mut t, _) = setup();
+    let events = log_events(|| {
+        for _ in 0..10_000 {
+            w(&mut t, regs::VIRTIO_MMIO_QUEUE_NOTIFY, 7);
+        }
+    });
+    assert_eq!(t.metrics().invalid_notify.load(Ordering::Relaxed), 10_000);
+    // 1..=8, then 16, 32, ..., 8192.
+    assert_eq!(logged_out_of(10_000), 18);
+    assert_eq!(events, 18);
+
+    // Reset, rings outside guest memory, DRIVER_OK: NEEDS_RESET each time.
+    // (virtio-queue's own `is_valid` would log an ERROR line per round.)
+    let (mut t, _) = setup();
+    let events = log_events(|| {
+        for _ in 0..1000 {
+            w(&mut t, regs::VIRTIO_MMIO_STATUS, 0);
+            negotiate(&mut t, VIRTIO_F_VERSION_1);
+            setup_queue(&mut t, 0, 8, 0x1_0000_0000);
+            w(&mut t, regs::VIRTIO_MMIO_STATUS, ALL_OK);
+            assert_eq!(status(&mut t), ALL_OK | NEEDS_RESET);
+        }
+    });
+    assert_eq!(t.metrics().needs_reset.load(Ordering::Relaxed), 1000);
+    // The transport's line and the interrupt's "needs a reset" line, each limited.
+    assert_eq!(events, 2 * logged_out_of(1000));
+    assert!(events <= 30, "{events}");
+}

@@ -160,6 +160,8 @@ pub trait VirtioDevice: Send {
 struct InterruptInner {
     status: AtomicU32,
     needs_reset: AtomicBool,
+    /// Times NEEDS_RESET was set (for the log limiter; a guest can loop reset → error).
+    needs_reset_count: AtomicU64,
     config_generation: AtomicU32,
     irqfd: EventFd,
 }
@@ -179,6 +181,7 @@ impl Interrupt {
             inner: Arc::new(InterruptInner {
                 status: AtomicU32::new(0),
                 needs_reset: AtomicBool::new(false),
+                needs_reset_count: AtomicU64::new(0),
                 config_generation: AtomicU32::new(0),
                 irqfd: EventFd::new(EFD_NONBLOCK)?,
             }),
@@ -204,7 +207,7 @@ impl Interrupt {
     /// Marks the device NEEDS_RESET and tells the driver with a config-change interrupt.
     pub fn set_needs_reset(&self) {
         if !self.inner.needs_reset.swap(true, Ordering::SeqCst) {
-            tracing::warn!("virtio device needs a reset");
+            count_and_warn(&self.inner.needs_reset_count, "virtio device needs a reset");
             if let Err(e) = self.raise(INT_CONFIG) {
                 tracing::warn!(error = %e, "cannot raise the needs-reset interrupt");
             }
@@ -243,12 +246,82 @@ impl Interrupt {
     }
 }
 
-/// Adds one to `counter`; logs `what` at warn level the first time, at debug after.
-/// This is how guest misbehaviour is "counted in a metric and logged once".
-pub(crate) fn count_and_warn_once(counter: &AtomicU64, what: &str) {
-    if counter.fetch_add(1, Ordering::Relaxed) == 0 {
-        tracing::warn!("{what} (logged once; further ones are counted)");
+/// Guest errors of one kind on one device that are logged in full; after
+/// these, only the ones whose count is a power of two are.
+pub const LOG_FIRST: u64 = 8;
+
+/// Whether the `n`-th (1-based) guest error of one kind on one device is
+/// logged: the first [`LOG_FIRST`], then the 16th, 32nd, 64th, ... A guest
+/// that triggers errors in a loop gets `LOG_FIRST + log2(n / LOG_FIRST)` lines
+/// out of `n` errors (about 30 for a billion), while the counter stays exact.
+pub fn log_decision(n: u64) -> bool {
+    n != 0 && (n <= LOG_FIRST || n.is_power_of_two())
+}
+
+/// Adds one to `counter` and logs `what` at warn level when [`log_decision`]
+/// says so. This is how guest misbehaviour is "counted in a metric, and logged
+/// at a bounded rate": the counters are exported by cell0d.
+pub(crate) fn count_and_warn(counter: &AtomicU64, what: &str) {
+    let n = counter.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+    if !log_decision(n) {
+        return;
+    }
+    if n < LOG_FIRST {
+        tracing::warn!(count = n, "{what}");
     } else {
-        tracing::debug!("{what}");
+        tracing::warn!(
+            count = n,
+            "{what} ({n} so far; from now on logged only at every doubling, the counter is exact)"
+        );
+    }
+}
+
+/// `Queue::add_used` that refuses a head index outside the queue itself,
+/// instead of letting virtio-queue log an ERROR line for each one (a guest can
+/// put such indices in its avail ring in a loop). Same error as virtio-queue's.
+pub(crate) fn add_used(
+    q: &mut Queue,
+    mem: &GuestMemoryMmap,
+    head: u16,
+    len: u32,
+) -> Result<(), virtio_queue::Error> {
+    use virtio_queue::QueueT;
+    if head >= q.size() {
+        return Err(virtio_queue::Error::InvalidDescriptorIndex);
+    }
+    q.add_used(mem, head, len)
+}
+
+/// Whether the rings of a ready queue lie in guest memory: virtio-queue's
+/// `is_valid` without its ERROR log line per call (a guest can set DRIVER_OK
+/// with bad rings after every reset).
+pub(crate) fn rings_in_memory(q: &Queue, mem: &GuestMemoryMmap) -> bool {
+    use virtio_queue::QueueT;
+    use vm_memory::{GuestAddress, GuestMemory as _, Permissions};
+    let n = u64::from(q.size());
+    // Sizes from the virtio spec (split virtqueue), as virtio-queue checks them:
+    // 16-byte descriptors; flags, idx, the entries and used_event/avail_event.
+    let fits = |addr: u64, len: u64, access| {
+        usize::try_from(len).is_ok_and(|len| mem.check_range(GuestAddress(addr), len, access))
+    };
+    q.ready()
+        && fits(q.desc_table(), 16 * n, Permissions::Read)
+        && fits(q.avail_ring(), 6 + 2 * n, Permissions::Read)
+        && fits(q.used_ring(), 6 + 8 * n, Permissions::Write)
+}
+
+#[cfg(test)]
+mod log_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_limiter_logs_the_first_errors_then_every_doubling() {
+        let logged: Vec<u64> = (1..=100).filter(|&n| log_decision(n)).collect();
+        assert_eq!(logged, [1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64]);
+        assert!(!log_decision(0));
+        // A flood of a million errors: 8 + 16, 32, ..., 2^19 = 8 + 16 lines.
+        let lines = (1..=1_000_000u64).filter(|&n| log_decision(n)).count();
+        assert_eq!(lines, 8 + 16);
     }
 }

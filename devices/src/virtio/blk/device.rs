@@ -20,7 +20,7 @@ use super::{
 };
 use crate::virtio::{
     GuestMemory, Interrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtQueue, VirtioDevice,
-    VirtioError, count_and_warn_once,
+    VirtioError, count_and_warn,
 };
 
 /// State that exists between activation and reset.
@@ -149,14 +149,11 @@ impl<D: DiskBackend> Block<D> {
                                 ChainError::NoStatus => &m.no_status,
                                 ChainError::Incomplete | ChainError::BadBuffer => &m.bad_chain,
                             };
-                            count_and_warn_once(
-                                counter,
-                                &format!("virtio-blk: unusable chain: {e}"),
-                            );
+                            count_and_warn(counter, &format!("virtio-blk: unusable chain: {e}"));
                             0
                         }
                     };
-                    q.add_used(mem, head, len)?;
+                    crate::virtio::add_used(q, mem, head, len)?;
                     used_any = true;
                 }
                 if !q.enable_notification(mem)? {
@@ -165,7 +162,7 @@ impl<D: DiskBackend> Block<D> {
             }
         })();
         if let Err(e) = res {
-            count_and_warn_once(
+            count_and_warn(
                 &m.queue_errors,
                 &format!("virtio-blk: the queue is corrupt: {e}"),
             );
@@ -175,7 +172,7 @@ impl<D: DiskBackend> Block<D> {
         }
         if used_any && a.queue.queue.needs_notification(&a.mem).unwrap_or(true) {
             if let Err(e) = a.interrupt.signal_used_queue() {
-                count_and_warn_once(&m.irq_fails, &format!("virtio-blk: {e}"));
+                count_and_warn(&m.irq_fails, &format!("virtio-blk: {e}"));
             }
         }
     }
@@ -195,20 +192,20 @@ fn count(m: &BlockMetrics, kind: Option<u32>, outcome: Outcome, bytes: u64) {
             Some(VIRTIO_BLK_T_FLUSH) => BlockMetrics::inc(&m.flushes),
             _ => BlockMetrics::inc(&m.get_ids),
         },
-        Outcome::Malformed => count_and_warn_once(&m.malformed, "virtio-blk: malformed request"),
-        Outcome::OutOfRange => count_and_warn_once(
+        Outcome::Malformed => count_and_warn(&m.malformed, "virtio-blk: malformed request"),
+        Outcome::OutOfRange => count_and_warn(
             &m.out_of_range,
             "virtio-blk: request past the end of the disk",
         ),
-        Outcome::ReadOnly => count_and_warn_once(
+        Outcome::ReadOnly => count_and_warn(
             &m.ro_writes,
             "virtio-blk: write refused on a read-only disk",
         ),
-        Outcome::Unsupported => count_and_warn_once(
+        Outcome::Unsupported => count_and_warn(
             &m.unsupported,
             &format!("virtio-blk: unsupported request type {kind:?}"),
         ),
-        Outcome::Io => count_and_warn_once(&m.io_errors, "virtio-blk: disk I/O failed"),
+        Outcome::Io => count_and_warn(&m.io_errors, "virtio-blk: disk I/O failed"),
     }
 }
 

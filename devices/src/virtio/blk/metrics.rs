@@ -7,7 +7,7 @@ macro_rules! block_metrics {
     ($($(#[doc = $doc:literal])* $name:ident,)*) => {
         /// Counters of one block device. Guest misbehaviour lands in
         /// `bad_chain`, `no_status`, `malformed`, `out_of_range`, `ro_writes`,
-        /// `unsupported` or `queue_errors` (and is logged at warn level once).
+        /// `unsupported` or `queue_errors` (and logged at a bounded rate, see `virtio::log_decision`).
         #[derive(Debug, Default)]
         pub struct BlockMetrics {
             $($(#[doc = $doc])* pub $name: AtomicU64,)*

@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use super::{EntropySource, MAX_REQUEST_BYTES, OsEntropy, QUEUE_SIZES, RngError, RngMetrics};
 use crate::virtio::{
     GuestMemory, Interrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtQueue, VirtioDevice,
-    VirtioError, count_and_warn_once,
+    VirtioError, count_and_warn,
 };
 
 /// Features the device offers.
@@ -98,7 +98,7 @@ impl<S: EntropySource> Rng<S> {
                 while let Some(chain) = q.iter(mem)?.next() {
                     let head = chain.head_index();
                     let len = fill_chain(mem, chain, &mut self.source, &mut buf, m);
-                    q.add_used(mem, head, len)?;
+                    crate::virtio::add_used(q, mem, head, len)?;
                     used_any = true;
                 }
                 if !q.enable_notification(mem)? {
@@ -107,7 +107,7 @@ impl<S: EntropySource> Rng<S> {
             }
         })();
         if let Err(e) = res {
-            count_and_warn_once(
+            count_and_warn(
                 &m.queue_errors,
                 &format!("virtio-rng: the queue is corrupt: {e}"),
             );
@@ -117,7 +117,7 @@ impl<S: EntropySource> Rng<S> {
         }
         if used_any && a.queue.queue.needs_notification(&a.mem).unwrap_or(true) {
             if let Err(e) = a.interrupt.signal_used_queue() {
-                count_and_warn_once(&m.irq_fails, &format!("virtio-rng: {e}"));
+                count_and_warn(&m.irq_fails, &format!("virtio-rng: {e}"));
             }
         }
     }
@@ -140,27 +140,27 @@ fn fill_chain<S: EntropySource>(
         readable |= !d.is_write_only();
     }
     if descs == 0 || last_has_next || readable {
-        count_and_warn_once(
+        count_and_warn(
             &m.bad_chain,
             "virtio-rng: chain loops, is too long or holds a device-readable buffer",
         );
         return 0;
     }
     let Ok(mut w) = Writer::<()>::new(mem, chain) else {
-        count_and_warn_once(&m.bad_chain, "virtio-rng: buffer outside guest memory");
+        count_and_warn(&m.bad_chain, "virtio-rng: buffer outside guest memory");
         return 0;
     };
     let n = w.available_bytes().min(MAX_REQUEST_BYTES);
     buf.resize(n, 0);
     if let Err(e) = source.fill(buf) {
-        count_and_warn_once(
+        count_and_warn(
             &m.source_errors,
             &format!("virtio-rng: the entropy source failed: {e}"),
         );
         return 0;
     }
     if w.write_all(buf).is_err() {
-        count_and_warn_once(&m.bad_chain, "virtio-rng: buffer outside guest memory");
+        count_and_warn(&m.bad_chain, "virtio-rng: buffer outside guest memory");
         return 0;
     }
     RngMetrics::inc(&m.requests);

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 macro_rules! rng_metrics {
     ($($(#[doc = $doc:literal])* $name:ident,)*) => {
         /// Counters of one entropy device. Guest misbehaviour lands in
-        /// `bad_chain` or `queue_errors` (and is logged at warn level once).
+        /// `bad_chain` or `queue_errors` (and logged at a bounded rate, see `virtio::log_decision`).
         #[derive(Debug, Default)]
         pub struct RngMetrics {
             $($(#[doc = $doc])* pub $name: AtomicU64,)*

@@ -22,7 +22,7 @@ use super::{
 };
 use crate::virtio::{
     GuestMemory, Interrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtQueue, VirtioDevice,
-    VirtioError, count_and_warn_once,
+    VirtioError, count_and_warn,
 };
 
 /// Features the device offers.
@@ -166,7 +166,7 @@ impl<B: VsockBackend> Vsock<B> {
                     };
                     let head = chain.head_index();
                     let len = if !chain_is_complete(&chain) {
-                        count_and_warn_once(
+                        count_and_warn(
                             &m.rx_bad_chain,
                             "vsock: RX descriptor chain loops or is too long",
                         );
@@ -185,7 +185,7 @@ impl<B: VsockBackend> Vsock<B> {
                                 }
                             },
                             Err(e) => {
-                                count_and_warn_once(
+                                count_and_warn(
                                     &m.rx_bad_buffer,
                                     &format!("vsock: unusable RX buffer: {e}"),
                                 );
@@ -193,7 +193,7 @@ impl<B: VsockBackend> Vsock<B> {
                             }
                         }
                     };
-                    q.add_used(mem, head, len)?;
+                    crate::virtio::add_used(q, mem, head, len)?;
                     used_any = true;
                 }
                 // Re-enable kicks; if buffers arrived meanwhile and there is
@@ -227,7 +227,7 @@ impl<B: VsockBackend> Vsock<B> {
                         stalled = true;
                         break;
                     }
-                    q.add_used(mem, head, 0)?;
+                    crate::virtio::add_used(q, mem, head, 0)?;
                     used_any = true;
                 }
                 if !q.enable_notification(mem)? || stalled {
@@ -254,7 +254,7 @@ fn tx_one<B: VsockBackend>(
     m: &VsockMetrics,
 ) -> bool {
     if !chain_is_complete(&chain) {
-        count_and_warn_once(
+        count_and_warn(
             &m.tx_bad_chain,
             "vsock: TX descriptor chain loops or is too long",
         );
@@ -273,7 +273,7 @@ fn tx_one<B: VsockBackend>(
                 | PacketError::FragmentedMemory => (&m.tx_bad_addr, "buffer outside guest memory"),
                 _ => (&m.tx_bad_desc, "bad descriptor"),
             };
-            count_and_warn_once(counter, &format!("vsock: TX packet dropped, {what}: {e}"));
+            count_and_warn(counter, &format!("vsock: TX packet dropped, {what}: {e}"));
         }
     }
     false
@@ -288,7 +288,7 @@ fn finish_queue(
     m: &VsockMetrics,
 ) {
     if let Err(e) = res {
-        count_and_warn_once(
+        count_and_warn(
             &m.queue_errors,
             &format!("vsock: queue {index} is corrupt: {e}"),
         );
@@ -303,7 +303,7 @@ fn finish_queue(
     // With EVENT_IDX the driver may not want this interrupt; on a read error, send it.
     if q.needs_notification(&a.mem).unwrap_or(true) {
         if let Err(e) = a.interrupt.signal_used_queue() {
-            count_and_warn_once(&m.irq_fails, &format!("vsock: {e}"));
+            count_and_warn(&m.irq_fails, &format!("vsock: {e}"));
         }
     }
 }

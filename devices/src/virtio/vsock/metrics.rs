@@ -7,7 +7,7 @@ macro_rules! vsock_metrics {
     ($($(#[doc = $doc:literal])* $name:ident,)*) => {
         /// Counters of one vsock device. Guest misbehaviour lands in one of the
         /// `tx_bad_*`, `rx_bad_*`, `bogus_*`, `credit_lies`, `queue_errors` or
-        /// `conn_limit_rejected` counters (and is logged at warn level once).
+        /// `conn_limit_rejected` counters (and logged at a bounded rate, see `virtio::log_decision`).
         #[derive(Debug, Default)]
         pub struct VsockMetrics {
             $($(#[doc = $doc])* pub $name: AtomicU64,)*

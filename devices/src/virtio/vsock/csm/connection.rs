@@ -22,7 +22,7 @@ use vm_memory::VolatileMemoryError;
 use vmm_sys_util::epoll::EventSet;
 
 use super::{CONN_CREDIT_UPDATE_THRESHOLD, CONN_TIMEOUT, CONN_TX_BUF_SIZE, VsockStream};
-use crate::virtio::count_and_warn_once;
+use crate::virtio::count_and_warn;
 use crate::virtio::vsock::metrics::VsockMetrics;
 use crate::virtio::vsock::packet::{Header, VsockPacket};
 use crate::virtio::vsock::uapi::*;
@@ -260,7 +260,7 @@ impl<S: VsockStream> VsockConnection<S> {
         let advanced = (Wrapping(fwd_cnt) - self.peer_fwd_cnt).0;
         let outstanding = (self.rx_cnt - self.peer_fwd_cnt).0;
         if advanced > outstanding {
-            count_and_warn_once(
+            count_and_warn(
                 &m.credit_lies,
                 "vsock: guest reported consuming bytes it was never sent",
             );
@@ -273,7 +273,7 @@ impl<S: VsockStream> VsockConnection<S> {
     }
 
     fn bogus(&mut self, m: &VsockMetrics, op: u16) {
-        count_and_warn_once(
+        count_and_warn(
             &m.bogus_op,
             &format!(
                 "vsock: guest sent op {op} in connection state {:?}",
@@ -344,7 +344,7 @@ impl<S: VsockStream> VsockConnection<S> {
         let rest = data.len() - written;
         if rest > 0 {
             if self.tx_buf.len() + rest > CONN_TX_BUF_SIZE as usize {
-                count_and_warn_once(
+                count_and_warn(
                     &m.credit_lies,
                     "vsock: guest sent more data than its credit allowed",
                 );

@@ -21,7 +21,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::rxq::{MuxerRx, RxQueue};
 use super::{LOCAL_PORT_BASE, connect_nonblocking};
-use crate::virtio::count_and_warn_once;
+use crate::virtio::count_and_warn;
 use crate::virtio::vsock::csm::VsockConnection;
 use crate::virtio::vsock::metrics::VsockMetrics;
 use crate::virtio::vsock::packet::{Header, VsockPacket};
@@ -308,7 +308,7 @@ impl UnixMuxer {
     /// The guest asks to connect to host port `key.local_port`.
     fn peer_request(&mut self, key: ConnKey, buf_alloc: u32) {
         if self.conns.len() >= self.max_conns {
-            count_and_warn_once(
+            count_and_warn(
                 &self.metrics.conn_limit_rejected,
                 "vsock: guest connection refused, connection limit reached",
             );
@@ -362,7 +362,7 @@ impl UnixMuxer {
             };
             VsockMetrics::inc(&self.metrics.host_conns_accepted);
             if self.pending_host.len() >= MAX_PENDING_HOST || self.conns.len() >= self.max_conns {
-                count_and_warn_once(
+                count_and_warn(
                     &self.metrics.conn_limit_rejected,
                     "vsock: host connection refused, connection limit reached",
                 );
@@ -418,7 +418,7 @@ impl UnixMuxer {
         let port = match outcome {
             Ok(port) => port,
             Err("malformed") => {
-                return count_and_warn_once(
+                return count_and_warn(
                     &self.metrics.host_connect_bad,
                     "vsock: host connection sent a malformed CONNECT line",
                 );
@@ -426,7 +426,7 @@ impl UnixMuxer {
             Err(_) => return,
         };
         if self.conns.len() >= self.max_conns {
-            return count_and_warn_once(
+            return count_and_warn(
                 &self.metrics.conn_limit_rejected,
                 "vsock: host connection refused, connection limit reached",
             );
@@ -585,7 +585,7 @@ impl VsockChannel for UnixMuxer {
             return Err(VsockError::Backpressure);
         }
         if pkt.src_cid() != self.cid || pkt.dst_cid() != VSOCK_HOST_CID {
-            count_and_warn_once(
+            count_and_warn(
                 &self.metrics.bogus_cid,
                 &format!(
                     "vsock: dropped a packet from CID {} to CID {}",
@@ -597,7 +597,7 @@ impl VsockChannel for UnixMuxer {
         }
         let (op, local_port, peer_port) = (pkt.op(), pkt.dst_port(), pkt.src_port());
         if pkt.type_() != VSOCK_TYPE_STREAM {
-            count_and_warn_once(
+            count_and_warn(
                 &self.metrics.bogus_type,
                 &format!("vsock: guest sent socket type {}", pkt.type_()),
             );
@@ -624,7 +624,7 @@ impl VsockChannel for UnixMuxer {
             | VSOCK_OP_CREDIT_UPDATE
             | VSOCK_OP_CREDIT_REQUEST => self.enq_rst(local_port, peer_port),
             _ => {
-                count_and_warn_once(
+                count_and_warn(
                     &self.metrics.bogus_op,
                     &format!("vsock: guest sent op {op}"),
                 );
