@@ -11,8 +11,10 @@ use cell0_proto::host::{Grant, Handler, HelloHook, ServiceError, Session, Sessio
 use cell0_proto::msg::{Body, Call, Event, Hello, Refresh, Reply, ShmRef, permits};
 
 use super::audit::AuditRecord;
+use super::guest::{self, NODE_SERVICE};
 use super::services::{CallContext, gather};
-use super::{Core, Origin, Peer, Service};
+use super::stats::Target;
+use super::{Core, HOST_VM, Origin, Peer, Service};
 use crate::token::{ANY_VM, TokenError, valid_name};
 
 /// The service name of the router's own methods.
@@ -58,6 +60,7 @@ impl TokenHook {
     }
 
     fn audit(&self, kind: &str, agent: &str, session: Option<u64>, e: &ServiceError) {
+        self.core.stats.denial(e.code);
         self.core.audit.record(AuditRecord::now(
             kind,
             Some(agent),
@@ -82,7 +85,23 @@ fn sentence(e: &TokenError) -> String {
 
 impl HelloHook for TokenHook {
     async fn hello(&self, hello: &Hello) -> Result<Grant, ServiceError> {
-        let r = self.check(&hello.token, &hello.agent_id);
+        let r = if hello.token.is_empty() && self.origin.vm != HOST_VM {
+            // A guest agent's bootstrap: only on a VM with a registration,
+            // and only the bootstrap right (docs/GUEST-AGENT.md).
+            if self.core.has_bootstrap(&self.origin.vm) {
+                Ok(guest::bootstrap_grant())
+            } else {
+                Err(ServiceError::new(
+                    ErrorCode::PermissionDenied,
+                    format!(
+                        "HELLO without a token: VM {:?} has no guest-agent bootstrap; send the VM's token.",
+                        self.origin.vm
+                    ),
+                ))
+            }
+        } else {
+            self.check(&hello.token, &hello.agent_id)
+        };
         if let Err(e) = &r {
             self.audit("HELLO", &hello.agent_id, None, e);
         }
@@ -90,7 +109,14 @@ impl HelloHook for TokenHook {
     }
 
     async fn refresh(&self, session: &Session, refresh: &Refresh) -> Result<Grant, ServiceError> {
-        let r = self.check(&refresh.token, session.agent_id());
+        let r = if guest::is_bootstrap(&session.shared_grant()) {
+            Err(ServiceError::new(
+                ErrorCode::PermissionDenied,
+                "A bootstrap session cannot be refreshed; reconnect with HELLO and the token.",
+            ))
+        } else {
+            self.check(&refresh.token, session.agent_id())
+        };
         if let Err(e) = &r {
             self.audit("REFRESH", session.agent_id(), Some(session.id()), e);
         }
@@ -117,6 +143,7 @@ impl RouterHandler {
         method: &str,
         e: &ServiceError,
     ) {
+        self.core.stats.denial(e.code);
         self.core.audit.record(AuditRecord::now(
             kind,
             session.map(Session::agent_id),
@@ -171,9 +198,15 @@ impl RouterHandler {
     async fn route(&self, session: &Arc<Session>, call: Call) -> Result<Reply, ServiceError> {
         self.check_refs(&call.shm)?;
         if call.service == ROUTER_SERVICE {
+            self.core.stats.call(Target::Router);
             return self.router_method(session, &call);
         }
+        if call.service == NODE_SERVICE {
+            self.core.stats.call(Target::Node);
+            return self.node_method(session, call);
+        }
         if let Some(target) = call.service.strip_prefix(AGENT_PREFIX) {
+            self.core.stats.call(Target::Agent);
             let peer = self.core.agent(target).ok_or_else(|| {
                 err(
                     ErrorCode::AgentUnreachable,
@@ -186,14 +219,16 @@ impl RouterHandler {
             out.service = format!("{AGENT_PREFIX}{}", session.agent_id());
             return self.forward(&peer, out, ErrorCode::AgentUnreachable).await;
         }
-        let service = self.core.service(&call.service).ok_or_else(|| {
-            err(
+        let Some(service) = self.core.service(&call.service) else {
+            self.core.stats.call(Target::Unknown);
+            return Err(err(
                 ErrorCode::NoSuchService,
                 format!("No service {:?} is registered.", call.service),
-            )
-        })?;
+            ));
+        };
         match service {
             Service::Local(svc) => {
+                self.core.stats.call(Target::Local);
                 let reply = svc.call(self.ctx(session), call).await?;
                 // A local service answers with refs into the caller's window.
                 self.check_refs(&reply.shm).map_err(|e| {
@@ -205,6 +240,7 @@ impl RouterHandler {
                 Ok(reply)
             }
             Service::Remote(peer) => {
+                self.core.stats.call(Target::Remote);
                 let out = self.inline_refs(call)?;
                 self.forward(&peer, out, ErrorCode::NoSuchService).await
             }
@@ -302,12 +338,59 @@ impl RouterHandler {
         })
     }
 
+    /// `cell0.node/bootstrap` and `cell0.node/ready` from a VM's guest agent.
+    /// The answer to `bootstrap` is always the registration of the VM whose
+    /// listener the connection came to.
+    fn node_method(&self, session: &Arc<Session>, call: Call) -> Result<Reply, ServiceError> {
+        use prost::Message;
+        let vm = &self.origin.vm;
+        match call.method.as_str() {
+            cell0_agent::api::M_BOOTSTRAP => {
+                let Some(b) = self.core.bootstrap(vm) else {
+                    let e = err(
+                        ErrorCode::PermissionDenied,
+                        format!("The connection's VM {vm:?} has no guest-agent bootstrap."),
+                    );
+                    self.audit("CALL", Some(session), NODE_SERVICE, &call.method, &e);
+                    return Err(e);
+                };
+                let b = b?;
+                tracing::info!(vm = %vm, agent = %b.agent_id, "guest agent bootstrapped");
+                Ok(Reply {
+                    payload: guest::bootstrap_reply(&b).encode_to_vec().into(),
+                    shm: Vec::new(),
+                })
+            }
+            cell0_agent::api::M_READY => {
+                if *vm == HOST_VM || guest::is_bootstrap(&session.shared_grant()) {
+                    return Err(err(
+                        ErrorCode::BadRequest,
+                        "Only a VM's guest agent, with its token, reports ready.",
+                    ));
+                }
+                let r = guest::Ready::decode(call.payload)
+                    .map_err(|e| err(ErrorCode::BadRequest, format!("Bad ready payload: {e}.")))?;
+                tracing::info!(vm = %vm, agent = %r.agent_id, ready_ns = r.ready_ns, kernel = %r.kernel, "guest agent ready");
+                self.core.with_agent_status(vm, session.agent_id(), |s| {
+                    s.ready = Some(r);
+                    s.ready_at = Some(std::time::Instant::now());
+                });
+                Ok(Reply::default())
+            }
+            m => Err(err(
+                ErrorCode::NoSuchMethod,
+                format!("{NODE_SERVICE} has no method {m:?}."),
+            )),
+        }
+    }
+
     /// The router's own methods: `register/<name>`, `unregister/<name>`, `whoami`.
     fn router_method(&self, session: &Arc<Session>, call: &Call) -> Result<Reply, ServiceError> {
         let m = call.method.as_str();
         if let Some(name) = m.strip_prefix("register/") {
             if !valid_name(name, false)
                 || name == ROUTER_SERVICE
+                || name == NODE_SERVICE
                 || name.starts_with(AGENT_PREFIX)
                 || name.starts_with(EVENT_PREFIX)
             {
@@ -394,6 +477,13 @@ impl Handler for RouterHandler {
     async fn publish(&self, session: Arc<Session>, mut event: Event) -> Result<(), ServiceError> {
         self.topic_right(&session, "EVENT", &event.topic, "publish")?;
         event.source = session.agent_id().to_owned();
+        if self.origin.vm != HOST_VM && guest::is_heartbeat(&event.topic, session.agent_id()) {
+            self.core
+                .with_agent_status(&self.origin.vm, session.agent_id(), |s| {
+                    s.heartbeats += 1;
+                    s.last_heartbeat = Some(std::time::Instant::now());
+                });
+        }
         let d = self.core.topics.publish(&event);
         tracing::trace!(topic = %event.topic, delivered = d.delivered, dropped = d.dropped, "published");
         Ok(())
@@ -411,6 +501,10 @@ impl Handler for RouterHandler {
     }
 
     fn session_opened(&self, session: &Arc<Session>) {
+        // A bootstrap session is nobody's `agent/<id>`: it only fetches the token.
+        if guest::is_bootstrap(&session.shared_grant()) {
+            return;
+        }
         self.core.add_agent(Peer {
             session: session.clone(),
             origin: self.origin.clone(),

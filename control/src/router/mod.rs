@@ -23,9 +23,11 @@
 //! ```
 
 pub mod audit;
+pub mod guest;
 mod handler;
 pub mod pubsub;
 pub mod services;
+pub mod stats;
 pub mod vmapi;
 
 use std::collections::HashMap;
@@ -44,12 +46,14 @@ use tokio::task::JoinSet;
 pub use handler::{AGENT_PREFIX, EVENT_PREFIX, ROUTER_SERVICE};
 
 use self::audit::{AuditError, AuditLog};
+use self::guest::{AgentBootstrap, AgentStatus, GuestAgentSource, VmAgent};
 use self::handler::{RouterHandler, TokenHook};
 use self::pubsub::Topics;
 use self::services::{EchoService, LocalService};
+use self::stats::SypasStats;
 use self::vmapi::VmApiError;
 use crate::token::keys::{KeyError, KeyStore, RingSource};
-use crate::token::{ANY_VM, Minter, Verifier, valid_name};
+use crate::token::{ANY_VM, Claims, Minter, TokenError, Verifier, valid_name};
 
 /// The VM id of connections on the router's host socket.
 pub const HOST_VM: &str = "host";
@@ -120,6 +124,9 @@ pub enum RouterError {
     /// A blocking task failed.
     #[error("a router task failed: {0}")]
     Task(String),
+    /// A token could not be minted.
+    #[error("cannot mint the token")]
+    Token(#[from] TokenError),
 }
 
 /// Where a session's connection comes from.
@@ -150,6 +157,10 @@ pub(crate) struct Core {
     pub(crate) config: RouterConfig,
     agents: RwLock<HashMap<String, Peer>>,
     services: RwLock<HashMap<String, Service>>,
+    /// Guest-agent registrations and status, by VM id.
+    vm_agents: RwLock<HashMap<String, VmAgent>>,
+    guest_source: RwLock<Option<Arc<dyn GuestAgentSource>>>,
+    pub(crate) stats: Arc<SypasStats>,
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -167,6 +178,63 @@ impl Core {
 
     pub(crate) fn service(&self, name: &str) -> Option<Service> {
         read(&self.services).get(name).cloned()
+    }
+
+    fn source(&self) -> Option<Arc<dyn GuestAgentSource>> {
+        read(&self.guest_source).clone()
+    }
+
+    /// Whether VM `vm` runs a guest agent that may bootstrap.
+    pub(crate) fn has_bootstrap(&self, vm: &str) -> bool {
+        read(&self.vm_agents)
+            .get(vm)
+            .is_some_and(|a| a.boot.is_some())
+            || self.source().is_some_and(|s| s.guest_agent(vm).is_some())
+    }
+
+    /// The agent id of VM `vm`'s guest agent, if it has one.
+    pub(crate) fn vm_agent_id(&self, vm: &str) -> Option<String> {
+        if let Some(b) = read(&self.vm_agents).get(vm).and_then(|a| a.boot.as_ref()) {
+            return Some(b.agent_id.clone());
+        }
+        self.source()?.guest_agent(vm).map(|g| g.agent_id)
+    }
+
+    /// The bootstrap answer for `vm` (counted): the explicit registration, or
+    /// a token minted now from the source's answer. `None`: no guest agent.
+    pub(crate) fn bootstrap(&self, vm: &str) -> Option<Result<AgentBootstrap, ServiceError>> {
+        let explicit = read(&self.vm_agents).get(vm).and_then(|a| a.boot.clone());
+        let boot = match explicit {
+            Some(b) => Ok(b),
+            None => {
+                let g = self.source()?.guest_agent(vm)?;
+                mint_bootstrap(&self.config.data_dir, vm, g).map_err(|e| {
+                    ServiceError::new(
+                        ErrorCode::Internal,
+                        format!("Cannot mint the guest agent's token: {}.", error_chain(&e)),
+                    )
+                })
+            }
+        };
+        if let Ok(b) = &boot {
+            self.with_agent_status(vm, &b.agent_id, |s| s.bootstraps += 1);
+        }
+        Some(boot)
+    }
+
+    /// Applies `f` to `vm`'s agent status (made on first use, for `agent`).
+    pub(crate) fn with_agent_status(
+        &self,
+        vm: &str,
+        agent: &str,
+        f: impl FnOnce(&mut AgentStatus),
+    ) {
+        let mut m = write(&self.vm_agents);
+        let a = m.entry(vm.to_owned()).or_default();
+        if a.status.agent_id.is_empty() {
+            a.status.agent_id = agent.to_owned();
+        }
+        f(&mut a.status);
     }
 
     /// The newest session of an agent wins (a reconnect replaces the old one).
@@ -317,6 +385,9 @@ impl Router {
             config,
             agents: RwLock::new(HashMap::new()),
             services: RwLock::new(HashMap::new()),
+            vm_agents: RwLock::new(HashMap::new()),
+            guest_source: RwLock::new(None),
+            stats: Arc::new(SypasStats::default()),
         });
         if echo {
             write(&core.services).insert("echo".into(), Service::Local(Arc::new(EchoService)));
@@ -360,7 +431,11 @@ impl Router {
         name: &str,
         service: Arc<dyn LocalService>,
     ) -> Result<(), RouterError> {
-        if !valid_name(name, false) || name == ROUTER_SERVICE || name.starts_with(AGENT_PREFIX) {
+        if !valid_name(name, false)
+            || name == ROUTER_SERVICE
+            || name == guest::NODE_SERVICE
+            || name.starts_with(AGENT_PREFIX)
+        {
             return Err(RouterError::Service {
                 name: name.into(),
                 reason: "not a valid service name".into(),
@@ -402,6 +477,92 @@ impl Router {
     /// Subscribers dropped as too slow so far.
     pub fn slow_consumers_dropped(&self) -> u64 {
         self.core.topics.slow_dropped()
+    }
+
+    /// The router's counters (CALLs routed, refusals).
+    pub fn stats(&self) -> Arc<SypasStats> {
+        self.core.stats.clone()
+    }
+
+    /// Tells the router which VMs run a guest agent (`cell0d serve`: the
+    /// replicated VM records). Consulted at each token-less HELLO and
+    /// bootstrap on a VM's listener; the token is minted at bootstrap.
+    pub fn set_guest_agent_source(&self, source: Arc<dyn GuestAgentSource>) {
+        *write(&self.core.guest_source) = Some(source);
+    }
+
+    /// Registers what VM `vm`'s guest agent gets at bootstrap
+    /// (docs/GUEST-AGENT.md), overriding the source: a token-less HELLO on
+    /// that VM's listener is then granted the bootstrap right, and
+    /// `cell0.node/bootstrap` there answers with `boot`.
+    /// [`detach_vm`](Self::detach_vm) removes it.
+    pub fn set_agent_bootstrap(&self, vm: &str, boot: AgentBootstrap) -> Result<(), RouterError> {
+        check_vm_id(vm)?;
+        if !valid_name(&boot.agent_id, false) {
+            return Err(RouterError::Service {
+                name: boot.agent_id,
+                reason: "not a valid agent id".into(),
+            });
+        }
+        let mut m = write(&self.core.vm_agents);
+        let a = m.entry(vm.into()).or_default();
+        a.status.agent_id = boot.agent_id.clone();
+        a.boot = Some(boot);
+        Ok(())
+    }
+
+    /// What the router has seen of VM `vm`'s guest agent, if anything.
+    pub fn agent_status(&self, vm: &str) -> Option<AgentStatus> {
+        read(&self.core.vm_agents).get(vm).map(|a| a.status.clone())
+    }
+
+    /// CALLs `method` of VM `vm`'s guest agent (the agent registered for it,
+    /// connected on that VM's own listener) and waits at most `timeout`.
+    /// `AGENT_UNREACHABLE` when the VM has no guest agent or it is not connected.
+    pub async fn call_vm_agent(
+        &self,
+        vm: &str,
+        method: &str,
+        payload: bytes::Bytes,
+        timeout: Duration,
+    ) -> Result<cell0_proto::msg::Reply, ServiceError> {
+        let unreachable = |m: String| ServiceError::new(ErrorCode::AgentUnreachable, m);
+        let agent = self
+            .core
+            .vm_agent_id(vm)
+            .ok_or_else(|| unreachable(format!("VM {vm:?} has no cell0 guest agent.")))?;
+        let peer = self
+            .core
+            .agent(&agent)
+            .filter(|p| p.origin.vm == vm)
+            .ok_or_else(|| {
+                unreachable(format!(
+                    "The guest agent {agent:?} of VM {vm:?} is not connected."
+                ))
+            })?;
+        let call = cell0_proto::msg::Call {
+            // The callee learns who calls: the node.
+            service: guest::NODE_SERVICE.into(),
+            method: method.into(),
+            payload,
+            shm: Vec::new(),
+        };
+        self.core.stats.call(stats::Target::Agent);
+        match peer.session.call(&call, timeout).await {
+            Ok(r) if r.shm.is_empty() => Ok(r),
+            Ok(_) => Err(ServiceError::new(
+                ErrorCode::Internal,
+                "The guest agent answered with shm refs.",
+            )),
+            Err(cell0_proto::host::SessionCallError::Remote(e)) => Err(e),
+            Err(cell0_proto::host::SessionCallError::Timeout) => Err(ServiceError::new(
+                ErrorCode::Timeout,
+                "The guest agent did not answer in time.",
+            )),
+            Err(e) => Err(unreachable(format!(
+                "The guest agent of VM {vm:?} did not answer: {e}."
+            ))),
+        }
     }
 
     /// Listens for host processes on `path` (VM [`HOST_VM`]).
@@ -529,6 +690,7 @@ impl Router {
     /// Stops listening for a VM, ends its sessions (`SHUTTING_DOWN`) and
     /// removes its socket.
     pub async fn detach_vm(&self, vm: &str) -> Result<(), RouterError> {
+        write(&self.core.vm_agents).remove(vm);
         let l = self
             .lock_listeners()
             .remove(vm)
@@ -558,6 +720,41 @@ impl Router {
             self.stop_listener(l).await;
         }
     }
+}
+
+/// A token for `g`, bound to VM `vm`, with `g`'s rights and the agent's own
+/// ([`guest::agent_rights`]), living [`guest::GUEST_TOKEN_TTL`].
+fn mint_bootstrap(
+    data_dir: &Path,
+    vm: &str,
+    g: guest::GuestAgent,
+) -> Result<AgentBootstrap, RouterError> {
+    let mut rights = g.rights;
+    rights.extend(guest::agent_rights(&g.agent_id));
+    let claims = Claims {
+        agent: g.agent_id.clone(),
+        vm: vm.into(),
+        rights,
+        expires: crate::token::keys::unix_now() + guest::GUEST_TOKEN_TTL.as_secs(),
+    };
+    let token = KeyStore::open(data_dir)?.minter().mint(&claims)?;
+    Ok(AgentBootstrap {
+        agent_id: g.agent_id,
+        token: token.into(),
+        workload: g.workload,
+        heartbeat_ms: 0,
+    })
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 fn check_vm_id(vm: &str) -> Result<(), RouterError> {

@@ -86,8 +86,9 @@ pub struct BootstrapReply {
     /// The agent id (topics and `agent/<id>` use it).
     #[prost(string, tag = "1")]
     pub agent_id: String,
-    /// The capability token; the agent sends it in REFRESH at once, and in
-    /// HELLO on every reconnect. Empty: the bootstrap grant is all it gets.
+    /// The capability token (bound to this VM); the agent closes the
+    /// bootstrap connection and sends it in HELLO on every later connection.
+    /// A reply without a token or agent id is refused by the agent.
     #[prost(bytes = "bytes", tag = "2")]
     pub token: Bytes,
     /// The workload; no argv = no workload.

@@ -1,9 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The host end of the agent protocol for one agent: what the node agent and
 //! router do for a VM, reduced to one connection. It follows the router's
-//! conventions (docs/SYPAS.md §4): a token-less HELLO on the VM's own
+//! conventions (docs/GUEST-AGENT.md): a token-less HELLO on the VM's own
 //! listener gets only the bootstrap right; `bootstrap` hands out the token;
-//! REFRESH with it grants everything. Tests and `cell0-agent host` use it.
+//! the agent then connects again with HELLO and the token, which grants
+//! everything. `cell0-agent host` (the Linux end-to-end test, the boot
+//! benchmark) and the host-side tests use it; the control plane's router
+//! (`cell0_control::router`) is the real thing.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,6 +89,9 @@ pub struct AgentConn {
     pub events: mpsc::Receiver<HostEvent>,
     /// For each HELLO: whether it carried a token (a reconnect) or not (bootstrap).
     pub hellos: Arc<Mutex<Vec<bool>>>,
+    /// Bootstrap connections [`accept`] served before this one.
+    pub bootstraps: usize,
+    hello: Option<oneshot::Receiver<bool>>,
     tasks: [tokio::task::AbortHandle; 2],
 }
 
@@ -292,10 +298,33 @@ impl Conn {
     }
 }
 
-/// Accepts one agent on `listener` and serves it in the background.
+/// Accepts one agent on `listener` and serves it in the background. A
+/// bootstrap connection (token-less HELLO) is served until the agent closes
+/// it, and the next connection is accepted; the first one whose HELLO
+/// carries a token is returned.
 pub async fn accept(listener: &UnixListener, cfg: HostConfig) -> Result<AgentConn, HostError> {
-    let (stream, _) = listener.accept().await.map_err(HostError::Io)?;
-    Ok(serve(stream, cfg))
+    let mut bootstraps = 0;
+    loop {
+        let (stream, _) = listener.accept().await.map_err(HostError::Io)?;
+        let mut conn = serve(stream, cfg.clone());
+        let hello = conn.hello.take();
+        match hello {
+            Some(rx) => match rx.await {
+                Ok(true) => {
+                    conn.bootstraps = bootstraps;
+                    return Ok(conn);
+                }
+                Ok(false) => {
+                    bootstraps += 1;
+                    // The agent says GOODBYE once it has its token.
+                    let _ = conn.wait_closed(Duration::from_secs(30)).await;
+                }
+                // Closed before HELLO.
+                Err(_) => {}
+            },
+            None => return Ok(conn),
+        }
+    }
 }
 
 /// Serves one agent connection in the background.
@@ -320,7 +349,9 @@ pub fn serve(stream: UnixStream, cfg: HostConfig) -> AgentConn {
     let reader_tx = tx.clone();
     let reader_pending = pending.clone();
     let reader_hellos = hellos.clone();
+    let (hello_tx, hello_rx) = oneshot::channel();
     let reader = tokio::spawn(async move {
+        let mut hello_tx = Some(hello_tx);
         let mut conn = Conn {
             cfg,
             rights: vec![],
@@ -329,6 +360,11 @@ pub fn serve(stream: UnixStream, cfg: HostConfig) -> AgentConn {
         let mut reader = FrameReader::new(rd, MAX_PAYLOAD);
         while let Ok(Some(f)) = reader.next().await {
             let (out, ev) = conn.on_frame(&f, &reader_pending, &reader_hellos);
+            if conn.helloed {
+                if let Some(tx) = hello_tx.take() {
+                    let _ = tx.send(conn.rights != [api::bootstrap_right()]);
+                }
+            }
             for o in out {
                 let _ = reader_tx.send(o).await;
             }
@@ -352,6 +388,8 @@ pub fn serve(stream: UnixStream, cfg: HostConfig) -> AgentConn {
         next_id: AtomicU64::new(1),
         events,
         hellos,
+        bootstraps: 0,
+        hello: Some(hello_rx),
         tasks: [writer.abort_handle(), reader.abort_handle()],
     }
 }

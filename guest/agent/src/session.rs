@@ -1,12 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The agent's SYPAS logic, over any [`crate::transport::Endpoint`].
 //!
-//! One connection at a time: HELLO (with the token once known), `bootstrap`
-//! on the first connection (token, agent id, workload), REFRESH with the
-//! token, `ready`, then serve the host's CALLs, stream the workload's output
-//! and heartbeats as EVENTs until the host asks for `shutdown`. A lost
-//! connection is retried with back-off; the workload keeps running and
-//! unsent EVENTs wait for the next connection.
+//! One connection at a time. The first is a bootstrap connection: a
+//! token-less HELLO, whose only right is `cell0.node/bootstrap`; the reply
+//! names the agent and carries its token and workload; GOODBYE. Every later
+//! connection says HELLO with that agent id and token, sends `ready`, then
+//! serves the host's CALLs and streams the workload's output and heartbeats
+//! as EVENTs until the host asks for `shutdown`. (A session's agent id is
+//! fixed at HELLO, so the token cannot simply be sent in REFRESH on the
+//! bootstrap connection.) A lost connection is retried with back-off; the
+//! workload keeps running and unsent EVENTs wait for the next connection.
 
 use std::collections::VecDeque;
 use std::os::unix::fs::PermissionsExt;
@@ -126,8 +129,10 @@ pub async fn run(cfg: AgentConfig) -> Outcome {
     loop {
         match cfg.endpoint.connect().await {
             Ok(stream) => match session(&cfg, &mut st, stream).await {
-                Ok(Some(outcome)) => return outcome,
-                Ok(None) => {
+                Ok(End::Done(outcome)) => return outcome,
+                // The token is here: connect again at once, with it.
+                Ok(End::Bootstrapped) => continue,
+                Ok(End::Lost) => {
                     tracing::info!("the SYPAS connection ended; reconnecting");
                     failures = 0;
                 }
@@ -185,11 +190,21 @@ async fn flush_pending(client: &Client, st: &mut State) -> bool {
     true
 }
 
+/// How one connection ended.
+enum End {
+    /// The host asked for a shutdown.
+    Done(Outcome),
+    /// The bootstrap connection did its job.
+    Bootstrapped,
+    /// The connection was lost.
+    Lost,
+}
+
 async fn session(
     cfg: &AgentConfig,
     st: &mut State,
     stream: Box<dyn crate::transport::Stream>,
-) -> Result<Option<Outcome>, AgentError> {
+) -> Result<End, AgentError> {
     let (hello_id, token) = match &st.boot {
         Some(b) => (b.agent_id.clone(), b.token.clone()),
         None => (cfg.agent_id.clone(), Bytes::new()),
@@ -216,11 +231,15 @@ async fn session(
             .await?;
         let b = BootstrapReply::decode(reply.payload)
             .map_err(|_| AgentError::Malformed("bootstrap"))?;
-        if !b.token.is_empty() {
-            client.refresh(b.token.clone()).await?;
+        if b.token.is_empty() || b.agent_id.is_empty() {
+            return Err(AgentError::Malformed("bootstrap (no agent id or token)"));
         }
         tracing::info!(agent_id = %b.agent_id, "bootstrapped");
         st.boot = Some(b);
+        if let Err(e) = client.goodbye("bootstrapped").await {
+            tracing::debug!(error = %e, "GOODBYE after bootstrap failed");
+        }
+        return Ok(End::Bootstrapped);
     }
     let boot = st.boot.clone().unwrap_or_default();
     let agent_id = boot.agent_id.clone();
@@ -266,7 +285,7 @@ async fn session(
         .await?;
     tracing::info!(ready_ns = ready.ready_ns, "ready");
     if !flush_pending(&client, st).await {
-        return Ok(None);
+        return Ok(End::Lost);
     }
 
     let hb_period = Duration::from_millis(match boot.heartbeat_ms {
@@ -284,7 +303,7 @@ async fn session(
     loop {
         tokio::select! {
             call = async { match incoming.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
-                let Some(call) = call else { return Ok(None) };
+                let Some(call) = call else { return Ok(End::Lost) };
                 let ctx = ctx.clone();
                 tokio::spawn(async move {
                     let result = handle_call(&ctx, call.call.clone()).await;
@@ -298,7 +317,7 @@ async fn session(
                     let t = match kind { StreamKind::Stdout => api::T_STDOUT, StreamKind::Stderr => api::T_STDERR };
                     st.pending.push_back((api::topic(&agent_id, t), data));
                     if !flush_pending(&client, st).await {
-                        return Ok(None);
+                        return Ok(End::Lost);
                     }
                 }
             }
@@ -311,12 +330,12 @@ async fn session(
                 drain_output(st, &agent_id).await;
                 st.pending.push_back((api::topic(&agent_id, api::T_EXIT), status.encode_to_vec().into()));
                 if !flush_pending(&client, st).await {
-                    return Ok(None);
+                    return Ok(End::Lost);
                 }
             }
             _ = hb.tick() => {
                 if !client.is_connected() {
-                    return Ok(None);
+                    return Ok(End::Lost);
                 }
                 st.hb_seq += 1;
                 let h = api::Heartbeat {
@@ -326,7 +345,7 @@ async fn session(
                 };
                 st.pending.push_back((api::topic(&agent_id, api::T_HEARTBEAT), h.encode_to_vec().into()));
                 if !flush_pending(&client, st).await {
-                    return Ok(None);
+                    return Ok(End::Lost);
                 }
             }
             req = shutdown_rx.recv() => {
@@ -350,7 +369,7 @@ async fn session(
                 if let Err(e) = client.goodbye("shutdown").await {
                     tracing::debug!(error = %e, "GOODBYE failed");
                 }
-                return Ok(Some(Outcome::Shutdown { reason: req.reason }));
+                return Ok(End::Done(Outcome::Shutdown { reason: req.reason }));
             }
         }
     }

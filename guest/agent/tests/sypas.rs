@@ -1,12 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0
-//! The agent's SYPAS logic over Unix sockets: against proto's real `Server`
-//! (HELLO, bootstrap, REFRESH with the token, ready, output EVENTs) and
-//! against the host end in `cell0_agent::host` (exec, files, heartbeats,
-//! reconnect with the token, shutdown). The same code runs over AF_VSOCK in
-//! a guest; only the `Endpoint` differs.
+//! The agent's SYPAS logic over Unix sockets against the host end in
+//! `cell0_agent::host`, which `cell0-agent host` serves in the Linux
+//! end-to-end test and the boot benchmark: bootstrap connection then HELLO
+//! with the token, exec, files, heartbeats, reconnect with the token,
+//! shutdown, reaping. The same logic against the control plane's real router
+//! is `control/tests/agent_router.rs`. In a guest only the `Endpoint` differs
+//! (AF_VSOCK).
 #![allow(clippy::unwrap_used)]
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,9 +16,6 @@ use cell0_agent::host::{self, HostConfig, HostError, HostEvent};
 use cell0_agent::session::{self, AgentConfig, Outcome};
 use cell0_agent::transport::Endpoint;
 use cell0_proto::ErrorCode;
-use cell0_proto::host::ServiceError;
-use cell0_proto::host::server::{Grant, Handler, HelloHook, Server, Session, bind_unix};
-use cell0_proto::msg::{Call, Event, Hello, Refresh, Reply, Right};
 use prost::Message;
 
 const TOKEN: &[u8] = b"tok-for-agent-7";
@@ -35,196 +33,6 @@ fn agent_cfg(path: &std::path::Path) -> AgentConfig {
     c.backoff = (Duration::from_millis(10), Duration::from_millis(50));
     c.agent_id = "hello-id".into();
     c
-}
-
-/// The router's per-VM convention, as a proto `HelloHook`: no token gets the
-/// bootstrap right only; the right token gets everything.
-struct VmHook;
-
-impl HelloHook for VmHook {
-    async fn hello(&self, hello: &Hello) -> Result<Grant, ServiceError> {
-        if hello.token.is_empty() {
-            Ok(Grant {
-                rights: vec![api::bootstrap_right()],
-                token_expiry: 0,
-            })
-        } else if hello.token == TOKEN {
-            Ok(Grant::all())
-        } else {
-            Err(ServiceError::new(ErrorCode::TokenInvalid, "Bad token."))
-        }
-    }
-
-    async fn refresh(&self, _s: &Session, r: &Refresh) -> Result<Grant, ServiceError> {
-        if r.token == TOKEN {
-            Ok(Grant::all())
-        } else {
-            Err(ServiceError::new(ErrorCode::TokenInvalid, "Bad token."))
-        }
-    }
-}
-
-#[derive(Default)]
-struct Node {
-    log: Mutex<Vec<String>>,
-    events: Mutex<Vec<(String, Bytes)>>,
-}
-
-#[derive(Clone, Default)]
-struct NodeH(Arc<Node>);
-
-impl Handler for NodeH {
-    async fn call(&self, session: Arc<Session>, call: Call) -> Result<Reply, ServiceError> {
-        let rights: Vec<Right> = session.grant().rights;
-        self.0.log.lock().unwrap().push(format!(
-            "{}/{} rights={}",
-            call.service,
-            call.method,
-            rights.len()
-        ));
-        match call.method.as_str() {
-            api::M_BOOTSTRAP => {
-                let req = api::BootstrapRequest::decode(call.payload).unwrap();
-                assert!(!req.agent_version.is_empty());
-                let r = api::BootstrapReply {
-                    agent_id: "agent-7".into(),
-                    token: Bytes::from_static(TOKEN),
-                    workload: Some(cmd(&["sh", "-c", "echo hello; echo oops >&2; exit 4"])),
-                    heartbeat_ms: 0,
-                };
-                Ok(Reply {
-                    payload: r.encode_to_vec().into(),
-                    shm: vec![],
-                })
-            }
-            api::M_READY => {
-                let r = api::Ready::decode(call.payload).unwrap();
-                assert_eq!(r.agent_id, "agent-7");
-                assert!(r.ready_ns > 0);
-                Ok(Reply::default())
-            }
-            _ => Err(ServiceError::new(ErrorCode::NoSuchMethod, "no")),
-        }
-    }
-
-    async fn publish(&self, _s: Arc<Session>, e: Event) -> Result<(), ServiceError> {
-        self.0.events.lock().unwrap().push((e.topic, e.payload));
-        Ok(())
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn against_the_proto_server_bootstrap_refresh_ready_and_output_events() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("vsock.sock_1024");
-    let listener = bind_unix(&path).await.unwrap();
-    let node = Arc::new(Node::default());
-    let server = Server::new(NodeH(node.clone())).with_hello_hook(VmHook);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let srv = tokio::spawn(async move {
-        server
-            .serve_until(listener, async {
-                let _ = stop_rx.await;
-            })
-            .await
-    });
-    let agent = tokio::spawn(session::run(agent_cfg(&path)));
-
-    // Wait for the workload's exit event.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if node
-            .events
-            .lock()
-            .unwrap()
-            .iter()
-            .any(|(t, _)| t == "agent/agent-7/exit")
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no exit event: {:?}",
-            node.events.lock().unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let log = node.log.lock().unwrap().clone();
-    // bootstrap ran with the bootstrap right alone; ready only after REFRESH granted everything.
-    assert_eq!(log[0], "cell0.node/bootstrap rights=1");
-    assert_eq!(log[1], "cell0.node/ready rights=1");
-    let events = node.events.lock().unwrap().clone();
-    let stream = |t: &str| -> Vec<u8> {
-        events
-            .iter()
-            .filter(|(topic, _)| topic == t)
-            .flat_map(|(_, p)| p.to_vec())
-            .collect()
-    };
-    assert_eq!(stream("agent/agent-7/stdout"), b"hello\n");
-    assert_eq!(stream("agent/agent-7/stderr"), b"oops\n");
-    let exit = events
-        .iter()
-        .find(|(t, _)| t == "agent/agent-7/exit")
-        .unwrap();
-    assert_eq!(
-        ExitStatus::decode(exit.1.clone()).unwrap(),
-        ExitStatus { code: 4, signal: 0 }
-    );
-    // The exit event comes after all output.
-    let last_out = events
-        .iter()
-        .rposition(|(t, _)| t.ends_with("/stdout") || t.ends_with("/stderr"))
-        .unwrap();
-    let exit_pos = events
-        .iter()
-        .position(|(t, _)| t.ends_with("/exit"))
-        .unwrap();
-    assert!(last_out < exit_pos);
-
-    // The router goes away: the agent retries, then gives up (bounded here).
-    stop_tx.send(()).unwrap();
-    srv.await.unwrap().unwrap();
-    let _ = std::fs::remove_file(&path);
-    let outcome = tokio::time::timeout(Duration::from_secs(30), agent)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        matches!(outcome, Outcome::GaveUp { attempts: 20 }),
-        "{outcome:?}"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wrong_token_is_refused_by_the_server() {
-    // The hook refuses a wrong token at REFRESH: bootstrap works, the session
-    // fails, and the agent retries from bootstrap.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("r.sock");
-    let listener = bind_unix(&path).await.unwrap();
-    struct BadToken;
-    impl Handler for BadToken {
-        async fn call(&self, _s: Arc<Session>, _c: Call) -> Result<Reply, ServiceError> {
-            let r = api::BootstrapReply {
-                agent_id: "a".into(),
-                token: Bytes::from_static(b"forged"),
-                ..Default::default()
-            };
-            Ok(Reply {
-                payload: r.encode_to_vec().into(),
-                shm: vec![],
-            })
-        }
-    }
-    let server = Server::new(BadToken).with_hello_hook(VmHook);
-    tokio::spawn(async move { server.serve(listener).await });
-    let mut cfg = agent_cfg(&path);
-    cfg.max_connect_attempts = Some(3);
-    let outcome = tokio::time::timeout(Duration::from_secs(20), session::run(cfg))
-        .await
-        .unwrap();
-    assert_eq!(outcome, Outcome::GaveUp { attempts: 3 });
 }
 
 async fn host_and_agent(
@@ -265,10 +73,11 @@ async fn exec_files_errors_reconnect_and_graceful_shutdown() {
     assert_eq!(ready.agent_id, "a9");
     assert_ne!(ready.workload_pid, 0);
     assert!(ready.kernel.starts_with("Linux "));
+    assert_eq!(conn.bootstraps, 1, "a bootstrap connection came first");
     assert_eq!(
         *conn.hellos.lock().unwrap(),
-        vec![false],
-        "the first HELLO has no token"
+        vec![true],
+        "then HELLO with the token"
     );
 
     // exec, as the end-to-end test does it.
@@ -394,6 +203,7 @@ async fn exec_files_errors_reconnect_and_graceful_shutdown() {
         ready2.workload_pid, ready.workload_pid,
         "the workload kept running"
     );
+    assert_eq!(conn.bootstraps, 0, "the reconnect did not bootstrap again");
     assert_eq!(
         *conn.hellos.lock().unwrap(),
         vec![true],
