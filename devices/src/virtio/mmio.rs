@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::{
     GuestMemory, Interrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtQueue, VirtioDevice,
-    count_and_warn, rings_in_memory, status,
+    count_and_warn, ring_problem, status,
 };
 use crate::bus::BusDevice;
 
@@ -425,10 +425,17 @@ impl MmioTransport {
     fn activate(&mut self) {
         let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
         for (i, slot) in self.queues.iter_mut().enumerate() {
-            if slot.queue.ready() && (slot.bad_config || !rings_in_memory(&slot.queue, &self.mem)) {
-                return self.fail(&format!(
-                    "queue {i} is set up outside guest memory or badly"
-                ));
+            if slot.queue.ready() {
+                let why = if slot.bad_config {
+                    Some(String::new())
+                } else {
+                    ring_problem(&slot.queue, &self.mem).map(|w| format!(": {w}"))
+                };
+                if let Some(why) = why {
+                    return self.fail(&format!(
+                        "queue {i} is set up outside guest memory or badly{why}"
+                    ));
+                }
             }
             slot.queue.set_event_idx(event_idx);
         }

@@ -292,22 +292,38 @@ pub(crate) fn add_used(
     q.add_used(mem, head, len)
 }
 
-/// Whether the rings of a ready queue lie in guest memory: virtio-queue's
-/// `is_valid` without its ERROR log line per call (a guest can set DRIVER_OK
-/// with bad rings after every reset).
-pub(crate) fn rings_in_memory(q: &Queue, mem: &GuestMemoryMmap) -> bool {
+/// What is wrong with where a queue's rings lie, or `None` when they all lie in
+/// guest memory: virtio-queue's `is_valid` checks, with its messages, but
+/// returned instead of logged as an ERROR line per call (a guest can set
+/// DRIVER_OK with bad rings after every reset).
+pub(crate) fn ring_problem(q: &Queue, mem: &GuestMemoryMmap) -> Option<String> {
     use virtio_queue::QueueT;
     use vm_memory::{GuestAddress, GuestMemory as _, Permissions};
     let n = u64::from(q.size());
     // Sizes from the virtio spec (split virtqueue), as virtio-queue checks them:
     // 16-byte descriptors; flags, idx, the entries and used_event/avail_event.
-    let fits = |addr: u64, len: u64, access| {
-        usize::try_from(len).is_ok_and(|len| mem.check_range(GuestAddress(addr), len, access))
-    };
-    q.ready()
-        && fits(q.desc_table(), 16 * n, Permissions::Read)
-        && fits(q.avail_ring(), 6 + 2 * n, Permissions::Read)
-        && fits(q.used_ring(), 6 + 8 * n, Permissions::Write)
+    let rings = [
+        (
+            "descriptor table",
+            q.desc_table(),
+            16 * n,
+            Permissions::Read,
+        ),
+        (
+            "available ring",
+            q.avail_ring(),
+            6 + 2 * n,
+            Permissions::Read,
+        ),
+        ("used ring", q.used_ring(), 6 + 8 * n, Permissions::Write),
+    ];
+    rings.into_iter().find_map(|(what, addr, len, access)| {
+        let fits =
+            usize::try_from(len).is_ok_and(|len| mem.check_range(GuestAddress(addr), len, access));
+        (!fits).then(|| {
+            format!("virtio queue {what} is not accessible: start:{addr:#010x} size:{len:#010x}")
+        })
+    })
 }
 
 #[cfg(test)]
