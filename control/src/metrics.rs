@@ -11,12 +11,19 @@
 //! | `cell0_vm_exits_total` | counter | `reason` (clean, crash, error, killed, unknown) |
 //! | `cell0_raft_commit_latency_seconds` | histogram | `op` |
 //! | `cell0_api_requests_total` | counter | `method`, `code` |
+//! | `cell0_sypas_calls_total` | counter | `target` (router, node, agent, local, remote, unknown): CALLs the router routed |
+//! | `cell0_sypas_denials_total` | counter | `reason` (the SYPAS error code, e.g. `PERMISSION_DENIED`): requests the router refused |
+//!
+//! The two SYPAS counters are read from the router ([`crate::router::stats`])
+//! at each scrape, once [`Metrics::register_sypas`] has been called.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -56,6 +63,47 @@ struct ReasonLabel {
 struct ApiLabel {
     method: String,
     code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetLabel {
+    target: String,
+}
+
+/// Reads the router's counters at each scrape.
+#[derive(Debug)]
+struct SypasCollector(Arc<crate::router::stats::SypasStats>);
+
+impl Collector for SypasCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let calls = self.0.calls();
+        let mut e = encoder.encode_descriptor(
+            "sypas_calls",
+            "SYPAS CALLs the router routed, by kind of target",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (target, n) in calls {
+            let l = TargetLabel {
+                target: target.to_string(),
+            };
+            ConstCounter::new(n).encode(e.encode_family(&l)?)?;
+        }
+        let denials = self.0.denials();
+        let mut e = encoder.encode_descriptor(
+            "sypas_denials",
+            "SYPAS requests the router refused (its refusal log), by error code",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (reason, n) in denials {
+            let l = ReasonLabel {
+                reason: reason.to_string(),
+            };
+            ConstCounter::new(n).encode(e.encode_family(&l)?)?;
+        }
+        Ok(())
+    }
 }
 
 fn latency_histogram() -> Histogram {
@@ -190,6 +238,15 @@ impl Metrics {
             .inc();
     }
 
+    /// Exports the SYPAS router's counters (`cell0_sypas_calls_total`,
+    /// `cell0_sypas_denials_total`), read at each scrape. Call once.
+    pub fn register_sypas(&self, stats: Arc<crate::router::stats::SypasStats>) {
+        self.registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .register_collector(Box::new(SypasCollector(stats)));
+    }
+
     /// The text exposition.
     pub fn encode(&self) -> String {
         let mut s = String::new();
@@ -258,6 +315,42 @@ mod tests {
             "cell0_vm_exits_total{reason=\"crash\"} 1",
             "cell0_raft_commit_latency_seconds_count{op=\"create-vm\"} 1",
             "cell0_api_requests_total{method=\"Create\",code=\"Ok\"} 1",
+        ] {
+            assert!(t.contains(name), "{name} missing from:\n{t}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_routers_counters_are_read_at_each_scrape() {
+        let dir = tempfile::tempdir().unwrap();
+        let router =
+            crate::router::Router::new(crate::router::RouterConfig::new(dir.path().join("d")))
+                .unwrap();
+        let m = Metrics::new();
+        m.register_sypas(router.stats());
+        let t = m.encode();
+        assert!(
+            t.contains("cell0_sypas_calls_total{target=\"local\"} 0"),
+            "{t}"
+        );
+        let sock = dir.path().join("vm.sock");
+        router
+            .attach_vm_with_window("vm1", &sock, None, None)
+            .await
+            .unwrap();
+        // A token-less HELLO on a VM without a guest agent: one refusal.
+        let cfg = cell0_proto::host::ClientConfig {
+            reconnect: cell0_proto::host::ReconnectPolicy::never(),
+            ..cell0_proto::host::ClientConfig::new("x")
+        };
+        let e = cell0_proto::host::Client::connect(cell0_proto::host::Endpoint::Unix(sock), cfg)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(cell0_proto::ErrorCode::PermissionDenied));
+        let t = m.encode();
+        for name in [
+            "cell0_sypas_denials_total{reason=\"PERMISSION_DENIED\"} 1",
+            "# TYPE cell0_sypas_calls counter",
         ] {
             assert!(t.contains(name), "{name} missing from:\n{t}");
         }

@@ -24,6 +24,9 @@ use crate::node::Agent;
 use crate::spec::VmSpec;
 use crate::store::{Command, Desired, Rejection, Store, StoreError, VmRecord};
 
+/// How long a command run by Exec may take before the agent kills it.
+const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+
 type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// The API state shared by the three services.
@@ -75,6 +78,13 @@ impl Api {
         metrics: Arc<Metrics>,
         audit: Arc<AuditLog>,
     ) -> Self {
+        if let Some(r) = agent.router() {
+            // The router learns which VMs run `cell0-agent` (every VM not on
+            // the nano guest) from the replicated records, and its counters
+            // go to /metrics.
+            r.set_guest_agent_source(Arc::new(store.clone()));
+            metrics.register_sypas(r.stats());
+        }
         Self {
             store,
             agent,
@@ -392,18 +402,7 @@ impl VmService for Api {
         request: Request<grpc::ExecRequest>,
     ) -> Result<Response<grpc::ExecResponse>, Status> {
         let req = request.into_inner();
-        let r: Result<grpc::ExecResponse, Status> = match self.get_record(&req.id) {
-            Err(e) => Err(e),
-            Ok(_) if req.command.is_empty() => {
-                Err(Status::invalid_argument("command: must name a program"))
-            }
-            Ok(rec) => Err(Status::unimplemented(format!(
-                "exec needs a guest agent that serves exec over SYPAS; VM {:?} runs the {} guest, \
-                 which has none (the Linux guest agent will provide it)",
-                rec.id,
-                if rec.spec.is_nano() { "nano" } else { "given" }
-            ))),
-        };
+        let r = self.do_exec(req).await;
         self.done("Exec", &r);
         r.map(Response::new)
     }
@@ -438,6 +437,81 @@ fn read_from(path: &std::path::Path, off: &mut u64) -> Vec<u8> {
 }
 
 impl Api {
+    /// Exec: `exec` of the VM's guest agent (`cell0-agent`) over SYPAS,
+    /// through the router. The nano guest has no agent: FAILED_PRECONDITION.
+    async fn do_exec(&self, req: grpc::ExecRequest) -> Result<grpc::ExecResponse, Status> {
+        use prost::Message;
+        let rec = self.get_record(&req.id)?;
+        if req.command.is_empty() || req.command[0].is_empty() {
+            return Err(Status::invalid_argument("command: must name a program"));
+        }
+        if rec.spec.is_nano() {
+            return Err(Status::failed_precondition(format!(
+                "VM {:?} runs the nano guest, which has no cell0 agent to run commands; \
+                 exec needs a Linux agent image (cell0-rootfs, docs/IMAGES.md)",
+                rec.id
+            )));
+        }
+        let Some(router) = self.agent.router() else {
+            return Err(Status::failed_precondition(
+                "this cell0d runs no SYPAS router, so it cannot reach guest agents",
+            ));
+        };
+        let call = cell0_agent::api::ExecRequest {
+            command: Some(cell0_agent::api::Command {
+                argv: req.command,
+                ..Default::default()
+            }),
+            stdin: Default::default(),
+            timeout_ms: EXEC_TIMEOUT.as_millis() as u32,
+        };
+        let reply = router
+            .call_vm_agent(
+                &rec.id,
+                cell0_agent::api::M_EXEC,
+                call.encode_to_vec().into(),
+                EXEC_TIMEOUT + Duration::from_secs(10),
+            )
+            .await
+            .map_err(|e| {
+                let msg = format!("exec in VM {:?}: {}", rec.id, e.message);
+                match e.error_code() {
+                    Some(cell0_proto::ErrorCode::AgentUnreachable) => Status::failed_precondition(
+                        format!("{msg} (is the VM running a cell0-agent image, and ready?)"),
+                    ),
+                    Some(cell0_proto::ErrorCode::BadRequest) => Status::invalid_argument(msg),
+                    Some(cell0_proto::ErrorCode::Timeout) => Status::deadline_exceeded(msg),
+                    _ => Status::unavailable(msg),
+                }
+            })?;
+        let r = cell0_agent::api::ExecReply::decode(reply.payload)
+            .map_err(|e| Status::internal(format!("the guest agent's exec reply: {e}")))?;
+        let st = r.status.unwrap_or_default();
+        let mut stderr = r.stderr.to_vec();
+        if r.timed_out {
+            stderr.extend_from_slice(
+                format!(
+                    "\ncell0: killed after {} s (exec timeout)\n",
+                    EXEC_TIMEOUT.as_secs()
+                )
+                .as_bytes(),
+            );
+        }
+        if r.truncated {
+            stderr.extend_from_slice(b"\ncell0: output past 7 MiB was dropped\n");
+        }
+        Ok(grpc::ExecResponse {
+            // A signal shows as 128 + its number, as shells report it.
+            exit_code: if st.signal != 0 {
+                128 + st.signal
+            } else {
+                st.code
+            },
+            stdout: r.stdout.to_vec(),
+            stderr,
+        })
+    }
+
     async fn do_attest(&self, id: &str) -> Result<grpc::AttestResponse, Status> {
         let rec = self.get_record(id)?;
         if !rec.spec.tpm {

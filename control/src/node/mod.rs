@@ -390,6 +390,11 @@ impl Agent {
         &self.cfg
     }
 
+    /// The SYPAS router the VMs are attached to, if any.
+    pub fn router(&self) -> Option<&Arc<Router>> {
+        self.router.as_ref()
+    }
+
     /// The run dir of VM `id`.
     pub fn run_dir(&self, id: &str) -> PathBuf {
         self.cfg.data_dir.join("node").join("vms").join(id)
