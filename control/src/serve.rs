@@ -264,7 +264,6 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         .build_v1()?;
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .tcp_nodelay(true)
         .add_service(reflection)
         .add_service(
             RaftServiceServer::new(RaftRpc::new(store.clone()))
@@ -279,7 +278,10 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         .add_service(vm_gate.clone())
         .add_service(node_gate.clone())
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // No Nagle on accepted connections: small gRPC replies (Raft
+            // acknowledgements, forwarded writes) must not wait for the
+            // peer's delayed ACK.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             stopped(),
         );
     let mut server = tokio::spawn(server);
