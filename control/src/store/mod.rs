@@ -208,9 +208,13 @@ impl Store {
         let snapshot_every = cfg.snapshot_every.max(2);
         let config = Config {
             cluster_name: "cell0".into(),
-            heartbeat_interval: 250,
-            election_timeout_min: 800,
-            election_timeout_max: 1600,
+            // A follower campaigns after the leader lease (the largest
+            // election timeout) plus a random election timeout without a
+            // heartbeat: 1.0-2.0 s after a leader dies, and never for a
+            // heartbeat that is merely late by a second on a loaded host.
+            heartbeat_interval: 150,
+            election_timeout_min: 500,
+            election_timeout_max: 1000,
             install_snapshot_timeout: 5000,
             // JSON carries bytes as numbers (≤ 4 bytes each): keep chunks
             // well under a gRPC message.
