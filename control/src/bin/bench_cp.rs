@@ -9,6 +9,13 @@
 //! - Raft commit latency on one node (client-side Create round trips against
 //!   a daemon whose "VMM" is /bin/true, and cell0d's own histogram mean);
 //! - cell0d's memory with N VMs running.
+//!
+//! `--cluster N` instead starts N `cell0d` members on loopback (member 1
+//! initializes, the others join through ClusterService.AddMember) and
+//! reports Raft commit latency through the leader and through a follower
+//! (one forwarding hop), write throughput from concurrent clients,
+//! linearizable read latency, and the time from SIGKILLing the leader to the
+//! next acknowledged write.
 #![allow(clippy::print_stdout)]
 
 use std::path::{Path, PathBuf};
@@ -44,6 +51,9 @@ struct Args {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Instead: the multi-member figures with this many cell0d members (≥ 2).
+    #[arg(long)]
+    cluster: Option<u64>,
 }
 
 struct Daemon {
@@ -87,13 +97,22 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 fn start(extra: &[&str]) -> anyhow::Result<Daemon> {
+    start_until(extra, "cell0d.addr")
+}
+
+/// Starts cell0d and waits until `file` (cell0d.addr: the API serves;
+/// cell0d.member: Raft serves) appears in its data dir.
+fn start_until(extra: &[&str], file: &str) -> anyhow::Result<Daemon> {
     let dir = tempfile::Builder::new().prefix("c0b").tempdir_in("/tmp")?;
     let data = dir.path().join("d");
-    let vmm = sibling("cell0-vmm")?.display().to_string();
-    let extra: Vec<&str> = if extra.contains(&"--vmm") {
-        extra.to_vec()
+    let extra: Vec<String> = if extra.contains(&"--vmm") {
+        extra.iter().map(|s| s.to_string()).collect()
     } else {
-        [&["--vmm", vmm.as_str()], extra].concat()
+        let vmm = sibling("cell0-vmm")?.display().to_string();
+        ["--vmm".to_string(), vmm]
+            .into_iter()
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect()
     };
     let mut child = Command::new(sibling("cell0d")?)
         .arg("serve")
@@ -110,7 +129,7 @@ fn start(extra: &[&str]) -> anyhow::Result<Daemon> {
         .context("cannot start cell0d")?;
     let t0 = Instant::now();
     loop {
-        if let Ok(t) = std::fs::read_to_string(data.join("cell0d.addr")) {
+        if let Ok(t) = std::fs::read_to_string(data.join(file)) {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&t) {
                 let grpc = v["grpc"].as_str().unwrap_or_default().to_string();
                 return Ok(Daemon { child, dir, grpc });
@@ -319,6 +338,198 @@ async fn bench(a: &Args) -> anyhow::Result<serde_json::Value> {
     }))
 }
 
+fn wait_file(d: &Daemon, file: &str) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    while !d.dir.path().join("d").join(file).exists() {
+        if t0.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "member at {} did not write {file} within 60 s:\n{}",
+                d.grpc,
+                std::fs::read_to_string(d.dir.path().join("cell0d.log")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+fn stats(v: &mut [f64]) -> serde_json::Value {
+    let mean = if v.is_empty() {
+        0.0
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    json!({"samples": v.len(), "p50": pct(v, 0.5), "p99": pct(v, 0.99), "mean": mean})
+}
+
+/// `n` sequential Creates named `{prefix}{i}`; their latencies in ms.
+async fn sequential(c: &mut ctl::Clients, prefix: &str, n: usize) -> anyhow::Result<Vec<f64>> {
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n {
+        let t0 = Instant::now();
+        c.vm.create(grpc::CreateVmRequest {
+            spec: Some(grpc::VmSpec {
+                name: format!("{prefix}{i}"),
+                ..Default::default()
+            }),
+        })
+        .await?;
+        lat.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(lat)
+}
+
+/// The multi-member figures: `n` members on loopback.
+async fn bench_cluster(a: &Args, n: u64) -> anyhow::Result<serde_json::Value> {
+    if n < 2 {
+        bail!("--cluster needs at least 2 members");
+    }
+    // /bin/true as the "VMM": each member's node agent runs it for the VMs
+    // placed on it, as in the one-member figure.
+    let common = [
+        "--vmm",
+        "/bin/true",
+        "--memory-overcommit",
+        "100000",
+    ];
+    let t_form = Instant::now();
+    let first = start_until(
+        &[&common[..], &["--node-id", "1", "--node-name", "m1"]].concat(),
+        "cell0d.addr",
+    )?;
+    let mut c1 = ctl::connect(&first.grpc).await?;
+    let mut ms = vec![first];
+    for id in 2..=n {
+        let (ids, name) = (id.to_string(), format!("m{id}"));
+        let d = start_until(
+            &[
+                &common[..],
+                &["--node-id", &ids, "--node-name", &name, "--join"],
+            ]
+            .concat(),
+            "cell0d.member",
+        )?;
+        c1.cluster
+            .add_member(grpc::AddMemberRequest {
+                id,
+                address: d.grpc.clone(),
+            })
+            .await?;
+        wait_file(&d, "cell0d.addr")?;
+        ms.push(d);
+    }
+    let formed_s = t_form.elapsed().as_secs_f64();
+    let st = c1
+        .cluster
+        .status(grpc::ClusterStatusRequest {})
+        .await?
+        .into_inner();
+    let li = usize::try_from(st.leader_id)?
+        .checked_sub(1)
+        .filter(|i| *i < ms.len())
+        .context("no leader")?;
+    let fi = (li + 1) % ms.len();
+    let mut lc = ctl::connect(&ms[li].grpc).await?;
+    let mut fc = ctl::connect(&ms[fi].grpc).await?;
+
+    sequential(&mut lc, "warm", 20).await?;
+    // 1. Commit latency: sequential Creates through the leader, then through
+    // a follower (which forwards each to the leader).
+    let mut via_leader = sequential(&mut lc, "l", a.writes).await?;
+    let mut via_follower = sequential(&mut fc, "f", a.writes).await?;
+    // 2. Throughput: concurrent clients, half on the leader, half on followers.
+    let total = a.writes * 2;
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    let clients = a.clients.max(1);
+    for w in 0..clients {
+        let mut c = if w % 2 == 0 { lc.clone() } else { fc.clone() };
+        tasks.push(tokio::spawn(async move {
+            for i in (w..total).step_by(clients) {
+                c.vm.create(grpc::CreateVmRequest {
+                    spec: Some(grpc::VmSpec {
+                        name: format!("t{i}"),
+                        ..Default::default()
+                    }),
+                })
+                .await?;
+            }
+            Ok::<(), tonic::Status>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let tput_s = t0.elapsed().as_secs_f64();
+    // 3. Linearizable reads (Get): on the leader, and on a follower (read
+    // index from the leader, then the local state).
+    let mut reads_leader = Vec::new();
+    let mut reads_follower = Vec::new();
+    for i in 0..a.writes {
+        let id = format!("l{}", i % a.writes.max(1));
+        let t = Instant::now();
+        lc.vm.get(grpc::GetVmRequest { id: id.clone() }).await?;
+        reads_leader.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        fc.vm.get(grpc::GetVmRequest { id }).await?;
+        reads_follower.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let before = fc
+        .cluster
+        .status(grpc::ClusterStatusRequest {})
+        .await?
+        .into_inner();
+    // 4. Failover: SIGKILL the leader, then write through a follower until a
+    // write is acknowledged again.
+    let old = ms[li].child.id();
+    let t_kill = Instant::now();
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(old as i32, libc::SIGKILL) };
+    let mut new_leader_ms = None;
+    let mut k = 0;
+    let write_ms = loop {
+        let r = fc
+            .vm
+            .create(grpc::CreateVmRequest {
+                spec: Some(grpc::VmSpec {
+                    name: format!("x{k}"),
+                    ..Default::default()
+                }),
+            })
+            .await;
+        k += 1;
+        if new_leader_ms.is_none() {
+            if let Ok(s) = fc.cluster.status(grpc::ClusterStatusRequest {}).await {
+                let s = s.into_inner();
+                if s.leader_id != 0 && s.leader_id != st.leader_id {
+                    new_leader_ms = Some(t_kill.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+        }
+        if r.is_ok() {
+            break t_kill.elapsed().as_secs_f64() * 1e3;
+        }
+        if t_kill.elapsed() > Duration::from_secs(60) {
+            bail!("no write was acknowledged within 60 s of killing the leader");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    drop(ms);
+    Ok(json!({
+        "members": n,
+        "formed_s": formed_s,
+        "commit_via_leader_ms": stats(&mut via_leader),
+        "commit_via_follower_ms": stats(&mut via_follower),
+        "throughput": {"writes": total, "clients": clients, "seconds": tput_s,
+                       "writes_per_s": total as f64 / tput_s},
+        "linearizable_get_leader_ms": stats(&mut reads_leader),
+        "linearizable_get_follower_ms": stats(&mut reads_follower),
+        "failover": {"leader_seen_ms": new_leader_ms, "first_write_ms": write_ms, "attempts": k},
+        "log": {"last_log_index": before.last_log_index, "snapshot_index": before.snapshot_index},
+        "filesystem": data_dir_fs(Path::new("/tmp")),
+    }))
+}
+
 fn data_dir_fs(p: &Path) -> String {
     std::fs::read_to_string("/proc/mounts")
         .ok()
@@ -339,6 +550,15 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    if let Some(n) = a.cluster {
+        let v = rt.block_on(bench_cluster(&a, n))?;
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            print_cluster(&v);
+        }
+        return Ok(());
+    }
     let v = rt.block_on(bench(&a))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -391,4 +611,53 @@ fn main() -> anyhow::Result<()> {
         a.writes
     );
     Ok(())
+}
+
+fn print_cluster(v: &serde_json::Value) {
+    let f = |p: &str| {
+        v.pointer(p)
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(0.0)
+    };
+    println!(
+        "{} members on loopback (fsync on {}), formed in {:.2} s",
+        v["members"],
+        v["filesystem"].as_str().unwrap_or("?"),
+        f("/formed_s")
+    );
+    for (what, key) in [
+        ("Raft commit via the leader", "commit_via_leader_ms"),
+        (
+            "Raft commit via a follower (forwarded)",
+            "commit_via_follower_ms",
+        ),
+        (
+            "linearizable Get on the leader",
+            "linearizable_get_leader_ms",
+        ),
+        (
+            "linearizable Get on a follower",
+            "linearizable_get_follower_ms",
+        ),
+    ] {
+        println!(
+            "{what} ({} sequential): p50 {:.2} ms, p99 {:.2} ms, mean {:.2} ms",
+            v[key]["samples"],
+            f(&format!("/{key}/p50")),
+            f(&format!("/{key}/p99")),
+            f(&format!("/{key}/mean"))
+        );
+    }
+    println!(
+        "throughput: {} Creates from {} clients in {:.2} s → {:.0} writes/s",
+        v["throughput"]["writes"],
+        v["throughput"]["clients"],
+        f("/throughput/seconds"),
+        f("/throughput/writes_per_s")
+    );
+    println!(
+        "leader SIGKILLed: new leader seen after {:.0} ms, first acknowledged write after {:.0} ms",
+        f("/failover/leader_seen_ms"),
+        f("/failover/first_write_ms")
+    );
 }
