@@ -445,7 +445,18 @@ impl RouterHandler {
             ));
         }
         let service = format!("{EVENT_PREFIX}{topic}");
-        if !permits(&session.shared_grant().rights, &service, method) {
+        let grant = session.shared_grant();
+        // The server checks expiry for CALLs only; EVENTs and SUBSCRIBEs of
+        // an expired session are refused here the same way.
+        if grant.expired_at(crate::token::keys::unix_now()) {
+            let e = err(
+                ErrorCode::TokenExpired,
+                "The session's token has expired; send REFRESH.",
+            );
+            self.audit(kind, Some(session), &service, method, &e);
+            return Err(e);
+        }
+        if !permits(&grant.rights, &service, method) {
             let e = err(
                 ErrorCode::PermissionDenied,
                 format!("The session may not {method} topic {topic:?}."),

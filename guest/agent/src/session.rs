@@ -177,6 +177,13 @@ async fn flush_pending(client: &Client, st: &mut State) -> bool {
             Ok(()) => {
                 st.pending.pop_front();
             }
+            Err(ClientError::Remote(e)) if e.error_code() == Some(ErrorCode::TokenExpired) => {
+                // The token ran out: bootstrap again for a fresh one; the
+                // event stays queued for the next connection.
+                tracing::info!("the token expired; bootstrapping again");
+                st.boot = None;
+                return false;
+            }
             Err(ClientError::Remote(e)) => {
                 tracing::warn!(%topic, error = %e, "the host refused an event; dropped");
                 st.pending.pop_front();
