@@ -247,7 +247,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Checks the jail settings: VMMs can only be jailed by a root cell0d
 /// (`cell0-vmm --jail` starts as root), and never as uid or gid 0.
-fn check_jail(jail: Option<VmJail>) -> Result<(), NodeError> {
+fn check_jail(jail: Option<VmJail>) -> Result<(), String> {
     let Some(j) = jail else {
         tracing::warn!(
             "--no-jail: VMMs run without the jail (no namespaces, cgroup limits or \
@@ -256,18 +256,16 @@ fn check_jail(jail: Option<VmJail>) -> Result<(), NodeError> {
         return Ok(());
     };
     if j.uid == 0 || j.gid == 0 {
-        return Err(NodeError::Jail(
-            "--vm-uid and --vm-gid must not be 0: the VMM would keep root's powers".into(),
-        ));
+        return Err("--vm-uid and --vm-gid must not be 0: the VMM would keep root's powers".into());
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return Err(NodeError::Jail(
+        return Err(
             "cell0d must run as root: cell0-vmm --jail creates namespaces, cgroups and \
              device nodes before it drops to --vm-uid (use --no-jail for unjailed \
              debugging runs)"
                 .into(),
-        ));
+        );
     }
     Ok(())
 }
@@ -336,7 +334,7 @@ impl Agent {
         metrics: Arc<Metrics>,
         router: Option<Arc<Router>>,
     ) -> Result<Arc<Self>, NodeError> {
-        check_jail(cfg.jail)?;
+        check_jail(cfg.jail).map_err(NodeError::Jail)?;
         let vms_dir = cfg.data_dir.join("node").join("vms");
         std::fs::create_dir_all(&vms_dir).map_err(io_err("create", &vms_dir))?;
         let (tx, rx) = mpsc::unbounded_channel();
