@@ -3,9 +3,8 @@
 //! guest or client reaches first, and the shared-memory reference check the
 //! router applies to every CALL and REPLY.
 //!
-//! `sypas_frame` and `sypas_message` hold the same checks as proto/fuzz (the
-//! proto crate's own cargo-fuzz project); they live here too so that one
-//! corpus replay covers every target.
+//! `sypas_frame` and `sypas_message` took over the proto crate's first
+//! cargo-fuzz project, so that one corpus replay covers every target.
 
 use arbitrary::Unstructured;
 use cell0_proto::bytes::{Bytes, BytesMut};
