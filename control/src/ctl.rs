@@ -200,6 +200,8 @@ pub fn node_json(n: &grpc::Node) -> Value {
         "capacity": {"vcpus": cap.vcpus, "memory_mib": cap.memory_mib},
         "allocated": {"vcpus": used.vcpus, "memory_mib": used.memory_mib},
         "cpu_overcommit": n.cpu_overcommit, "memory_overcommit": n.memory_overcommit,
+        "labels": n.labels.iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "drained": n.drained,
     })
 }
 

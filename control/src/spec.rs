@@ -80,6 +80,189 @@ impl RestartPolicy {
     }
 }
 
+/// How the scheduler scores the nodes that can take a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlacementPolicy {
+    /// The fullest node that fits (fewest nodes in use).
+    #[default]
+    BinPack,
+    /// The emptiest node that fits (VMs spread over the nodes).
+    Spread,
+}
+
+/// The domain that affinity and anti-affinity count in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Topology {
+    /// One node.
+    #[default]
+    Node,
+    /// All the nodes of a zone.
+    Zone,
+}
+
+/// Where a VM may go (all parts must hold). Empty: anywhere.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct Placement {
+    /// One of these zones (empty: any).
+    pub zones: Vec<String>,
+    /// One of these regions (empty: any).
+    pub regions: Vec<String>,
+    /// Labels the node must carry.
+    pub node_selector: BTreeMap<String, String>,
+    /// Only next to a VM whose labels include all of these (in `topology`).
+    pub affinity: BTreeMap<String, String>,
+    /// Never next to a VM whose labels include all of these (in `topology`).
+    pub anti_affinity: BTreeMap<String, String>,
+    /// The domain of `affinity` and `anti_affinity`.
+    pub topology: Topology,
+    /// Bin-pack or spread.
+    pub policy: PlacementPolicy,
+}
+
+impl Placement {
+    /// Whether nothing is asked.
+    pub fn is_empty(&self) -> bool {
+        *self == Placement::default()
+    }
+}
+
+/// Most zones, regions or labels in one placement part.
+pub const MAX_PLACEMENT_ITEMS: usize = 32;
+
+fn check_label(field: &str, k: &str, v: &str) -> Result<(), SpecError> {
+    let key_ok = !k.is_empty()
+        && k.len() <= 63
+        && k.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_./".contains(&b));
+    if !key_ok {
+        return Err(bad(
+            format!("{field}[{k:?}]"),
+            "a key is 1-63 of a-z 0-9 - _ . /",
+        ));
+    }
+    if v.len() > 63 || v.chars().any(char::is_control) {
+        return Err(bad(
+            format!("{field}[{k:?}]"),
+            "a value is at most 63 characters, no control characters",
+        ));
+    }
+    Ok(())
+}
+
+fn check_labels(
+    field: &str,
+    m: std::collections::HashMap<String, String>,
+    max: usize,
+) -> Result<BTreeMap<String, String>, SpecError> {
+    if m.len() > max {
+        return Err(bad(field, format!("at most {max} labels")));
+    }
+    let mut out = BTreeMap::new();
+    for (k, v) in m {
+        check_label(field, &k, &v)?;
+        out.insert(k, v);
+    }
+    Ok(out)
+}
+
+impl Placement {
+    /// Checks the gRPC form (`None`: no constraints).
+    pub fn from_proto(p: Option<grpc::Placement>) -> Result<Self, SpecError> {
+        let Some(p) = p else {
+            return Ok(Placement::default());
+        };
+        let names = |field: &str, v: Vec<String>| -> Result<Vec<String>, SpecError> {
+            if v.len() > MAX_PLACEMENT_ITEMS {
+                return Err(bad(field, format!("at most {MAX_PLACEMENT_ITEMS} names")));
+            }
+            let mut out: Vec<String> = Vec::with_capacity(v.len());
+            for (i, z) in v.into_iter().enumerate() {
+                if z.is_empty()
+                    || z.len() > 63
+                    || !z
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                {
+                    return Err(bad(
+                        format!("{field}[{i}]"),
+                        format!("{z:?} is not a name (1-63 of a-z A-Z 0-9 - _ .)"),
+                    ));
+                }
+                if !out.contains(&z) {
+                    out.push(z);
+                }
+            }
+            out.sort();
+            Ok(out)
+        };
+        let policy = match grpc::PlacementPolicy::try_from(p.policy) {
+            Ok(grpc::PlacementPolicy::Unspecified | grpc::PlacementPolicy::BinPack) => {
+                PlacementPolicy::BinPack
+            }
+            Ok(grpc::PlacementPolicy::Spread) => PlacementPolicy::Spread,
+            Err(_) => {
+                return Err(bad(
+                    "spec.placement.policy",
+                    format!("unknown value {}", p.policy),
+                ));
+            }
+        };
+        let topology = match p.topology.as_str() {
+            "" | "node" => Topology::Node,
+            "zone" => Topology::Zone,
+            t => {
+                return Err(bad(
+                    "spec.placement.topology",
+                    format!("{t:?} is not \"node\" or \"zone\""),
+                ));
+            }
+        };
+        Ok(Placement {
+            zones: names("spec.placement.zones", p.zones)?,
+            regions: names("spec.placement.regions", p.regions)?,
+            node_selector: check_labels(
+                "spec.placement.node_selector",
+                p.node_selector,
+                MAX_PLACEMENT_ITEMS,
+            )?,
+            affinity: check_labels("spec.placement.affinity", p.affinity, MAX_PLACEMENT_ITEMS)?,
+            anti_affinity: check_labels(
+                "spec.placement.anti_affinity",
+                p.anti_affinity,
+                MAX_PLACEMENT_ITEMS,
+            )?,
+            topology,
+            policy,
+        })
+    }
+
+    /// The gRPC form (`None` when nothing is asked).
+    pub fn to_proto(&self) -> Option<grpc::Placement> {
+        if self.is_empty() {
+            return None;
+        }
+        Some(grpc::Placement {
+            zones: self.zones.clone(),
+            regions: self.regions.clone(),
+            node_selector: self.node_selector.clone().into_iter().collect(),
+            affinity: self.affinity.clone().into_iter().collect(),
+            anti_affinity: self.anti_affinity.clone().into_iter().collect(),
+            topology: match self.topology {
+                Topology::Node => "node",
+                Topology::Zone => "zone",
+            }
+            .to_string(),
+            policy: match self.policy {
+                PlacementPolicy::BinPack => grpc::PlacementPolicy::BinPack,
+                PlacementPolicy::Spread => grpc::PlacementPolicy::Spread,
+            } as i32,
+        })
+    }
+}
+
 /// A SYPAS right pattern pair.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Right {
@@ -118,6 +301,10 @@ pub struct VmSpec {
     pub tpm: bool,
     /// Workload command (PCR 12).
     pub command: Vec<String>,
+    /// Where the scheduler may put it (boxed: most specs ask nothing, and
+    /// the Raft command that carries a spec stays small).
+    #[serde(default, skip_serializing_if = "Placement::is_empty")]
+    pub placement: Box<Placement>,
 }
 
 /// Whether `s` is a DNS label: 1-63 of `a-z 0-9 -`, not starting or ending in `-`.
@@ -323,6 +510,7 @@ impl VmSpec {
             labels,
             tpm: p.tpm,
             command: p.command,
+            placement: Box::new(Placement::from_proto(p.placement)?),
         })
     }
 
@@ -358,6 +546,7 @@ impl VmSpec {
             labels: self.labels.clone().into_iter().collect(),
             tpm: self.tpm,
             command: self.command.clone(),
+            placement: self.placement.to_proto(),
         }
     }
 

@@ -52,6 +52,12 @@ fn store_status(e: StoreError) -> Status {
                 "cannot place the VM: {reason}; stop or delete VMs, or raise the overcommit ratio"
             ))
         }
+        StoreError::Rejected(Rejection::Unschedulable { reason }) => {
+            Status::failed_precondition(format!("cannot place the VM: {reason}"))
+        }
+        StoreError::Rejected(Rejection::NodeNotFound { id }) => {
+            Status::not_found(format!("no node named {id:?}; see cell0ctl node list"))
+        }
         e => Status::unavailable(format!(
             "the control plane could not commit the change: {e}"
         )),
@@ -588,6 +594,8 @@ impl Api {
                         cpu_overcommit: n.cpu_overcommit,
                         memory_overcommit: n.memory_overcommit,
                         vms: count,
+                        labels: n.labels.clone().into_iter().collect(),
+                        drained: n.drained,
                     }
                 })
                 .collect()
@@ -634,8 +642,76 @@ impl NodeService for Api {
 
     async fn drain(
         &self,
-        _r: Request<grpc::DrainNodeRequest>,
+        request: Request<grpc::DrainNodeRequest>,
+    ) -> Result<Response<grpc::DrainNodeResponse>, Status> {
+        let peer = request.remote_addr();
+        let id = request.into_inner().id;
+        let r = self
+            .node_write(&id, Command::DrainNode { id: id.clone() })
+            .await;
+        let rev = r.as_ref().map_or(0, |(rev, _, _)| *rev);
+        self.audit("NodeDrain", peer, &id, &r, rev);
+        self.done("NodeDrain", &r);
+        r.map(|(_, node, applied)| {
+            let ev = applied.evacuation.unwrap_or_default();
+            Response::new(grpc::DrainNodeResponse {
+                node: Some(node),
+                moved: ev
+                    .moved
+                    .into_iter()
+                    .map(|m| grpc::MovedVm {
+                        id: m.id,
+                        from: m.from,
+                        to: m.to,
+                    })
+                    .collect(),
+                stayed: ev
+                    .stayed
+                    .into_iter()
+                    .map(|s| grpc::StayedVm {
+                        id: s.id,
+                        reason: s.reason,
+                    })
+                    .collect(),
+            })
+        })
+    }
+
+    async fn uncordon(
+        &self,
+        request: Request<grpc::UncordonNodeRequest>,
     ) -> Result<Response<grpc::Node>, Status> {
-        Err(issue7("NodeService.Drain"))
+        let peer = request.remote_addr();
+        let id = request.into_inner().id;
+        let r = self
+            .node_write(&id, Command::UncordonNode { id: id.clone() })
+            .await;
+        let rev = r.as_ref().map_or(0, |(rev, _, _)| *rev);
+        self.audit("NodeUncordon", peer, &id, &r, rev);
+        self.done("NodeUncordon", &r);
+        r.map(|(_, node, _)| Response::new(node))
+    }
+}
+
+impl Api {
+    /// Commits a node command; returns the index, the node after it and what
+    /// applying it gave.
+    async fn node_write(
+        &self,
+        id: &str,
+        cmd: Command,
+    ) -> Result<(u64, grpc::Node, crate::store::Applied), Status> {
+        if id.is_empty() || id.len() > 253 || id.chars().any(|c| c.is_control()) {
+            return Err(Status::invalid_argument(
+                "id: must be a node id (see cell0ctl node list)",
+            ));
+        }
+        let (rev, applied) = self.store.write(cmd).await.map_err(store_status)?;
+        let node = self
+            .node_list()
+            .into_iter()
+            .find(|n| n.id == id)
+            .ok_or_else(|| Status::not_found(format!("no node named {id:?}")))?;
+        Ok((rev, node, applied))
     }
 }

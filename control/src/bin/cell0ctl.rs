@@ -154,6 +154,18 @@ enum Cmd {
 enum NodeCmd {
     /// List nodes.
     List,
+    /// Drain a node: it takes no new VMs, and its restartable VMs (restart
+    /// on-failure or always) move to other nodes; the others stay and are
+    /// listed. Exit 11 when some restartable VM could not move.
+    Drain {
+        /// Node id (see `node list`).
+        node: String,
+    },
+    /// Let a drained node take new VMs again (moved VMs do not come back).
+    Uncordon {
+        /// Node id.
+        node: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -218,6 +230,27 @@ struct RunArgs {
     /// Workload command word, measured into PCR 12 (repeat).
     #[arg(long = "command")]
     command: Vec<String>,
+    /// Only in this zone (repeat: any of them).
+    #[arg(long = "zone")]
+    zones: Vec<String>,
+    /// Only in this region (repeat: any of them).
+    #[arg(long = "region")]
+    regions: Vec<String>,
+    /// A label KEY=VALUE the node must carry (repeat).
+    #[arg(long = "node-selector")]
+    node_selector: Vec<String>,
+    /// Only next to a VM with this label KEY=VALUE (repeat: all of them).
+    #[arg(long = "affinity")]
+    affinity: Vec<String>,
+    /// Never next to a VM with this label KEY=VALUE (repeat: all of them).
+    #[arg(long = "anti-affinity")]
+    anti_affinity: Vec<String>,
+    /// What "next to" means for --affinity and --anti-affinity: node or zone.
+    #[arg(long, default_value = "node")]
+    topology: String,
+    /// Put it on the emptiest node that fits, not the fullest (bin-pack).
+    #[arg(long)]
+    spread: bool,
     /// Return once created, without waiting for ready.
     #[arg(long)]
     no_wait: bool,
@@ -289,6 +322,19 @@ async fn run(c: &mut Clients, out: Output, a: RunArgs) -> Result<(), CtlError> {
         labels: kv(&a.labels, "label")?,
         tpm: a.tpm,
         command: a.command,
+        placement: Some(grpc::Placement {
+            zones: a.zones,
+            regions: a.regions,
+            node_selector: kv(&a.node_selector, "node selector")?,
+            affinity: kv(&a.affinity, "affinity")?,
+            anti_affinity: kv(&a.anti_affinity, "anti-affinity")?,
+            topology: a.topology,
+            policy: if a.spread {
+                grpc::PlacementPolicy::Spread
+            } else {
+                grpc::PlacementPolicy::BinPack
+            } as i32,
+        }),
     };
     let t0 = Instant::now();
     let pb = if a.no_wait { None } else { spinner("creating") };
@@ -555,7 +601,11 @@ async fn dispatch(cli: Cli) -> Result<(), CtlError> {
                             let used = n.allocated.unwrap_or_default();
                             vec![
                                 n.id.clone(),
-                                n.state.clone(),
+                                if n.drained {
+                                    format!("{},drained", n.state)
+                                } else {
+                                    n.state.clone()
+                                },
                                 n.vms.to_string(),
                                 format!("{}/{} (x{})", used.vcpus, cap.vcpus, n.cpu_overcommit),
                                 format!(
@@ -587,6 +637,65 @@ async fn dispatch(cli: Cli) -> Result<(), CtlError> {
                     o,
                     &serde_json::Value::Array(nodes.iter().map(ctl::node_json).collect()),
                 ),
+            }
+        }
+        Cmd::Node {
+            cmd: NodeCmd::Drain { node },
+        } => {
+            let r = c
+                .node
+                .drain(grpc::DrainNodeRequest { id: node.clone() })
+                .await?
+                .into_inner();
+            match out {
+                Output::Table => {
+                    println!("node {node} drained: it takes no new VMs");
+                    for m in &r.moved {
+                        println!("  moved {} -> {}", m.id, m.to);
+                    }
+                    for s in &r.stayed {
+                        println!("  stays {}: {}", s.id, s.reason);
+                    }
+                    if r.moved.is_empty() && r.stayed.is_empty() {
+                        println!("  no VMs were on it");
+                    }
+                }
+                o => print_value(
+                    o,
+                    &serde_json::json!({
+                        "node": r.node.as_ref().map(ctl::node_json),
+                        "moved": r.moved.iter().map(|m| serde_json::json!({"id": m.id, "from": m.from, "to": m.to})).collect::<Vec<_>>(),
+                        "stayed": r.stayed.iter().map(|s| serde_json::json!({"id": s.id, "reason": s.reason})).collect::<Vec<_>>(),
+                    }),
+                ),
+            }
+            let stuck: Vec<&str> = r
+                .stayed
+                .iter()
+                .filter(|s| s.reason.starts_with("nowhere else fits"))
+                .map(|s| s.id.as_str())
+                .collect();
+            if !stuck.is_empty() {
+                return Err(CtlError::from(tonic::Status::failed_precondition(format!(
+                    "node {node} is drained, but {} restartable VM{} could not move (nowhere else \
+                     fits): {}",
+                    stuck.len(),
+                    if stuck.len() == 1 { "" } else { "s" },
+                    stuck.join(", ")
+                ))));
+            }
+        }
+        Cmd::Node {
+            cmd: NodeCmd::Uncordon { node },
+        } => {
+            let n = c
+                .node
+                .uncordon(grpc::UncordonNodeRequest { id: node.clone() })
+                .await?
+                .into_inner();
+            match out {
+                Output::Table => println!("node {node} takes new VMs again"),
+                o => print_value(o, &ctl::node_json(&n)),
             }
         }
         Cmd::Cluster { cmd } => {

@@ -367,6 +367,8 @@ impl Agent {
             cpu_overcommit: self.cfg.cpu_overcommit,
             memory_overcommit: self.cfg.memory_overcommit,
             state: NodeState::Ready,
+            labels: Default::default(),
+            drained: false,
         };
         let same = self.store.read(|s| s.nodes.get(&me.id) == Some(&me));
         if !same {

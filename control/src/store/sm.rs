@@ -231,7 +231,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                 Command::CreateVm { spec, .. } => (spec.name.clone(), "created"),
                                 Command::SetDesired { id, .. } => (id.clone(), "desired"),
                                 Command::DeleteVm { id } => (id.clone(), "deleted"),
-                                Command::PutNode { .. } => (String::new(), "node"),
+                                Command::PutNode { .. }
+                                | Command::DrainNode { .. }
+                                | Command::UncordonNode { .. }
+                                | Command::SetNodeState { .. } => (String::new(), "node"),
                             };
                             events.push(StoreEvent {
                                 index: e.log_id.index,

@@ -107,6 +107,13 @@ pub struct NodeRecord {
     pub memory_overcommit: f64,
     /// State.
     pub state: NodeState,
+    /// Labels a VM's `placement.node_selector` matches.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Drained (cordoned) by an operator: takes no new VMs. Kept when the
+    /// node registers again.
+    #[serde(default)]
+    pub drained: bool,
 }
 
 /// A state-changing command, the payload of a Raft log entry.
@@ -137,6 +144,23 @@ pub enum Command {
         /// The node.
         node: NodeRecord,
     },
+    /// Marks a node drained and moves its restartable VMs elsewhere.
+    DrainNode {
+        /// Node id.
+        id: String,
+    },
+    /// Lets a drained node take new VMs again.
+    UncordonNode {
+        /// Node id.
+        id: String,
+    },
+    /// Sets a node's state; `down` moves its restartable VMs elsewhere.
+    SetNodeState {
+        /// Node id.
+        id: String,
+        /// New state.
+        state: NodeState,
+    },
 }
 
 impl Command {
@@ -147,6 +171,9 @@ impl Command {
             Command::SetDesired { .. } => "set-desired",
             Command::DeleteVm { .. } => "delete-vm",
             Command::PutNode { .. } => "put-node",
+            Command::DrainNode { .. } => "drain-node",
+            Command::UncordonNode { .. } => "uncordon-node",
+            Command::SetNodeState { .. } => "set-node-state",
         }
     }
 }
@@ -173,6 +200,19 @@ pub enum Rejection {
         /// What the scheduler found.
         reason: String,
     },
+    /// No node meets the VM's constraints (zone, labels, affinity, state),
+    /// whatever its free room.
+    #[error("{reason}")]
+    Unschedulable {
+        /// What the scheduler found.
+        reason: String,
+    },
+    /// No such node.
+    #[error("no node named {id:?}")]
+    NodeNotFound {
+        /// Id.
+        id: String,
+    },
 }
 
 /// The result of applying a command.
@@ -182,6 +222,9 @@ pub struct Applied {
     pub vm: Option<VmRecord>,
     /// The refusal, if any.
     pub rejected: Option<Rejection>,
+    /// What a drain or a node going down moved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evacuation: Option<sched::Evacuation>,
 }
 
 /// Everything that is replicated.
@@ -223,8 +266,8 @@ impl ClusterState {
     /// Applies `cmd` at log index `index`.
     pub fn apply(&mut self, index: u64, cmd: &Command) -> Applied {
         let reject = |r| Applied {
-            vm: None,
             rejected: Some(r),
+            ..Applied::default()
         };
         match cmd {
             Command::CreateVm {
@@ -236,13 +279,9 @@ impl ClusterState {
                         id: spec.name.clone(),
                     });
                 }
-                let node = match sched::place(self, spec) {
+                let node = match sched::place(self, spec, None) {
                     Ok(n) => n,
-                    Err(e) => {
-                        return reject(Rejection::NoCapacity {
-                            reason: e.to_string(),
-                        });
-                    }
+                    Err(e) => return reject(e.rejection()),
                 };
                 let cid = self.alloc_cid();
                 let vm = VmRecord {
@@ -257,7 +296,7 @@ impl ClusterState {
                 self.vms.insert(vm.id.clone(), vm.clone());
                 Applied {
                     vm: Some(vm),
-                    rejected: None,
+                    ..Applied::default()
                 }
             }
             Command::SetDesired { id, desired } => {
@@ -266,12 +305,8 @@ impl ClusterState {
                 };
                 if *desired == Desired::Running && vm.desired == Desired::Stopped {
                     // Starting again takes the resources back: check them.
-                    let mut without = self.clone();
-                    without.vms.remove(id);
-                    if let Err(e) = sched::fits(&without, &vm.node, &vm.spec) {
-                        return reject(Rejection::NoCapacity {
-                            reason: e.to_string(),
-                        });
+                    if let Err(e) = sched::fits(self, &vm.node, &vm.spec, Some(id)) {
+                        return reject(e.rejection());
                     }
                 }
                 let Some(vm) = self.vms.get_mut(id) else {
@@ -281,19 +316,50 @@ impl ClusterState {
                 vm.revision = index;
                 Applied {
                     vm: Some(vm.clone()),
-                    rejected: None,
+                    ..Applied::default()
                 }
             }
             Command::DeleteVm { id } => match self.vms.remove(id) {
                 Some(vm) => Applied {
                     vm: Some(vm),
-                    rejected: None,
+                    ..Applied::default()
                 },
                 None => reject(Rejection::NotFound { id: id.clone() }),
             },
             Command::PutNode { node } => {
-                self.nodes.insert(node.id.clone(), node.clone());
+                let mut node = node.clone();
+                // A drain is an operator's decision: registering again keeps it.
+                node.drained |= self.nodes.get(&node.id).is_some_and(|n| n.drained);
+                self.nodes.insert(node.id.clone(), node);
                 Applied::default()
+            }
+            Command::DrainNode { id } => {
+                let Some(n) = self.nodes.get_mut(id) else {
+                    return reject(Rejection::NodeNotFound { id: id.clone() });
+                };
+                n.drained = true;
+                Applied {
+                    evacuation: Some(sched::evacuate(self, id, index)),
+                    ..Applied::default()
+                }
+            }
+            Command::UncordonNode { id } => {
+                let Some(n) = self.nodes.get_mut(id) else {
+                    return reject(Rejection::NodeNotFound { id: id.clone() });
+                };
+                n.drained = false;
+                Applied::default()
+            }
+            Command::SetNodeState { id, state } => {
+                let Some(n) = self.nodes.get_mut(id) else {
+                    return reject(Rejection::NodeNotFound { id: id.clone() });
+                };
+                n.state = *state;
+                Applied {
+                    evacuation: (*state == NodeState::Down)
+                        .then(|| sched::evacuate(self, id, index)),
+                    ..Applied::default()
+                }
             }
         }
     }
@@ -317,6 +383,8 @@ mod tests {
             cpu_overcommit: ratio,
             memory_overcommit: 1.0,
             state: NodeState::Ready,
+            labels: BTreeMap::new(),
+            drained: false,
         }
     }
 
