@@ -97,11 +97,16 @@ impl Member {
     /// Starts member `id` in `base` with `mode` (`--join`, or nothing to
     /// initialize a one-member cluster) and extra serve arguments.
     fn start(base: &Path, id: u64, mode: &[&str], extra: &[&str]) -> Member {
+        Member::start_at(base, id, "", mode, extra)
+    }
+
+    /// The same on a given address (empty: any free port).
+    fn start_at(base: &Path, id: u64, addr: &str, mode: &[&str], extra: &[&str]) -> Member {
         let mut m = Member {
             id,
             base: base.to_path_buf(),
             child: None,
-            addr: String::new(),
+            addr: addr.to_string(),
             extra: mode.iter().chain(extra).map(|s| s.to_string()).collect(),
         };
         m.spawn();
@@ -748,4 +753,110 @@ async fn members_are_removed_leader_included() {
     );
     keep.client().await.vm.create(spec("alone")).await.unwrap();
     assert!(keep.names().await.contains("alone"));
+}
+
+/// A free port on 127.0.0.1 (bound, then released for the member to take).
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_peers_bootstrap_and_a_restart_of_every_member_keeps_all_state() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempdir();
+    let addrs: Vec<String> = (0..3).map(|_| free_addr()).collect();
+    let peers = |me: usize| {
+        (0..3)
+            .filter(|i| *i != me)
+            .map(|i| format!("{}={}", i + 1, addrs[i]))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    // Members 2 and 3 wait (--peers without --init); member 1 initializes
+    // the three-member cluster in one step.
+    let mut ms = Vec::new();
+    for i in [1usize, 2, 0] {
+        let p = peers(i);
+        let mode: Vec<&str> = if i == 0 {
+            vec!["--init", "--peers", &p]
+        } else {
+            vec!["--peers", &p]
+        };
+        ms.push(Member::start_at(
+            dir.path(),
+            i as u64 + 1,
+            &addrs[i],
+            &mode,
+            &[],
+        ));
+    }
+    ms.sort_by_key(|m| m.id);
+    for m in &ms {
+        m.wait_api();
+    }
+    let refs: Vec<&Member> = ms.iter().collect();
+    let l = wait_for("one leader", Duration::from_secs(30), || leader(&refs)).await;
+    let s = ms[0].status().await.unwrap();
+    assert_eq!(
+        s.members.iter().filter(|m| m.voter).count(),
+        3,
+        "three voters from --peers: {s:?}"
+    );
+    println!("--peers cluster formed; leader {l}");
+    let mut want = BTreeSet::new();
+    for (i, m) in ms.iter().enumerate() {
+        let mut c = m.client().await;
+        for j in 0..10 {
+            let name = format!("p{i}-{j}");
+            c.vm.create(spec(&name)).await.unwrap();
+            want.insert(name);
+        }
+    }
+    // SIGKILL every member, then start them again in another order: the
+    // members elect a leader among themselves before any of them serves the
+    // API, and every acknowledged write is back.
+    for m in ms.iter_mut() {
+        m.kill9();
+    }
+    for i in [2usize, 0, 1] {
+        ms[i].spawn();
+    }
+    for m in &ms {
+        m.wait_api();
+    }
+    let refs: Vec<&Member> = ms.iter().collect();
+    let l2 = wait_for(
+        "a leader after the restart",
+        Duration::from_secs(60),
+        || leader(&refs),
+    )
+    .await;
+    println!("all three restarted; leader {l2}");
+    for m in &ms {
+        assert_eq!(m.names().await, want, "member {} after the restart", m.id);
+    }
+    // A member restarted with different bootstrap flags keeps its cluster:
+    // --init on a data dir that has a log does nothing.
+    ms[2].extra = vec!["--init".into()];
+    ms[2].kill9();
+    ms[2].spawn();
+    ms[2].wait_api();
+    let s = ms[2].status().await.unwrap();
+    assert_eq!(s.members.len(), 3, "{s:?}");
+    assert_eq!(ms[2].names().await, want);
+    // Bad --peers are refused at start, with a message.
+    for bad in ["x=127.0.0.1:1", "2=nohostport", "1=127.0.0.1:1"] {
+        let o = Command::new(env!("CARGO_BIN_EXE_cell0d"))
+            .args(["serve", "--data-dir"])
+            .arg(dir.path().join("bad"))
+            .args(["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+            .args(["--node-id", "1", "--peers", bad])
+            .args(ARGS)
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "--peers {bad} was accepted");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("--peers"), "--peers {bad}: {err}");
+    }
 }
