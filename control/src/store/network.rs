@@ -249,3 +249,50 @@ impl RaftNetwork<TypeConfig> for Peer {
         openraft::network::Backoff::new(std::iter::repeat(Duration::from_millis(200)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, LogId, Vote};
+
+    #[test]
+    fn openraft_messages_round_trip_and_garbage_is_an_error() {
+        let v = VoteRequest::<NodeId>::new(
+            Vote::new(3, 2),
+            Some(LogId::new(CommittedLeaderId::new(3, 2), 7)),
+        );
+        let back: VoteRequest<NodeId> = decode(&encode(&v).unwrap()).unwrap();
+        assert_eq!(back, v);
+        let bad = RaftPayload {
+            json: b"{\"vote\":".to_vec(),
+        };
+        assert!(matches!(
+            decode::<VoteRequest<NodeId>>(&bad),
+            Err(WireError::Decode(_))
+        ));
+        assert!(matches!(
+            Network::default().client("bad address with spaces"),
+            Err(WireError::Address(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_counts_as_never_sent_and_other_errors_do_not() {
+        // A port that was free a moment ago: nothing listens there.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string();
+        let mut c = Network::default().client(&addr).unwrap();
+        let s = c
+            .forward(RaftPayload { json: Vec::new() })
+            .await
+            .unwrap_err();
+        assert!(never_sent(&s), "{s:?}");
+        assert!(!never_sent(&tonic::Status::unavailable(
+            "error reading a body from connection"
+        )));
+        assert!(!never_sent(&tonic::Status::internal("tcp connect error")));
+    }
+}
