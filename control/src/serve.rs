@@ -531,6 +531,11 @@ pub async fn serve_main(a: ServeArgs) -> Result<(), ServeError> {
             gid: a.vm_gid,
         }),
     };
+    if a.node_id == 0 {
+        return Err(ServeError::Usage(
+            "--node-id 0 is reserved (it means \"no leader\"); use 1 or more".into(),
+        ));
+    }
     let peers = parse_peers(&a.peers)?;
     if peers.contains_key(&a.node_id) {
         return Err(ServeError::Usage(format!(
