@@ -305,7 +305,13 @@ async fn exec_reaches_the_guest_agent_through_cell0d_and_sypas_counters_reach_me
     std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
     let kernel = tmp.path().join("vmlinux");
     std::fs::write(&kernel, b"not booted here").unwrap();
-    let d = Daemon::start(&["--vmm", vmm.to_str().unwrap(), "--no-jail"]);
+    let d = Daemon::start(&[
+        "--vmm",
+        vmm.to_str().unwrap(),
+        "--no-jail",
+        "--health-ms",
+        "200",
+    ]);
     let before = http_get(&d.metrics, "/metrics");
     d.ctl_ok(&[
         "run",
@@ -381,6 +387,15 @@ async fn exec_reaches_the_guest_agent_through_cell0d_and_sypas_counters_reach_me
         String::from_utf8_lossy(&o.stdout).starts_with("Linux "),
         "{o:?}"
     );
+    // The agent's `ready` made the VM ready, and its heartbeats are its health.
+    d.wait_vm("lx", "running and ready", |v| {
+        v["status"]["state"] == "running" && v["status"]["ready"] == true
+    });
+    d.wait_vm("lx", "healthy by heartbeat", |v| {
+        v["status"]["health"]
+            .as_str()
+            .is_some_and(|h| h.starts_with("sypas-heartbeat ok"))
+    });
     // The exit status and both streams come back; cell0ctl exits 6 on a failed command.
     let o = d.ctl(&[
         "exec",

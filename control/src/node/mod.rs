@@ -1084,6 +1084,9 @@ impl Agent {
         loop {
             let ready = if nano {
                 serial_ready(&dir.join("serial.log"))
+            } else if let Some(r) = &self.router {
+                // Its guest agent said `cell0.node/ready` (docs/GUEST-AGENT.md).
+                r.agent_status(id).is_some_and(|s| s.ready.is_some())
             } else {
                 dir.join("api.sock").exists()
                     && proc::api_call_async(
@@ -1235,8 +1238,12 @@ impl Agent {
         }
     }
 
-    /// One health check: SYPAS PING where the guest serves SYPAS, else `describe`.
+    /// One health check: a guest agent's SYPAS heartbeats, SYPAS PING where
+    /// the guest serves SYPAS, else `describe`.
     pub async fn check_health(&self, id: &str, rec: &VmRecord) -> String {
+        if let Some(h) = self.router.as_ref().and_then(|r| agent_health(r, id, rec)) {
+            return h;
+        }
         let dir = self.run_dir(id);
         if let Some(port) = sypas_port(rec) {
             match sypas_ping(&dir.join("vsock.sock"), port).await {
@@ -1260,6 +1267,28 @@ impl Agent {
     pub fn known(&self) -> usize {
         lock(&self.vms).len()
     }
+}
+
+/// Health from a guest agent's heartbeats (every 5 s; late after 15 s), for
+/// VMs that run one.
+fn agent_health(router: &Router, id: &str, rec: &VmRecord) -> Option<String> {
+    if rec.spec.is_nano() {
+        return None;
+    }
+    let st = router.agent_status(id)?;
+    Some(match (st.heartbeat_age(), st.ready_at) {
+        (Some(age), _) if age <= Duration::from_secs(15) => format!(
+            "sypas-heartbeat ok ({} seen, last {} ms ago)",
+            st.heartbeats,
+            age.as_millis()
+        ),
+        (Some(age), _) => format!("sypas-heartbeat late: none for {} s", age.as_secs()),
+        (None, Some(t)) => format!(
+            "guest agent ready {} ms ago, no heartbeat yet",
+            t.elapsed().as_millis()
+        ),
+        (None, None) => "guest agent not ready".to_string(),
+    })
 }
 
 /// One SYPAS PING to the guest's `port` over the VM's hybrid vsock.
