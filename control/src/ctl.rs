@@ -172,6 +172,14 @@ pub fn vm_json(vm: &grpc::Vm) -> Value {
             "labels": labels,
             "tpm": spec.tpm,
             "command": spec.command,
+            "placement": spec.placement.as_ref().map(|p| json!({
+                "zones": p.zones, "regions": p.regions,
+                "node_selector": p.node_selector.iter().collect::<std::collections::BTreeMap<_, _>>(),
+                "affinity": p.affinity.iter().collect::<std::collections::BTreeMap<_, _>>(),
+                "anti_affinity": p.anti_affinity.iter().collect::<std::collections::BTreeMap<_, _>>(),
+                "topology": p.topology,
+                "policy": if p.policy == grpc::PlacementPolicy::Spread as i32 { "spread" } else { "bin-pack" },
+            })),
         },
         "status": {
             "state": state_name(st.state),
