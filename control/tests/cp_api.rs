@@ -418,6 +418,26 @@ async fn exec_reaches_the_guest_agent_through_cell0d_and_sypas_counters_reach_me
         .unwrap()
         .into_inner();
     assert_eq!(r.exit_code, 128 + 9);
+    // 5 MB of output: cut to what a gRPC client takes, and said so.
+    let r =
+        c.vm.exec(grpc::ExecRequest {
+            id: "lx".into(),
+            command: vec![
+                "head".into(),
+                "-c".into(),
+                "5000000".into(),
+                "/dev/zero".into(),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.exit_code, r.stdout.len()), (0, 3 << 20));
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains("output cut"),
+        "{:?}",
+        String::from_utf8_lossy(&r.stderr)
+    );
     let e =
         c.vm.exec(grpc::ExecRequest {
             id: "lx".into(),
@@ -458,9 +478,9 @@ async fn exec_reaches_the_guest_agent_through_cell0d_and_sypas_counters_reach_me
         moved("cell0_sypas_calls_total{target=\"node\"}") >= 2.0,
         "{after}"
     );
-    // 4 Execs (and the retries that found the agent not yet there are not CALLs).
+    // 5 Execs (and the retries that found the agent not yet there are not CALLs).
     assert!(
-        moved("cell0_sypas_calls_total{target=\"agent\"}") >= 4.0,
+        moved("cell0_sypas_calls_total{target=\"agent\"}") >= 5.0,
         "{after}"
     );
     assert!(

@@ -26,6 +26,10 @@ use crate::store::{Command, Desired, Rejection, Store, StoreError, VmRecord};
 
 /// How long a command run by Exec may take before the agent kills it.
 const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+/// The most stdout bytes an Exec answer carries.
+const EXEC_MAX_STDOUT: usize = 3 << 20;
+/// The most stderr bytes an Exec answer carries (before cell0's own notes).
+const EXEC_MAX_STDERR: usize = 512 << 10;
 
 type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -503,8 +507,19 @@ impl Api {
                 .as_bytes(),
             );
         }
-        if r.truncated {
-            stderr.extend_from_slice(b"\ncell0: output past 7 MiB was dropped\n");
+        let mut stdout = r.stdout.to_vec();
+        // gRPC clients take 4 MiB messages by default: the answer stays below.
+        let cut = stdout.len() > EXEC_MAX_STDOUT || stderr.len() > EXEC_MAX_STDERR;
+        stdout.truncate(EXEC_MAX_STDOUT);
+        stderr.truncate(EXEC_MAX_STDERR);
+        if r.truncated || cut {
+            stderr.extend_from_slice(
+                format!(
+                    "\ncell0: output cut (at most {} bytes of stdout and {} of stderr come back)\n",
+                    EXEC_MAX_STDOUT, EXEC_MAX_STDERR
+                )
+                .as_bytes(),
+            );
         }
         Ok(grpc::ExecResponse {
             // A signal shows as 128 + its number, as shells report it.
@@ -513,7 +528,7 @@ impl Api {
             } else {
                 st.code
             },
-            stdout: r.stdout.to_vec(),
+            stdout,
             stderr,
         })
     }
