@@ -13,7 +13,8 @@
 //!   log and snapshots crash-safe in the data dir.
 //! - [`api`]: the gRPC services (tonic), with reflection.
 //! - [`node`]: the node agent that runs `cell0-vmm` children.
-//! - [`sched`]: placement (filter, then bin-pack).
+//! - [`sched`]: placement (filter by state, zone, labels, affinity and room;
+//!   score by bin-pack or spread), drains and node-loss evacuation.
 //! - [`metrics`], [`audit`]: Prometheus metrics and the audit log of API calls.
 //! - [`serve`]: `cell0d serve`, wiring it all together.
 //! - [`ctl`]: `cell0ctl`'s client side.
