@@ -583,3 +583,78 @@ proptest! {
         prop_assert_eq!(placed(&a), placed(&c));
     }
 }
+
+#[test]
+fn placement_is_checked_and_round_trips() {
+    use cell0_proto::grpc;
+    let base = |p: grpc::Placement| grpc::VmSpec {
+        name: "p".into(),
+        placement: Some(p),
+        ..Default::default()
+    };
+    let field = |p: grpc::Placement| VmSpec::from_proto(base(p), "x").unwrap_err().field;
+    assert_eq!(
+        field(grpc::Placement {
+            zones: vec!["eu 1".into()],
+            ..Default::default()
+        }),
+        "spec.placement.zones[0]"
+    );
+    assert_eq!(
+        field(grpc::Placement {
+            regions: vec![String::new()],
+            ..Default::default()
+        }),
+        "spec.placement.regions[0]"
+    );
+    assert_eq!(
+        field(grpc::Placement {
+            topology: "rack".into(),
+            ..Default::default()
+        }),
+        "spec.placement.topology"
+    );
+    assert_eq!(
+        field(grpc::Placement {
+            policy: 7,
+            ..Default::default()
+        }),
+        "spec.placement.policy"
+    );
+    let mut bad = std::collections::HashMap::new();
+    bad.insert("Bad Key".to_string(), "v".to_string());
+    assert_eq!(
+        field(grpc::Placement {
+            anti_affinity: bad,
+            ..Default::default()
+        }),
+        "spec.placement.anti_affinity[\"Bad Key\"]"
+    );
+    assert_eq!(
+        field(grpc::Placement {
+            zones: (0..40).map(|i| format!("z{i}")).collect(),
+            ..Default::default()
+        }),
+        "spec.placement.zones"
+    );
+    let mut sel = std::collections::HashMap::new();
+    sel.insert("gpu".to_string(), "a100".to_string());
+    let s = VmSpec::from_proto(
+        base(grpc::Placement {
+            zones: vec!["b".into(), "a".into(), "b".into()],
+            node_selector: sel,
+            topology: "zone".into(),
+            policy: grpc::PlacementPolicy::Spread as i32,
+            ..Default::default()
+        }),
+        "x",
+    )
+    .unwrap();
+    assert_eq!(s.placement.zones, ["a", "b"], "sorted, without duplicates");
+    assert_eq!(s.placement.topology, Topology::Zone);
+    assert_eq!(s.placement.policy, PlacementPolicy::Spread);
+    assert_eq!(VmSpec::from_proto(s.to_proto(), "x").unwrap(), s);
+    // No placement: none is sent back.
+    let plain = VmSpec::from_proto(grpc::VmSpec::default(), "x").unwrap();
+    assert!(plain.to_proto().placement.is_none());
+}
