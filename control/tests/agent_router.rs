@@ -372,6 +372,15 @@ async fn the_guest_agent_bootstraps_reports_ready_streams_and_serves_exec_throug
         "event/agent/a1/stdout",
         "publish"
     ));
+    // A second bootstrap there gets the same token (no signing per bootstrap).
+    let r = boot2
+        .call(api::NODE_SERVICE, api::M_BOOTSTRAP, req.encode_to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        api::BootstrapReply::decode(r.payload).unwrap().token,
+        b2.token
+    );
     // ... which is refused on any other VM's listener.
     let e = connect(&vm1, "a2", b2.token.clone()).await.unwrap_err();
     assert_eq!(code(&e), Some(ErrorCode::AgentMismatch), "{e:?}");

@@ -111,6 +111,8 @@ impl AgentStatus {
 pub(crate) struct VmAgent {
     /// An explicit registration (else the source's answer is minted at bootstrap).
     pub(crate) boot: Option<AgentBootstrap>,
+    /// The last token minted from the source's answer, and when.
+    pub(crate) minted: Option<(AgentBootstrap, Instant)>,
     pub(crate) status: AgentStatus,
 }
 

@@ -203,17 +203,35 @@ impl Core {
     /// The bootstrap answer for `vm` (counted): the explicit registration, or
     /// a token minted now from the source's answer. `None`: no guest agent.
     pub(crate) fn bootstrap(&self, vm: &str) -> Option<Result<AgentBootstrap, ServiceError>> {
-        let explicit = read(&self.vm_agents).get(vm).and_then(|a| a.boot.clone());
-        let boot = match explicit {
-            Some(b) => Ok(b),
-            None => {
+        let (explicit, minted) = read(&self.vm_agents)
+            .get(vm)
+            .map(|a| (a.boot.clone(), a.minted.clone()))
+            .unwrap_or_default();
+        let boot = match (explicit, minted) {
+            (Some(b), _) => Ok(b),
+            // A token minted for this VM's agent earlier is handed out again
+            // while it has more than half its life left: repeated bootstraps
+            // cost no signing.
+            (None, Some((b, at))) if at.elapsed() < guest::GUEST_TOKEN_TTL / 2 => {
+                // The VM must still run a guest agent.
+                self.source()?.guest_agent(vm)?;
+                Ok(b)
+            }
+            (None, _) => {
                 let g = self.source()?.guest_agent(vm)?;
-                mint_bootstrap(&self.config.data_dir, vm, g).map_err(|e| {
+                let b = mint_bootstrap(&self.config.data_dir, vm, g).map_err(|e| {
                     ServiceError::new(
                         ErrorCode::Internal,
                         format!("Cannot mint the guest agent's token: {}.", error_chain(&e)),
                     )
-                })
+                });
+                if let Ok(b) = &b {
+                    write(&self.vm_agents)
+                        .entry(vm.to_owned())
+                        .or_default()
+                        .minted = Some((b.clone(), std::time::Instant::now()));
+                }
+                b
             }
         };
         if let Ok(b) = &boot {
