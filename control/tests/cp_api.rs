@@ -396,6 +396,23 @@ async fn exec_reaches_the_guest_agent_through_cell0d_and_sypas_counters_reach_me
             .as_str()
             .is_some_and(|h| h.starts_with("sypas-heartbeat ok"))
     });
+    // The workload's stdout EVENTs land in the VM's agent log.
+    let t0 = Instant::now();
+    loop {
+        let o = d.ctl(&["logs", "lx", "--agent"]);
+        assert!(o.status.success(), "{o:?}");
+        if String::from_utf8_lossy(&o.stdout).contains("workload-ran\n") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the workload's output never reached `cell0ctl logs --agent`: {o:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // ... and not in the serial console's.
+    let o = d.ctl(&["logs", "lx"]);
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("workload-ran"));
     // The exit status and both streams come back; cell0ctl exits 6 on a failed command.
     let o = d.ctl(&[
         "exec",

@@ -366,7 +366,17 @@ impl VmService for Api {
         let r = self.get_record(&req.id);
         self.done("Logs", &r);
         let rec = r?;
-        let path = self.agent.run_dir(&rec.id).join("serial.log");
+        let file = match grpc::LogSource::try_from(req.source) {
+            Ok(grpc::LogSource::Agent) => crate::router::guest::AGENT_LOG,
+            Ok(grpc::LogSource::Serial) => "serial.log",
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "source: {} is not a log source (0 serial, 1 agent)",
+                    req.source
+                )));
+            }
+        };
+        let path = self.agent.run_dir(&rec.id).join(file);
         let agent = self.agent.clone();
         let store = self.store.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(16);

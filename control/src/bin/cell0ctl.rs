@@ -29,6 +29,7 @@ const EXIT_CODES: &str = "Exit codes:
   cell0ctl ps                                  # table; -o json for scripts
   cell0ctl get a1 -o yaml
   cell0ctl logs -f a1
+  cell0ctl logs --agent lx                     # a Linux agent's workload stdout/stderr
   cell0ctl attest web
   cell0ctl rm a1 web
   cell0ctl events
@@ -90,7 +91,7 @@ enum Cmd {
         /// VM name.
         name: String,
     },
-    /// Print a VM's serial console.
+    /// Print a VM's serial console, or with --agent its workload's output.
     Logs {
         /// VM name.
         name: String,
@@ -100,6 +101,9 @@ enum Cmd {
         /// Only the last N bytes.
         #[arg(long, default_value_t = 0)]
         tail: u64,
+        /// The guest agent's workload stdout and stderr instead of the serial console.
+        #[arg(long)]
+        agent: bool,
     },
     /// Run a command in the guest (needs a guest agent that serves exec).
     Exec {
@@ -466,12 +470,23 @@ async fn dispatch(cli: Cli) -> Result<(), CtlError> {
                 o => print_value(o, &ctl::vm_json(&vm)),
             }
         }
-        Cmd::Logs { name, follow, tail } => {
+        Cmd::Logs {
+            name,
+            follow,
+            tail,
+            agent,
+        } => {
+            let source = if agent {
+                grpc::LogSource::Agent
+            } else {
+                grpc::LogSource::Serial
+            };
             let mut s =
                 c.vm.logs(grpc::LogsRequest {
                     id: name,
                     follow,
                     tail_bytes: tail,
+                    source: source.into(),
                 })
                 .await?
                 .into_inner();

@@ -154,6 +154,40 @@ pub(crate) fn bootstrap_reply(b: &AgentBootstrap) -> api::BootstrapReply {
 /// The agent's method names (`agent/<id>/<method>`).
 pub use cell0_agent::api::{M_EXEC, M_SHUTDOWN};
 
+/// The file, beside a VM's listener, that its agent's workload output
+/// (stdout and stderr EVENTs) is appended to: `cell0ctl logs --agent`.
+pub const AGENT_LOG: &str = "agent.log";
+
+/// The most bytes [`AGENT_LOG`] grows to; output past it is dropped (and
+/// counted in one last line), so a guest cannot fill the host's disk.
+pub const AGENT_LOG_MAX: u64 = 64 << 20;
+
+/// Whether `topic` is agent `agent`'s stdout or stderr topic.
+pub(crate) fn is_output(topic: &str, agent: &str) -> bool {
+    topic
+        .strip_prefix("agent/")
+        .and_then(|t| t.strip_prefix(agent))
+        .is_some_and(|t| t == "/stdout" || t == "/stderr")
+}
+
+/// Appends `data` to the agent log `path`, up to [`AGENT_LOG_MAX`]. The
+/// first write that would pass the limit leaves a note instead.
+pub(crate) fn append_output(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    let len = f.metadata()?.len();
+    if len >= AGENT_LOG_MAX {
+        return Ok(());
+    }
+    if len + data.len() as u64 > AGENT_LOG_MAX {
+        return f.write_all(b"\n[cell0d: agent log limit reached; later output dropped]\n");
+    }
+    f.write_all(data)
+}
+
 /// Whether `topic` is agent `agent`'s heartbeat topic.
 pub(crate) fn is_heartbeat(topic: &str, agent: &str) -> bool {
     topic
@@ -198,6 +232,10 @@ mod tests {
         assert!(cell0_proto::msg::permits(&r, NODE_SERVICE, "ready"));
         assert!(!cell0_proto::msg::permits(&r, NODE_SERVICE, "bootstrap"));
         assert!(is_heartbeat("agent/a9/heartbeat", "a9"));
+        assert!(is_output("agent/a9/stdout", "a9"));
+        assert!(is_output("agent/a9/stderr", "a9"));
+        assert!(!is_output("agent/a99/stdout", "a9"));
+        assert!(!is_output("agent/a9/exit", "a9"));
         assert!(!is_heartbeat("agent/a99/heartbeat", "a9"));
     }
 }

@@ -495,6 +495,13 @@ impl Handler for RouterHandler {
                     s.last_heartbeat = Some(std::time::Instant::now());
                 });
         }
+        if let Some(log) = &self.origin.agent_log {
+            if guest::is_output(&event.topic, session.agent_id()) {
+                if let Err(e) = guest::append_output(log, &event.payload) {
+                    tracing::warn!(vm = %self.origin.vm, error = %e, "cannot append to the agent log");
+                }
+            }
+        }
         let d = self.core.topics.publish(&event);
         tracing::trace!(topic = %event.topic, delivered = d.delivered, dropped = d.dropped, "published");
         Ok(())

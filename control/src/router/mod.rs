@@ -134,6 +134,9 @@ pub enum RouterError {
 pub(crate) struct Origin {
     pub(crate) vm: String,
     pub(crate) window: Option<Arc<ShmWindow>>,
+    /// Where the VM's agent's workload output goes ([`guest::AGENT_LOG`]
+    /// beside the VM's listener); none for the host socket.
+    pub(crate) agent_log: Option<PathBuf>,
 }
 
 /// A session the router can CALL.
@@ -413,6 +416,7 @@ impl Router {
         let host = Arc::new(Origin {
             vm: HOST_VM.into(),
             window: None,
+            agent_log: None,
         });
         let base = Server::new(RouterHandler {
             core: core.clone(),
@@ -628,6 +632,7 @@ impl Router {
         let origin = Arc::new(Origin {
             vm: vm.into(),
             window: window.map(Arc::new),
+            agent_log: listen.parent().map(|d| d.join(guest::AGENT_LOG)),
         });
         self.listen(vm, listen, origin).await?;
         tracing::info!(vm, listen = %listen.display(), shm = ?shm_size, "VM attached");
