@@ -356,3 +356,42 @@ fn nano_agents_reach_the_embedded_router_with_their_minted_token() {
         "{refusals}"
     );
 }
+
+#[test]
+fn a_routed_vm_gets_its_shared_memory_window_at_hello() {
+    require_vms!();
+    let d = Daemon::start(&[]);
+    // The router listens before the VMM runs, so it takes the window from the
+    // VMM's API socket at the guest's HELLO: shm refs of 1 and 64 MiB are
+    // echoed and checked byte for byte, and a ref past the end is refused.
+    d.ctl_ok(&[
+        "run",
+        "--name",
+        "shm",
+        "--right",
+        "echo:*",
+        "--shm-mib",
+        "128",
+        "--no-wait",
+        "--cmdline",
+        "cell0.test=sypas-shm",
+    ]);
+    let v = d.wait_vm("shm", "exited", |v| {
+        state(v) == "exited" || state(v) == "failed"
+    });
+    let serial = d.ctl_ok(&["logs", "shm"]);
+    assert_eq!(state(&v), "exited", "{serial}");
+    assert!(
+        serial.contains("cell0-nano: test sypas-shm passed"),
+        "{serial}"
+    );
+    assert!(
+        serial.contains("64 MiB")
+            || serial.contains("67108864 bytes: echo returned the ref unchanged"),
+        "{serial}"
+    );
+    assert!(
+        serial.contains("refused with SHM_OUT_OF_BOUNDS"),
+        "{serial}"
+    );
+}

@@ -578,10 +578,11 @@ impl Agent {
                             ent.path().join("vsock.sock").display(),
                             cell0_proto::ROUTER_VSOCK_PORT
                         ));
+                        let api = ent.path().join("api.sock");
                         let id = id.clone();
                         let jail = self.cfg.jail;
                         tokio::spawn(async move {
-                            match r.attach_vm_with_window(&id, &sock, None, None).await {
+                            match r.attach_vm_lazy(&id, &sock, &api).await {
                                 Ok(_) => hand_socket_to_vm(&sock, jail),
                                 Err(e) => {
                                     tracing::warn!(vm = %id, error = %e, "cannot re-attach the VM to the SYPAS router");
@@ -969,12 +970,13 @@ impl Agent {
             dir.join("vsock.sock").display(),
             cell0_proto::ROUTER_VSOCK_PORT
         ));
+        let api_sock = dir.join("api.sock");
         tokio::spawn(async move {
             // The router listens on the guest's port-1024 socket before the
-            // guest can connect to it.
+            // guest can connect to it, and takes the window at its HELLO.
             if let Some(r) = me.router.clone() {
                 let _ = r.detach_vm(&id).await;
-                match r.attach_vm_with_window(&id, &guest_sock, None, None).await {
+                match r.attach_vm_lazy(&id, &guest_sock, &api_sock).await {
                     Ok(_) => hand_socket_to_vm(&guest_sock, me.cfg.jail),
                     Err(e) => {
                         tracing::warn!(vm = %id, error = %e, "cannot attach the VM to the SYPAS router");

@@ -102,8 +102,13 @@ impl HelloHook for TokenHook {
         } else {
             self.check(&hello.token, &hello.agent_id)
         };
-        if let Err(e) = &r {
-            self.audit("HELLO", &hello.agent_id, None, e);
+        match &r {
+            Err(e) => self.audit("HELLO", &hello.agent_id, None, e),
+            Ok(_) => {
+                self.origin
+                    .resolve_window(self.core.config.vm_api_timeout)
+                    .await;
+            }
         }
         r
     }
@@ -161,7 +166,7 @@ impl RouterHandler {
             agent: session.agent_id().to_owned(),
             vm: self.origin.vm.clone(),
             session: session.id(),
-            window: self.origin.window.clone(),
+            window: self.origin.window().cloned(),
         }
     }
 
@@ -170,7 +175,7 @@ impl RouterHandler {
         if refs.is_empty() {
             return Ok(());
         }
-        let Some(w) = &self.origin.window else {
+        let Some(w) = self.origin.window() else {
             return Err(err(
                 ErrorCode::ShmUnavailable,
                 format!(
@@ -253,7 +258,7 @@ impl RouterHandler {
         if call.shm.is_empty() {
             return Ok(call);
         }
-        let Some(w) = &self.origin.window else {
+        let Some(w) = self.origin.window() else {
             return Err(err(ErrorCode::ShmUnavailable, "The caller has no window."));
         };
         let total = call.payload.len() as u64 + call.shm.iter().map(|r| r.length).sum::<u64>();
@@ -312,7 +317,7 @@ impl RouterHandler {
             return Ok(reply);
         }
         // The peer's refs name its own window: resolve them inline.
-        let Some(w) = &peer.origin.window else {
+        let Some(w) = peer.origin.window() else {
             return Err(err(
                 ErrorCode::ShmUnavailable,
                 "The peer answered with shm refs but has no window.",
@@ -418,7 +423,7 @@ impl RouterHandler {
                 "session": session.id(),
                 "rights": g.rights.iter().map(|r| [r.service.as_str(), r.method.as_str()]).collect::<Vec<_>>(),
                 "expires": g.token_expiry,
-                "shm": self.origin.window.as_ref().map(|w| w.len()),
+                "shm": self.origin.window().map(|w| w.len()),
             });
             return Ok(Reply {
                 payload: v.to_string().into(),

@@ -133,10 +133,56 @@ pub enum RouterError {
 #[derive(Debug)]
 pub(crate) struct Origin {
     pub(crate) vm: String,
-    pub(crate) window: Option<Arc<ShmWindow>>,
+    /// The VM's window, once known (`None` inside: the VM has none).
+    window: std::sync::OnceLock<Option<Arc<ShmWindow>>>,
+    /// The VMM's API socket to take the window from at the first HELLO, for
+    /// a VM attached before its VMM ran ([`Router::attach_vm_lazy`]).
+    api: Option<PathBuf>,
     /// Where the VM's agent's workload output goes ([`guest::AGENT_LOG`]
     /// beside the VM's listener); none for the host socket.
     pub(crate) agent_log: Option<PathBuf>,
+}
+
+impl Origin {
+    fn new(vm: &str, window: Option<Option<Arc<ShmWindow>>>, api: Option<PathBuf>) -> Origin {
+        let cell = std::sync::OnceLock::new();
+        if let Some(w) = window {
+            let _ = cell.set(w);
+        }
+        Origin {
+            vm: vm.into(),
+            window: cell,
+            api,
+            agent_log: None,
+        }
+    }
+
+    /// The connection's VM window, if it has one (and it is known).
+    pub(crate) fn window(&self) -> Option<&Arc<ShmWindow>> {
+        self.window.get().and_then(Option::as_ref)
+    }
+
+    /// Takes the window from the VMM's API socket if it is not known yet. A
+    /// failure is logged and tried again at the next HELLO; until then refs
+    /// get SHM_UNAVAILABLE.
+    pub(crate) async fn resolve_window(&self, timeout: Duration) {
+        let Some(api) = self.api.clone() else {
+            return;
+        };
+        if self.window.get().is_some() {
+            return;
+        }
+        let got = tokio::task::spawn_blocking(move || vmapi::fetch_window(&api, timeout)).await;
+        match got {
+            Ok(Ok(w)) => {
+                let _ = self.window.set(w.map(|w| Arc::new(w.window)));
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(vm = %self.vm, error = %e, "cannot take the VM's shared-memory window yet");
+            }
+            Err(e) => tracing::warn!(vm = %self.vm, error = %e, "window task failed"),
+        }
+    }
 }
 
 /// A session the router can CALL.
@@ -413,11 +459,7 @@ impl Router {
         if echo {
             write(&core.services).insert("echo".into(), Service::Local(Arc::new(EchoService)));
         }
-        let host = Arc::new(Origin {
-            vm: HOST_VM.into(),
-            window: None,
-            agent_log: None,
-        });
+        let host = Arc::new(Origin::new(HOST_VM, Some(None), None));
         let base = Server::new(RouterHandler {
             core: core.clone(),
             origin: host.clone(),
@@ -619,6 +661,30 @@ impl Router {
         self.attach_vm_with_window(vm, listen, window, gpa).await
     }
 
+    /// Attaches a VM before its VMM runs: listens on `listen` at once, and
+    /// takes the window from the VMM's API socket `api` at the first HELLO
+    /// from the guest (by then the VMM is up). What the node agent uses.
+    pub async fn attach_vm_lazy(
+        &self,
+        vm: &str,
+        listen: &Path,
+        api: &Path,
+    ) -> Result<VmInfo, RouterError> {
+        check_vm_id(vm)?;
+        let origin = Arc::new(Origin {
+            agent_log: listen.parent().map(|d| d.join(guest::AGENT_LOG)),
+            ..Origin::new(vm, None, Some(api.to_path_buf()))
+        });
+        self.listen(vm, listen, origin).await?;
+        tracing::info!(vm, listen = %listen.display(), api = %api.display(), "VM attached; window at first HELLO");
+        Ok(VmInfo {
+            vm: vm.into(),
+            listen: listen.to_path_buf(),
+            shm_size: None,
+            shm_gpa: None,
+        })
+    }
+
     /// [`attach_vm`](Self::attach_vm) with a window the caller mapped itself.
     pub async fn attach_vm_with_window(
         &self,
@@ -630,9 +696,8 @@ impl Router {
         check_vm_id(vm)?;
         let shm_size = window.as_ref().map(ShmWindow::len);
         let origin = Arc::new(Origin {
-            vm: vm.into(),
-            window: window.map(Arc::new),
             agent_log: listen.parent().map(|d| d.join(guest::AGENT_LOG)),
+            ..Origin::new(vm, Some(window.map(Arc::new)), None)
         });
         self.listen(vm, listen, origin).await?;
         tracing::info!(vm, listen = %listen.display(), shm = ?shm_size, "VM attached");
