@@ -62,6 +62,11 @@ pub enum EventType {
     VmConfig,
     /// SHA-256 of the canonical workload spec (PCR 12).
     Workload,
+    /// SHA-256 of a node's `cell0d` executable (PCR 0 of the node's own TPM;
+    /// node admission, not a VM boot).
+    NodeDaemon,
+    /// SHA-256 of a node's `cell0-vmm` executable (PCR 0 of the node's own TPM).
+    NodeVmm,
 }
 
 impl EventType {
@@ -76,10 +81,17 @@ impl EventType {
         EventType::Workload,
     ];
 
+    /// Every type a node measures for its admission to a cluster, in extend
+    /// order: the binaries it runs, both into PCR 0.
+    pub const NODE_ORDER: [EventType; 2] = [EventType::NodeDaemon, EventType::NodeVmm];
+
     /// The PCR this type of event is extended into.
     pub const fn pcr(self) -> u8 {
         match self {
-            EventType::VmmBinary | EventType::VmmVersion => 0,
+            EventType::VmmBinary
+            | EventType::VmmVersion
+            | EventType::NodeDaemon
+            | EventType::NodeVmm => 0,
             EventType::Kernel => 4,
             EventType::Cmdline => 8,
             EventType::Initrd => 9,
@@ -98,6 +110,8 @@ impl EventType {
             EventType::Initrd => "initrd",
             EventType::VmConfig => "vm-config",
             EventType::Workload => "workload",
+            EventType::NodeDaemon => "node-daemon",
+            EventType::NodeVmm => "node-vmm",
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod eventlog;
 pub mod formats;
 pub mod manifest;
 pub mod measure;
+pub mod node;
 pub mod verify;
 pub mod vtpm;
 
@@ -26,5 +27,6 @@ pub use eventlog::{Event, EventLog, EventType, MEASURED_PCRS, PcrValues};
 pub use formats::{ActivationResponse, AkBundle, CredentialChallenge, Nonce, QuoteBundle, Wire};
 pub use manifest::{Manifest, VmmBuild};
 pub use measure::{BootInputs, VmmIdentity, boot_events, hash_file};
+pub use node::{NodeGolden, node_events};
 pub use verify::{Failure, TrustedAk, Verdict, Verifier, VerifyError};
 pub use vtpm::{LocalCa, StartTimings, Vtpm, VtpmError, VtpmOptions};

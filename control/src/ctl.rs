@@ -46,7 +46,7 @@ pub enum CtlError {
     #[error("invalid endpoint {0:?}")]
     Endpoint(String),
     /// cell0d could not be reached.
-    #[error("cannot connect to cell0d at {endpoint}: {source}")]
+    #[error("cannot connect to cell0d at {endpoint}: {}", crate::tls::describe(&crate::tls::chain(source)))]
     Connect {
         /// Endpoint.
         endpoint: String,
@@ -54,6 +54,9 @@ pub enum CtlError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// `--tls-dir` is not usable.
+    #[error("--tls-dir: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// The server answered with an error.
     #[error("{}", .0.message())]
     Status(Box<tonic::Status>),
@@ -67,6 +70,12 @@ pub enum CtlError {
 
 impl From<tonic::Status> for CtlError {
     fn from(s: tonic::Status) -> Self {
+        // A refused TLS handshake surfaces at the first call: say what it means.
+        let text = crate::tls::chain(&s);
+        let said = crate::tls::describe(&text);
+        if said != text {
+            return CtlError::Status(Box::new(tonic::Status::new(s.code(), said)));
+        }
         CtlError::Status(Box::new(s))
     }
 }
@@ -75,7 +84,7 @@ impl CtlError {
     /// The exit code for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
-            CtlError::Endpoint(_) => exit::USAGE,
+            CtlError::Endpoint(_) | CtlError::Tls(_) => exit::USAGE,
             CtlError::Connect { .. } => exit::UNAVAILABLE,
             CtlError::Timeout(_) => exit::TIMEOUT,
             CtlError::Failed(_) => exit::FAILED,
@@ -107,13 +116,26 @@ pub struct Clients {
 
 /// Connects to cell0d at `endpoint` (`http://HOST:PORT`, or `HOST:PORT`).
 pub async fn connect(endpoint: &str) -> Result<Clients, CtlError> {
-    let uri = if endpoint.contains("://") {
-        endpoint.to_string()
-    } else {
-        format!("http://{endpoint}")
-    };
-    let ch = Channel::from_shared(uri.clone())
-        .map_err(|_| CtlError::Endpoint(endpoint.to_string()))?
+    connect_tls(endpoint, None).await
+}
+
+/// Connects to cell0d at `endpoint`, over mutual TLS with the certificate in
+/// `tls_dir` (`cell0d issue-cert`) when one is given (`HOST:PORT` then means
+/// `https://HOST:PORT`).
+pub async fn connect_tls(
+    endpoint: &str,
+    tls_dir: Option<&std::path::Path>,
+) -> Result<Clients, CtlError> {
+    let tls = tls_dir.map(crate::tls::TlsDir::load).transpose()?;
+    let uri = crate::tls::uri(endpoint, tls.is_some());
+    let mut ep =
+        Channel::from_shared(uri.clone()).map_err(|_| CtlError::Endpoint(endpoint.to_string()))?;
+    if let Some(t) = &tls {
+        ep = ep
+            .tls_config(t.client_config())
+            .map_err(|_| CtlError::Endpoint(endpoint.to_string()))?;
+    }
+    let ch = ep
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await

@@ -31,6 +31,7 @@ pub mod sched;
 pub mod serve;
 pub mod spec;
 pub mod store;
+pub mod tls;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {

@@ -34,6 +34,42 @@ enum Cmd {
     /// Mint, attenuate or verify capability tokens.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Make a cluster CA for mutual TLS between members, nodes and cell0ctl:
+    /// DIR/ca.pem and DIR/ca.key (keep ca.key off the members).
+    #[command(after_help = "Example (docs/CLUSTER.md, Security):
+  cell0d init-ca --out /etc/cell0/ca
+  cell0d issue-cert --ca /etc/cell0/ca --name m1 --san 10.0.0.1 --out /etc/cell0/m1
+  cell0d serve --tls-dir /etc/cell0/m1 ...")]
+    InitCa {
+        /// The CA dir (created; an existing CA is never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime in days.
+        #[arg(long, default_value_t = cell0_control::tls::CA_DAYS)]
+        days: u32,
+    },
+    /// Issue a certificate signed by the cluster CA (a member's, a node's or a
+    /// client's): writes OUT/ca.pem, OUT/cert.pem and OUT/key.pem, a TLS dir
+    /// for `serve --tls-dir` and `cell0ctl --tls-dir`.
+    IssueCert {
+        /// The CA dir of `cell0d init-ca`.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The subject's name (CN): member, node or client name. A node is
+        /// admitted only under its own name.
+        #[arg(long)]
+        name: String,
+        /// An IP address or DNS name the holder is dialled at (repeatable or
+        /// comma-separated): a member's --advertise/--listen host.
+        #[arg(long, value_delimiter = ',')]
+        san: Vec<String>,
+        /// The TLS dir to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime in days.
+        #[arg(long, default_value_t = cell0_control::tls::CERT_DAYS)]
+        days: u32,
+    },
 }
 
 #[derive(clap::Args)]
@@ -331,6 +367,23 @@ fn main() -> anyhow::Result<()> {
                 }
                 Err(e) => bail!("{} ({})", e, e.code().name()),
             }
+        }
+        Cmd::InitCa { out, days } => {
+            let p = cell0_control::tls::init_ca(&out, days)?;
+            println!("{}", p.display());
+            Ok(())
+        }
+        Cmd::IssueCert {
+            ca,
+            name,
+            san,
+            out,
+            days,
+        } => {
+            let req = cell0_control::tls::CertRequest::new(&name, &san, days);
+            cell0_control::tls::issue_cert(&ca, &req, &out)?;
+            println!("{}", out.display());
+            Ok(())
         }
     }
 }

@@ -26,7 +26,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use cell0_proto::grpc::{
-    cluster_service_server::ClusterServiceServer, node_service_server::NodeServiceServer,
+    admission_service_server::AdmissionServiceServer, cluster_service_server::ClusterServiceServer, node_service_server::NodeServiceServer,
     raft_service_server::RaftServiceServer, vm_service_server::VmServiceServer,
 };
 use tonic::body::Body;
@@ -89,6 +89,9 @@ pub enum ServeError {
     /// A command-line value is wrong.
     #[error("{0}")]
     Usage(String),
+    /// `--tls-dir` is not usable.
+    #[error("--tls-dir: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Settings of `cell0d serve`.
@@ -98,6 +101,10 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     /// gRPC listen address (port 0: any).
     pub listen: SocketAddr,
+    /// Mutual TLS for gRPC, served and dialled (`--tls-dir`); `None`: plain TCP.
+    pub tls: Option<crate::tls::TlsDir>,
+    /// What `AdmissionService` admits (node attestation).
+    pub admission: crate::node::admission::AdmissionSettings,
     /// Metrics listen address (port 0: any).
     pub metrics: SocketAddr,
     /// Raft member id.
@@ -223,6 +230,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
             addr: advertise.clone(),
             snapshot_every: cfg.snapshot_every,
             bootstrap: cfg.bootstrap.clone(),
+            tls: cfg.tls.clone(),
         },
         metrics.clone(),
     )
@@ -262,7 +270,21 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(cell0_proto::grpc::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let server = tonic::transport::Server::builder()
+    match &cfg.tls {
+        Some(t) => tracing::info!(dir = %t.dir().display(), name = t.name(), "gRPC over mutual TLS: clients need a certificate of the cluster CA"),
+        None if !cfg.listen.ip().is_loopback() || cfg.bootstrap != Bootstrap::Init(BTreeMap::new()) => tracing::warn!(
+            "gRPC is plain TCP: anyone who reaches {} can send Raft messages and API calls; give the members --tls-dir (docs/CLUSTER.md, Security)",
+            cfg.listen
+        ),
+        None => {}
+    }
+    let admission = crate::node::admission::AdmissionApi::new(
+        cfg.admission.clone(),
+        store.clone(),
+        audit.clone(),
+        metrics.clone(),
+    );
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(reflection)
         .add_service(
@@ -277,14 +299,21 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         )))
         .add_service(vm_gate.clone())
         .add_service(node_gate.clone())
-        .serve_with_incoming_shutdown(
-            // No Nagle on accepted connections: small gRPC replies (Raft
-            // acknowledgements, forwarded writes) must not wait for the
-            // peer's delayed ACK.
+        .add_service(AdmissionServiceServer::new(admission));
+    // No Nagle on accepted connections: small gRPC replies (Raft
+    // acknowledgements, forwarded writes) must not wait for the peer's
+    // delayed ACK. With --tls-dir every connection must complete a TLS
+    // handshake with a client certificate of the cluster CA first.
+    let mut server = match &cfg.tls {
+        Some(t) => tokio::spawn(router.serve_with_incoming_shutdown(
+            crate::tls::incoming(listener, t.server_config()?),
+            stopped(),
+        )),
+        None => tokio::spawn(router.serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             stopped(),
-        );
-    let mut server = tokio::spawn(server);
+        )),
+    };
     let member_file = cfg.data_dir.join("cell0d.member");
     let member = serde_json::json!({
         "id": cfg.raft_id,
@@ -408,6 +437,23 @@ pub struct ServeArgs {
     /// The address other members reach this one at (default: the bound --listen address).
     #[arg(long)]
     pub advertise: Option<String>,
+    /// Mutual TLS: a dir with ca.pem (the cluster CA), cert.pem and key.pem
+    /// (`cell0d issue-cert`). gRPC then requires a client certificate of the
+    /// cluster CA, and this member dials the others with its own.
+    #[arg(long, env = "CELL0_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Node admission: PEM bundle of the CAs that certify node TPMs (default:
+    /// this host's swtpm local CA, $CELL0_TPM_CA_DIR or /var/lib/cell0/tpm-ca).
+    #[arg(long)]
+    pub node_tpm_ca: Option<PathBuf>,
+    /// Node admission: an accepted SHA-256 of cell0d (repeatable; default:
+    /// this cell0d's own digest).
+    #[arg(long, value_name = "HEX")]
+    pub node_golden_cell0d: Vec<String>,
+    /// Node admission: an accepted SHA-256 of cell0-vmm (repeatable; default:
+    /// the digest of this member's --vmm).
+    #[arg(long, value_name = "HEX")]
+    pub node_golden_vmm: Vec<String>,
     /// On a fresh data dir, initialize a new cluster of this member plus --peers
     /// (the default when neither --join nor --peers is given: a one-member cluster).
     #[arg(long, conflicts_with = "join")]
@@ -507,6 +553,14 @@ fn phys_mib() -> u64 {
 /// Runs `cell0d serve` with its command-line arguments.
 pub async fn serve_main(a: ServeArgs) -> Result<(), ServeError> {
     let vmm = a.vmm.unwrap_or_else(default_vmm);
+    let tls = a.tls_dir.as_deref().map(crate::tls::TlsDir::load).transpose()?;
+    let admission = crate::node::admission::AdmissionSettings {
+        tpm_ca: a.node_tpm_ca,
+        cell0d: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
+        vmm: vmm.clone(),
+        golden_cell0d: a.node_golden_cell0d,
+        golden_vmm: a.node_golden_vmm,
+    };
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1);
@@ -550,6 +604,8 @@ pub async fn serve_main(a: ServeArgs) -> Result<(), ServeError> {
     };
     run(ServeConfig {
         data_dir: a.data_dir,
+        tls,
+        admission,
         listen: a.listen,
         metrics: a.metrics,
         raft_id: a.node_id,

@@ -638,6 +638,43 @@ impl Verifier {
         log: &EventLog,
         manifest: &Manifest,
     ) -> Verdict {
+        self.verify_events(vm, nonce, quote, log, &|l, f| {
+            quote::check_events(l, manifest, f)
+        })
+    }
+
+    /// Verifies a node's admission quote (enrolled under the name `node`, like
+    /// a VM) against the nonce issued to it, which is used up: the quote's
+    /// signature, nonce, clock and PCRs as for a VM, then the event log must be
+    /// exactly the node's binaries ([`crate::node::node_events`]), each digest
+    /// in `golden`.
+    pub fn verify_node(
+        &mut self,
+        node: &str,
+        quote: &QuoteBundle,
+        log: &EventLog,
+        golden: &crate::node::NodeGolden,
+    ) -> Verdict {
+        let Some(nonce) = self.state.vms.get_mut(node).and_then(|s| s.nonce.take()) else {
+            return Verdict::Rejected {
+                failures: vec![Failure::NoNonceIssued {
+                    vm: node.to_string(),
+                }],
+            };
+        };
+        self.verify_events(node, &nonce, quote, log, &|l, f| {
+            crate::node::check_node_events(l, golden, f)
+        })
+    }
+
+    fn verify_events(
+        &mut self,
+        vm: &str,
+        nonce: &Nonce,
+        quote: &QuoteBundle,
+        log: &EventLog,
+        events: &dyn Fn(&EventLog, &mut Vec<Failure>),
+    ) -> Verdict {
         let st = self.state.vms.entry(vm.to_string()).or_default();
         let Some(ak) = st.ak.as_ref() else {
             return Verdict::Rejected {
@@ -660,7 +697,7 @@ impl Verifier {
             nonce,
             previous_clock: st.last_clock,
         };
-        let (verdict, clock) = quote::check(&exp, quote, log, manifest);
+        let (verdict, clock) = quote::check(&exp, quote, log, events);
         if let Some(c) = clock {
             // Only a clock that moved forward replaces the high-water mark.
             if st

@@ -22,12 +22,14 @@ pub(crate) struct Expectations<'a> {
 }
 
 /// The verdict, plus the quote's clock when its signature verified (so the
-/// caller can remember it even when other checks failed).
+/// caller can remember it even when other checks failed). `events` checks
+/// the event log's sequence and golden values: [`check_events`] for a VM's
+/// boot, `crate::node::check_node_events` for a node's admission.
 pub(crate) fn check(
     exp: &Expectations<'_>,
     quote: &QuoteBundle,
     log: &EventLog,
-    manifest: &Manifest,
+    events: &dyn Fn(&EventLog, &mut Vec<Failure>),
 ) -> (Verdict, Option<ClockInfo>) {
     let mut failures = Vec::new();
 
@@ -136,8 +138,9 @@ pub(crate) fn check(
         }
     }
 
-    // 7. The events: the boot sequence of DESIGN.md §5, each digest golden.
-    check_events(log, manifest, &mut failures);
+    // 7. The events: the boot sequence of DESIGN.md §5 (or a node's
+    //    binaries), each digest golden.
+    events(log, &mut failures);
 
     let verdict = if failures.is_empty() {
         Verdict::Trusted {
@@ -163,7 +166,8 @@ fn composite(pcrs: &PcrValues) -> Vec<u8> {
     h.finalize().to_vec()
 }
 
-fn check_events(log: &EventLog, manifest: &Manifest, failures: &mut Vec<Failure>) {
+/// The boot sequence of DESIGN.md §5, each digest a golden value of `manifest`.
+pub(crate) fn check_events(log: &EventLog, manifest: &Manifest, failures: &mut Vec<Failure>) {
     let order = EventType::BOOT_ORDER;
     for i in 0..order.len().max(log.events.len()) {
         let expected = order.get(i).copied();

@@ -361,14 +361,16 @@ impl Vtpm {
     /// The second half of [`Vtpm::measure_boot`]: extends the events of
     /// [`boot_events`](crate::boot_events) and writes the event log. A VMM can
     /// hash the inputs while the vTPM starts, then call this. Once per vTPM;
-    /// only logs in the boot order of DESIGN.md §5 are accepted.
+    /// only logs in the boot order of DESIGN.md §5 are accepted, or a node's
+    /// admission log ([`crate::node::node_events`]).
     pub fn record_boot(&self, log: &EventLog) -> Result<(), VtpmError> {
         let layout: Vec<(u8, EventType)> = log.events.iter().map(|e| (e.pcr, e.kind)).collect();
-        let expected: Vec<(u8, EventType)> = EventType::BOOT_ORDER
-            .iter()
-            .map(|t| (t.pcr(), *t))
-            .collect();
-        if layout != expected {
+        let layout_of = |order: &[EventType]| -> Vec<(u8, EventType)> {
+            order.iter().map(|t| (t.pcr(), *t)).collect()
+        };
+        // A VM's boot, or a node's binaries for its admission (node_events).
+        if layout != layout_of(&EventType::BOOT_ORDER) && layout != layout_of(&EventType::NODE_ORDER)
+        {
             return Err(VtpmError::NotABootLog);
         }
         let mut measured = self

@@ -235,6 +235,7 @@ async fn main() -> anyhow::Result<()> {
                 addr: "127.0.0.1:1".into(),
                 snapshot_every: cell0_control::store::SNAPSHOT_EVERY,
                 bootstrap: Bootstrap::Init(BTreeMap::new()),
+                tls: None,
             },
             Arc::new(Metrics::new()),
         )

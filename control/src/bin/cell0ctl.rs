@@ -51,6 +51,10 @@ struct Cli {
         default_value = "http://127.0.0.1:7070"
     )]
     endpoint: String,
+    /// Mutual TLS: a dir with ca.pem, cert.pem and key.pem (`cell0d
+    /// issue-cert`), for a cell0d served with --tls-dir.
+    #[arg(long, global = true, env = "CELL0_TLS_DIR")]
+    tls_dir: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value = "table")]
     output: Output,
@@ -434,7 +438,7 @@ async fn dispatch(cli: Cli) -> Result<(), CtlError> {
         }
         _ => {}
     }
-    let mut c = ctl::connect(&cli.endpoint).await?;
+    let mut c = ctl::connect_tls(&cli.endpoint, cli.tls_dir.as_deref()).await?;
     match cli.cmd {
         Cmd::Run(a) => run(&mut c, out, *a).await?,
         Cmd::Ps { labels } => {

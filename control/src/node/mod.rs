@@ -17,6 +17,7 @@
 //!   (sticky, so the VMM cannot remove cell0d's files), the router's listener
 //!   for the guest is handed to it, and the jail's root is `<run dir>/jail/<id>`.
 
+pub mod admission;
 pub mod attest;
 pub mod golden;
 pub mod proc;

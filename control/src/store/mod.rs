@@ -121,6 +121,8 @@ pub struct StoreConfig {
     pub snapshot_every: u64,
     /// What a fresh data dir does.
     pub bootstrap: Bootstrap,
+    /// Mutual TLS to the other members (`--tls-dir`); `None`: plain TCP.
+    pub tls: Option<crate::tls::TlsDir>,
 }
 
 /// The store: Raft, its log, and the shared state machine.
@@ -225,7 +227,7 @@ impl Store {
         }
         .validate()
         .map_err(|e| StoreError::Start(e.to_string()))?;
-        let net = network::Network::default();
+        let net = network::Network::new(cfg.tls.as_ref());
         let raft = Raft::new(cfg.node_id, Arc::new(config), net.clone(), log, sm)
             .await
             .map_err(|e| StoreError::Start(e.to_string()))?;

@@ -4,8 +4,9 @@
 //! response types as JSON; a remote Raft error comes back as the `Err` of the
 //! serialized `Result`, so openraft sees the error its peer returned.
 //!
-//! Plain TCP for now: mutual TLS between members is a later step
-//! (docs/CLUSTER.md).
+//! Plain TCP by default; with `cell0d serve --tls-dir` every member dials
+//! the others over mutual TLS (`https://`, this member's certificate, only the
+//! cluster CA trusted: crate::tls, docs/CLUSTER.md "Security").
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -99,9 +100,19 @@ pub fn never_sent(s: &tonic::Status) -> bool {
 #[derive(Clone, Default)]
 pub struct Network {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Network {
+    /// A network that dials members over mutual TLS with `tls`'s certificate,
+    /// or over plain TCP when `tls` is `None`.
+    pub fn new(tls: Option<&crate::tls::TlsDir>) -> Self {
+        Self {
+            channels: Arc::default(),
+            tls: tls.map(crate::tls::TlsDir::client_config),
+        }
+    }
+
     /// A client for the member at `addr`.
     pub fn client(&self, addr: &str) -> Result<RaftServiceClient<Channel>, WireError> {
         let mut map = match self.channels.lock() {
@@ -111,13 +122,15 @@ impl Network {
         let ch = match map.get(addr) {
             Some(c) => c.clone(),
             None => {
-                let uri = if addr.contains("://") {
-                    addr.to_string()
-                } else {
-                    format!("http://{addr}")
-                };
-                let ch = Endpoint::from_shared(uri)
-                    .map_err(|_| WireError::Address(addr.to_string()))?
+                let uri = crate::tls::uri(addr, self.tls.is_some());
+                let mut ep = Endpoint::from_shared(uri)
+                    .map_err(|_| WireError::Address(addr.to_string()))?;
+                if let Some(tls) = &self.tls {
+                    ep = ep
+                        .tls_config(tls.clone())
+                        .map_err(|_| WireError::Address(addr.to_string()))?;
+                }
+                let ch = ep
                     .connect_timeout(Duration::from_secs(1))
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(10))

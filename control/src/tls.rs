@@ -1,0 +1,588 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Mutual TLS of the control plane (issue 7): a cluster CA (rcgen), the
+//! certificates it issues to members, nodes and clients, and the rustls
+//! configurations of `cell0d serve --tls-dir`, the Raft and forwarding
+//! clients between members, and `cell0ctl --tls-dir`.
+//!
+//! A TLS dir holds `ca.pem` (the cluster CA's certificate), `cert.pem` and
+//! `key.pem` (this party's certificate and key, mode 0600). `cell0d init-ca`
+//! makes a CA dir (`ca.pem`, `ca.key`); `cell0d issue-cert` fills a TLS dir.
+//! Every certificate is both a server and a client certificate: a member
+//! serves gRPC and calls the other members.
+//!
+//! The server requires a client certificate signed by the cluster CA; a
+//! client verifies the server's certificate against the same CA and the
+//! address it dials (the certificate's subject alternative names).
+
+// Start-up errors are returned once; their size does not matter.
+#![allow(clippy::result_large_err)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// The cluster CA's certificate, in a CA dir and in every TLS dir.
+pub const CA_CERT: &str = "ca.pem";
+/// The cluster CA's private key, in the CA dir only.
+pub const CA_KEY: &str = "ca.key";
+/// This party's certificate, in a TLS dir.
+pub const CERT: &str = "cert.pem";
+/// This party's private key, in a TLS dir.
+pub const KEY: &str = "key.pem";
+/// Default lifetime of the CA, in days.
+pub const CA_DAYS: u32 = 3650;
+/// Default lifetime of an issued certificate, in days.
+pub const CERT_DAYS: u32 = 365;
+/// Longest TLS handshake a server waits for.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors of the cluster CA and TLS set-up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read or written.
+    #[error("cannot use {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file the TLS dir needs is missing.
+    #[error("{path} is missing: {hint}")]
+    Missing {
+        /// The file.
+        path: PathBuf,
+        /// What makes it.
+        hint: &'static str,
+    },
+    /// `init-ca` or `issue-cert` would overwrite a file.
+    #[error("{0} exists already; refusing to overwrite it (remove it first)")]
+    Exists(PathBuf),
+    /// A PEM file does not hold what it should.
+    #[error("{path} is not a usable {what}: {reason}")]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What it should hold.
+        what: &'static str,
+        /// Why it is not.
+        reason: String,
+    },
+    /// This party's certificate is not valid under the cluster CA now.
+    #[error(
+        "the certificate {cert} is not valid for the cluster CA {ca}: {reason} (issue a new one: cell0d issue-cert)"
+    )]
+    Invalid {
+        /// Its certificate.
+        cert: PathBuf,
+        /// The CA certificate.
+        ca: PathBuf,
+        /// Why (expired, signed by another CA, ...).
+        reason: String,
+    },
+    /// Certificate generation failed.
+    #[error("certificate generation failed: {0}")]
+    Gen(#[from] rcgen::Error),
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// A bad argument.
+    #[error("{0}")]
+    Usage(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
+    move |source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn read(path: &Path, hint: &'static str) -> Result<String, TlsError> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(s),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(TlsError::Missing {
+            path: path.to_path_buf(),
+            hint,
+        }),
+        Err(e) => Err(io(path)(e)),
+    }
+}
+
+/// Writes a new file (never replacing one) with `mode`.
+fn write_new(path: &Path, data: &str, mode: u32) -> Result<(), TlsError> {
+    use std::io::Write as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                TlsError::Exists(path.to_path_buf())
+            } else {
+                io(path)(e)
+            }
+        })?;
+    f.write_all(data.as_bytes()).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}
+
+fn days(n: u32) -> time::Duration {
+    time::Duration::days(i64::from(n))
+}
+
+/// The distinguished name of the cluster CA: `CN=cell0 cluster CA <id>`.
+fn ca_params(cn: &str) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p
+}
+
+/// `cell0d init-ca`: makes a cluster CA (ECDSA P-256) in `dir`: `ca.pem` and
+/// `ca.key` (0600). Refuses to overwrite an existing CA.
+pub fn init_ca(dir: &Path, valid_days: u32) -> Result<PathBuf, TlsError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    for f in [CA_CERT, CA_KEY] {
+        if dir.join(f).exists() {
+            return Err(TlsError::Exists(dir.join(f)));
+        }
+    }
+    let mut id = [0u8; 4];
+    getrandom(&mut id);
+    let cn = format!("cell0 cluster CA {}", hex::encode(id));
+    let mut params = ca_params(&cn);
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::minutes(5);
+    params.not_after = now + days(valid_days);
+    let key = KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    write_new(&dir.join(CA_KEY), &key.serialize_pem(), 0o600)?;
+    write_new(&dir.join(CA_CERT), &cert.pem(), 0o644)?;
+    Ok(dir.join(CA_CERT))
+}
+
+fn getrandom(buf: &mut [u8]) {
+    use std::io::Read as _;
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(buf);
+    }
+}
+
+/// What `issue-cert` puts in a certificate.
+#[derive(Debug, Clone)]
+pub struct CertRequest {
+    /// The subject's common name: the member, node or client name.
+    pub name: String,
+    /// Subject alternative names: IP addresses or DNS names the party is
+    /// dialled at (a member's `--advertise`/`--listen` host).
+    pub sans: Vec<String>,
+    /// Valid from.
+    pub not_before: time::OffsetDateTime,
+    /// Valid until.
+    pub not_after: time::OffsetDateTime,
+}
+
+impl CertRequest {
+    /// Valid from now (minus 5 minutes of clock skew) for `valid_days`.
+    pub fn new(name: &str, sans: &[String], valid_days: u32) -> Self {
+        let now = time::OffsetDateTime::now_utc();
+        Self {
+            name: name.to_string(),
+            sans: sans.to_vec(),
+            not_before: now - time::Duration::minutes(5),
+            not_after: now + days(valid_days),
+        }
+    }
+}
+
+/// The CN of a certificate's subject (the first one), if any.
+fn subject_cn(der: &[u8]) -> Option<String> {
+    use x509_cert::der::Decode as _;
+    let c = x509_cert::Certificate::from_der(der).ok()?;
+    c.tbs_certificate
+        .subject
+        .to_string()
+        .split(',')
+        .find_map(|rdn| rdn.trim().strip_prefix("CN=").map(str::to_string))
+}
+
+/// `cell0d issue-cert`: signs a certificate for `req` with the CA in `ca_dir`
+/// and writes `ca.pem`, `cert.pem` and `key.pem` (0600) to `out`.
+pub fn issue_cert(ca_dir: &Path, req: &CertRequest, out: &Path) -> Result<(), TlsError> {
+    if req.name.is_empty() || req.name.len() > 64 || req.name.contains(['\n', ',', '=']) {
+        return Err(TlsError::Usage(format!(
+            "--name {:?} is not a usable certificate name (1-64 characters, no ',' '=' or newline)",
+            req.name
+        )));
+    }
+    let ca_path = ca_dir.join(CA_CERT);
+    let ca_pem = read(&ca_path, "make a cluster CA with: cell0d init-ca --out DIR")?;
+    let key_path = ca_dir.join(CA_KEY);
+    let ca_key_pem = read(&key_path, "issue-cert needs the CA dir made by cell0d init-ca")?;
+    let ca_der = CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|e| TlsError::Pem {
+        path: ca_path.clone(),
+        what: "certificate",
+        reason: e.to_string(),
+    })?;
+    let cn = subject_cn(&ca_der).ok_or_else(|| TlsError::Pem {
+        path: ca_path.clone(),
+        what: "cluster CA certificate",
+        reason: "it has no subject CN".into(),
+    })?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| TlsError::Pem {
+        path: key_path.clone(),
+        what: "private key",
+        reason: e.to_string(),
+    })?;
+    // The issuer is the CA's name and key; the AKI comes from the key.
+    let issuer = Issuer::new(ca_params(&cn), ca_key);
+
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, req.name.as_str());
+    for s in &req.sans {
+        let san = match s.parse::<IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(
+                s.clone()
+                    .try_into()
+                    .map_err(|_| TlsError::Usage(format!("--san {s:?} is not an IP or DNS name")))?,
+            ),
+        };
+        params.subject_alt_names.push(san);
+    }
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = req.not_before;
+    params.not_after = req.not_after;
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    for f in [CERT, KEY] {
+        if out.join(f).exists() {
+            return Err(TlsError::Exists(out.join(f)));
+        }
+    }
+    let out_ca = out.join(CA_CERT);
+    match std::fs::read_to_string(&out_ca) {
+        Ok(existing) if existing == ca_pem => {}
+        Ok(_) => return Err(TlsError::Exists(out_ca)),
+        Err(_) => write_new(&out_ca, &ca_pem, 0o644)?,
+    }
+    write_new(&out.join(KEY), &key.serialize_pem(), 0o600)?;
+    write_new(&out.join(CERT), &cert.pem(), 0o644)?;
+    Ok(())
+}
+
+/// A loaded TLS dir: the cluster CA and this party's certificate and key,
+/// checked against each other.
+#[derive(Clone)]
+pub struct TlsDir {
+    dir: PathBuf,
+    ca_pem: String,
+    cert_pem: String,
+    key_pem: String,
+    ca: CertificateDer<'static>,
+    chain: Vec<CertificateDer<'static>>,
+    name: String,
+}
+
+impl std::fmt::Debug for TlsDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsDir")
+            .field("dir", &self.dir)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl TlsDir {
+    /// Loads `ca.pem`, `cert.pem` and `key.pem` from `dir`, and checks that the
+    /// certificate is valid under the CA now (not expired, signed by it).
+    pub fn load(dir: &Path) -> Result<Self, TlsError> {
+        const HINT: &str = "a TLS dir holds ca.pem, cert.pem and key.pem: cell0d issue-cert --ca CA_DIR --name NAME --out DIR";
+        let ca_path = dir.join(CA_CERT);
+        let cert_path = dir.join(CERT);
+        let key_path = dir.join(KEY);
+        let ca_pem = read(&ca_path, HINT)?;
+        let cert_pem = read(&cert_path, HINT)?;
+        let key_pem = read(&key_path, HINT)?;
+        let pem_err = |path: &Path, what: &'static str| {
+            let path = path.to_path_buf();
+            move |e: rustls::pki_types::pem::Error| TlsError::Pem {
+                path,
+                what,
+                reason: e.to_string(),
+            }
+        };
+        let ca = CertificateDer::from_pem_slice(ca_pem.as_bytes())
+            .map_err(pem_err(&ca_path, "certificate"))?;
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(pem_err(&cert_path, "certificate"))?;
+        let Some(leaf) = chain.first() else {
+            return Err(TlsError::Pem {
+                path: cert_path,
+                what: "certificate",
+                reason: "it holds no certificate".into(),
+            });
+        };
+        PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(pem_err(&key_path, "private key"))?;
+        let verifier = client_verifier(&ca).map_err(|e| TlsError::Pem {
+            path: ca_path.clone(),
+            what: "CA certificate",
+            reason: e.to_string(),
+        })?;
+        verifier
+            .verify_client_cert(leaf, &chain[1..], UnixTime::now())
+            .map_err(|e| TlsError::Invalid {
+                cert: cert_path.clone(),
+                ca: ca_path.clone(),
+                reason: describe(&e.to_string()),
+            })?;
+        let name = subject_cn(leaf).unwrap_or_default();
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            ca_pem,
+            cert_pem,
+            key_pem,
+            ca,
+            chain,
+            name,
+        })
+    }
+
+    /// The dir it was loaded from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// This party's name (its certificate's CN).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The server side: this certificate, and a client certificate signed by
+    /// the cluster CA required from every peer. ALPN h2 (gRPC).
+    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let verifier = client_verifier(&self.ca)?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| {
+            TlsError::Pem {
+                path: self.dir.join(KEY),
+                what: "private key",
+                reason: e.to_string(),
+            }
+        })?;
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), key)?;
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+
+    /// The client side (tonic): trust only the cluster CA, present this
+    /// certificate.
+    pub fn client_config(&self) -> tonic::transport::ClientTlsConfig {
+        tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem))
+            .identity(tonic::transport::Identity::from_pem(
+                &self.cert_pem,
+                &self.key_pem,
+            ))
+    }
+}
+
+fn client_verifier(
+    ca: &CertificateDer<'static>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone())?;
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| TlsError::Usage(format!("cannot build the client verifier: {e}")))
+}
+
+/// A URI for `addr` (`HOST:PORT` or a URI): `https://` with TLS, else
+/// `http://`.
+pub fn uri(addr: &str, tls: bool) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else if tls {
+        format!("https://{addr}")
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// Says in words what a TLS failure means (the text of an error chain).
+pub fn describe(text: &str) -> String {
+    let t = text.to_ascii_lowercase();
+    let hint = if t.contains("expired") {
+        "a certificate has expired"
+    } else if t.contains("notvalidyet") || t.contains("not valid yet") {
+        "a certificate is not valid yet (check the clocks)"
+    } else if t.contains("unknownissuer") || t.contains("unknown issuer") || t.contains("badsignature")
+    {
+        "the peer's certificate is not signed by this cluster CA"
+    } else if t.contains("unknownca") || t.contains("unknown ca") || t.contains("badcertificate") {
+        "the server refused this client's certificate: it is not signed by the cluster CA"
+    } else if t.contains("certificaterequired") || t.contains("certificate required") {
+        "the server requires a client certificate signed by the cluster CA (pass --tls-dir)"
+    } else if t.contains("notvalidforname") || t.contains("not valid for name") {
+        "the server's certificate does not name the address dialled (issue it with --san HOST)"
+    } else if t.contains("invalidcontenttype")
+        || t.contains("corrupt message")
+        || t.contains("invalid http version")
+        || t.contains("frame with invalid size")
+    {
+        "one side speaks TLS and the other plain TCP: give both --tls-dir, or neither"
+    } else {
+        return text.to_string();
+    };
+    format!("{hint} ({text})")
+}
+
+/// The text of an error and its sources.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        let t = x.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = x.source();
+    }
+    s
+}
+
+/// Accepted TLS connections for tonic's `serve_with_incoming_shutdown`. Each
+/// handshake runs in its own task (at most [`HANDSHAKE_TIMEOUT`]); a refused
+/// one is logged with its peer and reason and never reaches a service.
+pub fn incoming(
+    listener: TcpListener,
+    cfg: Arc<rustls::ServerConfig>,
+) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!("gRPC accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if tx.is_closed() {
+                return;
+            }
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => {
+                        let _ = tx.send(Ok(s)).await;
+                    }
+                    Ok(Err(e)) => refused(peer, &describe(&chain(&e))),
+                    Err(_) => refused(peer, "no TLS handshake within 10 s"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+fn refused(peer: SocketAddr, why: &str) {
+    tracing::warn!(%peer, "refused a gRPC connection: {why}");
+}
+
+/// The CN of the client certificate of a request served over TLS.
+pub fn peer_name<T>(req: &tonic::Request<T>) -> Option<String> {
+    let certs = req.peer_certs()?;
+    subject_cn(certs.first()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_issue_load_and_refusals() {
+        let d = tempfile::tempdir().unwrap();
+        let ca = d.path().join("ca");
+        init_ca(&ca, 30).unwrap();
+        assert!(matches!(init_ca(&ca, 30), Err(TlsError::Exists(_))));
+        let m1 = d.path().join("m1");
+        issue_cert(&ca, &CertRequest::new("m1", &["127.0.0.1".into()], 1), &m1).unwrap();
+        let t = TlsDir::load(&m1).unwrap();
+        assert_eq!(t.name(), "m1");
+        t.server_config().unwrap();
+        assert!(matches!(
+            issue_cert(&ca, &CertRequest::new("m1", &[], 1), &m1),
+            Err(TlsError::Exists(_))
+        ));
+
+        // Expired.
+        let old = d.path().join("old");
+        let mut req = CertRequest::new("old", &[], 1);
+        req.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(10);
+        req.not_after = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+        issue_cert(&ca, &req, &old).unwrap();
+        let e = TlsDir::load(&old).unwrap_err().to_string();
+        assert!(e.contains("expired"), "{e}");
+
+        // Another CA's certificate with this CA's ca.pem.
+        let ca2 = d.path().join("ca2");
+        init_ca(&ca2, 30).unwrap();
+        let other = d.path().join("other");
+        issue_cert(&ca2, &CertRequest::new("x", &[], 1), &other).unwrap();
+        std::fs::remove_file(other.join(CA_CERT)).unwrap();
+        std::fs::copy(ca.join(CA_CERT), other.join(CA_CERT)).unwrap();
+        let e = TlsDir::load(&other).unwrap_err().to_string();
+        assert!(e.contains("not signed by this cluster CA"), "{e}");
+
+        // Missing.
+        let e = TlsDir::load(&d.path().join("none")).unwrap_err().to_string();
+        assert!(e.contains("is missing") && e.contains("issue-cert"), "{e}");
+        assert!(issue_cert(&ca, &CertRequest::new("a,b", &[], 1), &old).is_err());
+    }
+}
