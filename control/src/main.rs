@@ -26,6 +26,9 @@ struct Cli {
 enum Cmd {
     /// Run the embedded single-node control plane: gRPC API, Raft store, node agent, metrics.
     Serve(Box<cell0_control::serve::ServeArgs>),
+    /// Run a node agent on a host with no control-plane member: register with
+    /// the members, heartbeat, run the VMs placed here.
+    Node(Box<cell0_control::node::remote::NodeArgs>),
     /// Run the SYPAS router.
     Router(RouterArgs),
     /// Manage the root keys of the capability tokens.
@@ -269,6 +272,10 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(cell0_control::serve::serve_main(*args))?),
+        Cmd::Node(args) => Ok(tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(cell0_control::node::remote::node_main(*args))?),
         Cmd::Router(args) => {
             let mut rt = tokio::runtime::Builder::new_multi_thread();
             if let Some(n) = args.threads {

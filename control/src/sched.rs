@@ -213,7 +213,8 @@ fn filter(n: &NodeRecord, spec: &VmSpec, ix: &Index<'_>) -> Result<u64, Reason> 
     let p = &spec.placement;
     match n.state {
         NodeState::Ready => {}
-        NodeState::Down => return Err(Reason::Down),
+        // A suspect node missed a heartbeat: no new VMs until it is back.
+        NodeState::Down | NodeState::Suspect => return Err(Reason::Down),
         NodeState::Draining => return Err(Reason::Drained),
     }
     if n.drained {

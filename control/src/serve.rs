@@ -117,9 +117,12 @@ pub struct ServeConfig {
     pub snapshot_every: u64,
     /// The node agent's settings (its data dir is `data_dir`).
     pub node: NodeConfig,
+    /// Heartbeat deadlines of node agents on other hosts (watched while
+    /// this member leads).
+    pub node_deadlines: crate::node::liveness::Deadlines,
 }
 
-fn lock_data_dir(dir: &Path) -> Result<std::fs::File, ServeError> {
+pub(crate) fn lock_data_dir(dir: &Path) -> Result<std::fs::File, ServeError> {
     let p = dir.join("cell0d.lock");
     let f = std::fs::OpenOptions::new()
         .create(true)
@@ -374,9 +377,13 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         }
     };
     let agent_task = tokio::spawn(agent.clone().run());
+    // Failure detection of node agents on other hosts (`cell0d node`).
+    let liveness = crate::node::liveness::Liveness::new(cfg.node_deadlines);
+    let liveness_task = tokio::spawn(liveness.clone().run(store.clone()));
     let (metrics_addr, metrics_task) = crate::metrics::serve(cfg.metrics, metrics.clone()).await?;
 
-    let api = Api::new(store.clone(), agent.clone(), metrics.clone(), audit);
+    let api =
+        Api::new(store.clone(), agent.clone(), metrics.clone(), audit).with_liveness(liveness);
     let _ = vm_gate.inner.set(VmServiceServer::new(api.clone()));
     let _ = node_gate.inner.set(NodeServiceServer::new(api));
     let addr_file = cfg.data_dir.join("cell0d.addr");
@@ -396,6 +403,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, data = %cfg.data_dir.display(), "cell0d serving");
     let r = server.await;
     agent_task.abort();
+    liveness_task.abort();
     metrics_task.abort();
     router.shutdown().await;
     store.shutdown().await;
@@ -513,9 +521,17 @@ pub struct ServeArgs {
     /// unprivileged uid); logs a warning. The jail needs cell0d to run as root.
     #[arg(long, conflicts_with_all = ["vm_uid", "vm_gid"])]
     pub no_jail: bool,
+    /// A node agent on another host (`cell0d node`) silent this long (ms) is
+    /// marked suspect: it takes no new VMs.
+    #[arg(long, default_value_t = 1500)]
+    pub node_suspect_ms: u64,
+    /// A node agent on another host silent this long (ms) is marked down: its
+    /// restartable VMs are placed elsewhere, the others marked lost.
+    #[arg(long, default_value_t = 3000)]
+    pub node_down_ms: u64,
 }
 
-fn default_vmm() -> PathBuf {
+pub(crate) fn default_vmm() -> PathBuf {
     if let Ok(exe) = std::env::current_exe() {
         if let Some(dir) = exe.parent() {
             let p = dir.join("cell0-vmm");
@@ -527,7 +543,7 @@ fn default_vmm() -> PathBuf {
     PathBuf::from("cell0-vmm")
 }
 
-fn host_name() -> String {
+pub(crate) fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_lowercase())
         .ok()
@@ -535,7 +551,7 @@ fn host_name() -> String {
         .unwrap_or_else(|| "node-1".into())
 }
 
-fn phys_mib() -> u64 {
+pub(crate) fn phys_mib() -> u64 {
     // SAFETY: sysconf has no memory-safety preconditions.
     let (pages, size) = unsafe {
         (
@@ -590,6 +606,16 @@ pub async fn serve_main(a: ServeArgs) -> Result<(), ServeError> {
             "--node-id 0 is reserved (it means \"no leader\"); use 1 or more".into(),
         ));
     }
+    if a.node_suspect_ms == 0 || a.node_down_ms <= a.node_suspect_ms {
+        return Err(ServeError::Usage(format!(
+            "--node-down-ms ({}) must be longer than --node-suspect-ms ({}), which must be 1 or more",
+            a.node_down_ms, a.node_suspect_ms
+        )));
+    }
+    let node_deadlines = crate::node::liveness::Deadlines {
+        suspect: Duration::from_millis(a.node_suspect_ms),
+        down: Duration::from_millis(a.node_down_ms),
+    };
     let peers = parse_peers(&a.peers)?;
     if peers.contains_key(&a.node_id) {
         return Err(ServeError::Usage(format!(
@@ -613,6 +639,7 @@ pub async fn serve_main(a: ServeArgs) -> Result<(), ServeError> {
         bootstrap,
         snapshot_every: a.snapshot_every,
         node,
+        node_deadlines,
     })
     .await
 }

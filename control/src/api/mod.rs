@@ -21,7 +21,9 @@ use tonic::{Code, Request, Response, Status};
 use crate::audit::{AuditLog, Entry};
 use crate::metrics::Metrics;
 use crate::node::Agent;
+use crate::node::liveness::{Liveness, REMOTE_LABEL, REMOTE_VALUE};
 use crate::spec::VmSpec;
+use crate::store::state::{NodeRecord, NodeState, Resources};
 use crate::store::{Command, Desired, Rejection, Store, StoreError, VmRecord};
 
 /// How long a command run by Exec may take before the agent kills it.
@@ -41,6 +43,7 @@ pub struct Api {
     metrics: Arc<Metrics>,
     audit: Arc<AuditLog>,
     names: Arc<AtomicU64>,
+    liveness: Option<Arc<Liveness>>,
 }
 
 fn store_status(e: StoreError) -> Status {
@@ -101,18 +104,38 @@ impl Api {
             metrics,
             audit,
             names: Arc::new(AtomicU64::new(0)),
+            liveness: None,
         }
     }
 
+    /// Serves node agents on other hosts (`NodeService.Register` and
+    /// `Heartbeat`) with this failure detector.
+    pub fn with_liveness(mut self, l: Arc<Liveness>) -> Self {
+        self.liveness = Some(l);
+        self
+    }
+
     fn vm(&self, rec: &VmRecord) -> grpc::Vm {
+        // This member's node agent, else the last report of the node agent on
+        // another host (held by the leader), else what the record says.
         let status = self
             .agent
             .status(&rec.id)
+            .or_else(|| {
+                self.liveness
+                    .as_ref()
+                    .and_then(|l| l.status(&rec.id, &rec.node))
+            })
             .unwrap_or_else(|| grpc::VmStatus {
-                state: grpc::VmState::Pending as i32,
+                state: if rec.lost.is_some() {
+                    grpc::VmState::Failed as i32
+                } else {
+                    grpc::VmState::Pending as i32
+                },
                 node: rec.node.clone(),
                 exit_code: -1,
                 vsock_cid: rec.cid,
+                message: rec.lost.clone().unwrap_or_default(),
                 ..Default::default()
             });
         grpc::Vm {
@@ -615,7 +638,11 @@ impl Api {
                             memory_mib: used.memory_mib,
                         }),
                         state: n.state.as_str().to_string(),
-                        last_heartbeat_ms: crate::now_ms(),
+                        last_heartbeat_ms: self
+                            .liveness
+                            .as_ref()
+                            .and_then(|l| l.last_heard_ms(&n.id))
+                            .map_or(0, |ago| crate::now_ms().saturating_sub(ago)),
                         cpu_overcommit: n.cpu_overcommit,
                         memory_overcommit: n.memory_overcommit,
                         vms: count,
@@ -628,27 +655,187 @@ impl Api {
     }
 }
 
-fn issue7(what: &str) -> Status {
-    Status::unimplemented(format!(
-        "{what} belongs to the multi-host control plane (issue 7); this cell0d runs the \
-         embedded single-node cluster, whose node registers itself"
-    ))
+/// Checks a registration request and makes the node record of an agent on
+/// another host: state ready, the [`REMOTE_LABEL`] label.
+pub fn node_record(n: grpc::Node) -> Result<NodeRecord, Status> {
+    if !crate::spec::is_dns_label(&n.id) {
+        return Err(Status::invalid_argument(format!(
+            "node.id: {:?} is not a node name (1-63 of a-z 0-9 -)",
+            n.id
+        )));
+    }
+    let cap = n.capacity.unwrap_or_default();
+    if cap.vcpus == 0 || cap.memory_mib == 0 {
+        return Err(Status::invalid_argument(
+            "node.capacity: vcpus and memory_mib must be 1 or more",
+        ));
+    }
+    for (what, r) in [
+        ("cpu_overcommit", n.cpu_overcommit),
+        ("memory_overcommit", n.memory_overcommit),
+    ] {
+        if !r.is_finite() || !(1.0..=1_000_000.0).contains(&r) {
+            return Err(Status::invalid_argument(format!(
+                "node.{what}: {r} is not a ratio from 1 to 1000000"
+            )));
+        }
+    }
+    for (k, v) in [("zone", &n.zone), ("region", &n.region)] {
+        if v.is_empty() || v.len() > 63 || v.chars().any(|c| c.is_control() || c == ' ') {
+            return Err(Status::invalid_argument(format!(
+                "node.{k}: {v:?} must be 1-63 printable characters without spaces"
+            )));
+        }
+    }
+    let mut labels: std::collections::BTreeMap<String, String> = n.labels.into_iter().collect();
+    if labels
+        .iter()
+        .any(|(k, v)| k.is_empty() || k.len() > 253 || v.len() > 253)
+    {
+        return Err(Status::invalid_argument(
+            "node.labels: keys must be 1-253 bytes, values at most 253",
+        ));
+    }
+    labels.insert(REMOTE_LABEL.into(), REMOTE_VALUE.into());
+    Ok(NodeRecord {
+        id: n.id,
+        address: n.address,
+        zone: n.zone,
+        region: n.region,
+        capacity: Resources {
+            vcpus: cap.vcpus,
+            memory_mib: cap.memory_mib,
+        },
+        cpu_overcommit: n.cpu_overcommit,
+        memory_overcommit: n.memory_overcommit,
+        state: NodeState::Ready,
+        labels,
+        drained: false,
+    })
+}
+
+impl Api {
+    /// Admits a node agent on another host and registers its node
+    /// (`NodeService.Register`): the one path every registration takes.
+    /// Admission checks (the peer's TLS identity, the node's attestation)
+    /// belong here, before the record is committed. Registering again (after
+    /// a restart, or after being marked down and fencing itself) sets the
+    /// node ready; a drain is kept.
+    pub async fn admit_and_register(
+        &self,
+        peer: Option<SocketAddr>,
+        node: grpc::Node,
+    ) -> Result<(u64, grpc::Node), Status> {
+        let _ = peer;
+        let rec = node_record(node)?;
+        let id = rec.id.clone();
+        let embedded = self.store.read(|s| {
+            s.nodes.get(&id).is_some_and(|n| {
+                n.labels.get(REMOTE_LABEL).map(String::as_str) != Some(REMOTE_VALUE)
+            })
+        });
+        if embedded {
+            return Err(Status::already_exists(format!(
+                "node {id:?} is the node of a control-plane member; pick another --node-name"
+            )));
+        }
+        let (rev, node, _) = self.node_write(&id, Command::PutNode { node: rec }).await?;
+        if let Some(l) = &self.liveness {
+            l.heartbeat(&id, Default::default());
+        }
+        Ok((rev, node))
+    }
+
+    /// One heartbeat of a node agent on another host (on the leader).
+    fn do_heartbeat(&self, req: grpc::HeartbeatRequest) -> Result<grpc::HeartbeatResponse, Status> {
+        let Some(l) = &self.liveness else {
+            return Err(Status::unimplemented(
+                "this cell0d watches no node heartbeats",
+            ));
+        };
+        let st = self.store.status();
+        if st.state != "leader" {
+            let leader = st.leader_addr.unwrap_or_default();
+            let mut s = Status::failed_precondition(format!(
+                "member {} is not the Raft leader; heartbeats go to the leader ({})",
+                st.node_id,
+                if leader.is_empty() {
+                    "not known yet"
+                } else {
+                    &leader
+                }
+            ));
+            if let Ok(v) = leader.parse() {
+                s.metadata_mut().insert("cell0-leader", v);
+            }
+            return Err(s);
+        }
+        let id = req.id;
+        let (state, revision, placements) = self
+            .store
+            .read(|s| {
+                let n = s.nodes.get(&id)?;
+                let mine: Vec<&VmRecord> = s.vms.values().filter(|v| v.node == id).collect();
+                let version = placement_version(&mine, n.state);
+                let json = (req.revision != version).then(|| serde_json::to_vec(&mine));
+                Some((n.state, version, json))
+            })
+            .ok_or_else(|| Status::not_found(format!("no node named {id:?}; register it first")))?;
+        l.heartbeat(&id, req.vms.into_iter().collect());
+        let (json, has) = match placements {
+            Some(Ok(j)) => (j, true),
+            Some(Err(e)) => return Err(Status::internal(format!("cannot encode placements: {e}"))),
+            None => (Vec::new(), false),
+        };
+        Ok(grpc::HeartbeatResponse {
+            state: state.as_str().to_string(),
+            revision,
+            placements_json: json,
+            has_placements: has,
+        })
+    }
+}
+
+/// A version of a node's placements: a hash of the (id, revision) of every VM
+/// placed on it and of the node's state. Nonzero, so that 0 asks for them.
+fn placement_version(vms: &[&VmRecord], state: NodeState) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in vms
+        .iter()
+        .flat_map(|v| v.id.bytes().chain(v.revision.to_le_bytes()).chain([0]))
+        .chain([state as u8])
+    {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h | 1
 }
 
 #[tonic::async_trait]
 impl NodeService for Api {
     async fn register(
         &self,
-        _r: Request<grpc::RegisterNodeRequest>,
+        request: Request<grpc::RegisterNodeRequest>,
     ) -> Result<Response<grpc::Node>, Status> {
-        Err(issue7("NodeService.Register"))
+        let peer = request.remote_addr();
+        let node = request.into_inner().node;
+        let id = node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
+        let r = match node {
+            Some(n) => self.admit_and_register(peer, n).await,
+            None => Err(Status::invalid_argument("node: must be set")),
+        };
+        let rev = r.as_ref().map_or(0, |(rev, _)| *rev);
+        self.audit("NodeRegister", peer, &id, &r, rev);
+        self.done("NodeRegister", &r);
+        r.map(|(_, n)| Response::new(n))
     }
 
     async fn heartbeat(
         &self,
-        _r: Request<grpc::HeartbeatRequest>,
+        request: Request<grpc::HeartbeatRequest>,
     ) -> Result<Response<grpc::HeartbeatResponse>, Status> {
-        Err(issue7("NodeService.Heartbeat"))
+        let r = self.do_heartbeat(request.into_inner());
+        self.done("NodeHeartbeat", &r);
+        r.map(Response::new)
     }
 
     async fn list(

@@ -20,7 +20,9 @@
 pub mod admission;
 pub mod attest;
 pub mod golden;
+pub mod liveness;
 pub mod proc;
+pub mod remote;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -86,6 +88,9 @@ pub enum NodeError {
     /// VMs cannot be jailed as configured.
     #[error("cannot jail VMs: {0}")]
     Jail(String),
+    /// A command-line value is wrong (`cell0d node`).
+    #[error("{0}")]
+    Usage(String),
 }
 
 /// How the VMMs of this node are jailed (`cell0-vmm launch --jail`).
@@ -159,6 +164,9 @@ pub struct Persisted {
     /// What cell0d appended to the cmdline of this launch.
     #[serde(default)]
     pub cmdline_extra: String,
+    /// The placement epoch the VM was launched under (0: before epochs).
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// The runtime state of one VM on this node.
@@ -195,6 +203,8 @@ pub struct Runtime {
     /// What cell0d appended to the cmdline of the current launch (the nano
     /// guest's agent id and token); part of the measured cmdline.
     pub cmdline_extra: String,
+    /// The placement epoch of the current launch.
+    pub epoch: u64,
 }
 
 struct Exit {
@@ -203,10 +213,58 @@ struct Exit {
     code: Option<i32>,
 }
 
+/// Where a node agent learns the VMs placed on its node.
+enum Source {
+    /// The replicated state of the member it runs in (`cell0d serve`).
+    Local(Store),
+    /// What the control plane last sent an agent on another host
+    /// (`cell0d node`, see [`remote`]).
+    Remote(Arc<Placements>),
+}
+
+/// The placements of a node agent on another host, as last received from the
+/// control plane in a heartbeat answer. Emptied to fence the node.
+pub struct Placements {
+    vms: Mutex<BTreeMap<String, VmRecord>>,
+    changed: tokio::sync::watch::Sender<u64>,
+    events: broadcast::Sender<crate::store::StoreEvent>,
+}
+
+impl Default for Placements {
+    fn default() -> Self {
+        Self {
+            vms: Mutex::new(BTreeMap::new()),
+            changed: tokio::sync::watch::channel(0).0,
+            events: broadcast::channel(1).0,
+        }
+    }
+}
+
+impl Placements {
+    /// Replaces the placements with `vms` and wakes the agent.
+    pub fn set(&self, vms: Vec<VmRecord>) {
+        *lock(&self.vms) = vms.into_iter().map(|v| (v.id.clone(), v)).collect();
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// The placements now.
+    pub fn get(&self) -> BTreeMap<String, VmRecord> {
+        lock(&self.vms).clone()
+    }
+
+    /// Whether nothing is placed.
+    pub fn is_empty(&self) -> bool {
+        lock(&self.vms).is_empty()
+    }
+}
+
 /// The node agent.
 pub struct Agent {
     cfg: NodeConfig,
-    store: Store,
+    source: Source,
+    /// Set while the node is fenced: VMs that leave are killed at once
+    /// (SIGTERM, SIGKILL after a grace) instead of asked to stop.
+    fencing: std::sync::atomic::AtomicBool,
     metrics: Arc<Metrics>,
     vms: Mutex<BTreeMap<String, Runtime>>,
     events: broadcast::Sender<grpc::VmEvent>,
@@ -335,6 +393,27 @@ impl Agent {
         metrics: Arc<Metrics>,
         router: Option<Arc<Router>>,
     ) -> Result<Arc<Self>, NodeError> {
+        Self::start_with(cfg, Source::Local(store), metrics, router).await
+    }
+
+    /// Creates the agent of a node on another host (`cell0d node`), whose
+    /// placements come from the control plane through `placements`, and
+    /// re-adopts the running VMMs that `placements` still name with the same
+    /// epoch (the others are stopped). The caller registers the node.
+    pub async fn start_remote(
+        cfg: NodeConfig,
+        placements: Arc<Placements>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, NodeError> {
+        Self::start_with(cfg, Source::Remote(placements), metrics, None).await
+    }
+
+    async fn start_with(
+        cfg: NodeConfig,
+        source: Source,
+        metrics: Arc<Metrics>,
+        router: Option<Arc<Router>>,
+    ) -> Result<Arc<Self>, NodeError> {
         check_jail(cfg.jail).map_err(NodeError::Jail)?;
         let vms_dir = cfg.data_dir.join("node").join("vms");
         std::fs::create_dir_all(&vms_dir).map_err(io_err("create", &vms_dir))?;
@@ -342,7 +421,8 @@ impl Agent {
         let attest = attest::AttestState::new(&cfg.data_dir);
         let agent = Arc::new(Self {
             cfg,
-            store,
+            source,
+            fencing: std::sync::atomic::AtomicBool::new(false),
             metrics,
             vms: Mutex::new(BTreeMap::new()),
             events: broadcast::channel(8192).0,
@@ -359,6 +439,10 @@ impl Agent {
     }
 
     async fn register(&self) -> Result<(), NodeError> {
+        let Source::Local(store) = &self.source else {
+            // `cell0d node` registers through NodeService.Register.
+            return Ok(());
+        };
         let me = NodeRecord {
             id: self.cfg.node_id.clone(),
             address: self.cfg.address.clone(),
@@ -371,9 +455,9 @@ impl Agent {
             labels: Default::default(),
             drained: false,
         };
-        let same = self.store.read(|s| s.nodes.get(&me.id) == Some(&me));
+        let same = store.read(|s| s.nodes.get(&me.id) == Some(&me));
         if !same {
-            self.store
+            store
                 .write(Command::PutNode { node: me })
                 .await
                 .map_err(NodeError::Register)?;
@@ -471,7 +555,42 @@ impl Agent {
             start_time: 0,
             record: rec.clone(),
             cmdline_extra: String::new(),
+            epoch: 0,
         }
+    }
+
+    /// The VM records the agent knows: every VM for an agent in a member, the
+    /// ones placed here for an agent on another host.
+    fn records(&self) -> BTreeMap<String, VmRecord> {
+        match &self.source {
+            Source::Local(s) => s.read(|s| s.vms.clone()),
+            Source::Remote(p) => p.get(),
+        }
+    }
+
+    /// Fences the node (`on`): from now on VMs that leave are terminated at
+    /// once rather than asked to stop. [`remote`] turns it on before it
+    /// empties the placements, and off when placements come again.
+    pub fn set_fencing(&self, on: bool) {
+        self.fencing.store(on, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    /// The runtime status of every VM on this node, by id.
+    pub fn statuses(&self) -> std::collections::HashMap<String, grpc::VmStatus> {
+        let ids: Vec<String> = lock(&self.vms).keys().cloned().collect();
+        ids.into_iter()
+            .filter_map(|id| self.status(&id).map(|s| (id, s)))
+            .collect()
+    }
+
+    /// Pids of the VMMs this agent runs now.
+    pub fn pids(&self) -> Vec<i32> {
+        lock(&self.vms)
+            .values()
+            .filter(|r| r.pid > 0)
+            .map(|r| r.pid)
+            .collect()
     }
 
     fn persist(&self, id: &str, rt: &Runtime) {
@@ -488,6 +607,7 @@ impl Agent {
             exit_code: rt.exit_code,
             message: rt.message.clone(),
             cmdline_extra: rt.cmdline_extra.clone(),
+            epoch: rt.epoch,
         };
         let path = self.run_dir(id).join("state.json");
         match serde_json::to_vec(&p) {
@@ -506,7 +626,7 @@ impl Agent {
         let Ok(rd) = std::fs::read_dir(&dir) else {
             return;
         };
-        let records = self.store.read(|s| s.vms.clone());
+        let records = self.records();
         let vmm_name = self
             .cfg
             .vmm_bin
@@ -522,9 +642,17 @@ impl Agent {
                 continue;
             };
             let rec = match records.get(&id) {
-                Some(r) => r.clone(),
-                None => {
-                    // Deleted while we were down: stop it if it runs, drop the dir.
+                // Fencing: only a VM still placed here, under the epoch it was
+                // launched with, is adopted (epoch 0: launched before epochs).
+                Some(r)
+                    if r.node == self.cfg.node_id
+                        && (p.epoch == 0 || r.epoch == 0 || r.epoch == p.epoch) =>
+                {
+                    r.clone()
+                }
+                _ => {
+                    // Deleted, or placed elsewhere, while we were down: stop it
+                    // if it runs, drop the dir.
                     if p.pid > 0
                         && proc::start_time(p.pid) == Some(p.start_time)
                         && proc::exe_matches(p.pid, &vmm_name)
@@ -550,6 +678,7 @@ impl Agent {
             rt.started_at_ms = p.launched_at_ms;
             rt.ready_latency_us = p.ready_latency_us;
             rt.cmdline_extra = p.cmdline_extra.clone();
+            rt.epoch = p.epoch;
             let running = p.pid > 0
                 && proc::start_time(p.pid) == Some(p.start_time)
                 && proc::exe_matches(p.pid, &vmm_name);
@@ -624,8 +753,10 @@ impl Agent {
         let Some(mut exits) = lock(&self.exits_rx).take() else {
             return;
         };
-        let mut applied = self.store.applied();
-        let mut store_events = self.store.subscribe();
+        let (mut applied, mut store_events) = match &self.source {
+            Source::Local(s) => (s.applied(), s.subscribe()),
+            Source::Remote(p) => (p.changed.subscribe(), p.events.subscribe()),
+        };
         let health = {
             let a = self.clone();
             tokio::spawn(async move { a.health_loop().await })
@@ -679,13 +810,20 @@ impl Agent {
     /// One reconciliation pass.
     pub fn reconcile(self: &Arc<Self>) {
         let me = self.cfg.node_id.clone();
-        let desired: BTreeMap<String, VmRecord> = self.store.read(|s| {
-            s.vms
-                .values()
-                .filter(|v| v.node == me)
-                .map(|v| (v.id.clone(), v.clone()))
-                .collect()
-        });
+        let desired: BTreeMap<String, VmRecord> = match &self.source {
+            Source::Local(store) => store.read(|s| {
+                s.vms
+                    .values()
+                    .filter(|v| v.node == me)
+                    .map(|v| (v.id.clone(), v.clone()))
+                    .collect()
+            }),
+            Source::Remote(p) => {
+                let mut m = p.get();
+                m.retain(|_, v| v.node == me);
+                m
+            }
+        };
         let now = Instant::now();
         let mut vms = lock(&self.vms);
         for (id, rec) in &desired {
@@ -792,10 +930,13 @@ impl Agent {
         let me = self.clone();
         let id = id.to_string();
         let sock = self.run_dir(&id).join("api.sock");
+        // A fenced node does not ask: it terminates at once.
+        let fencing = self.fencing.load(Ordering::SeqCst);
         tokio::spawn(async move {
-            let asked = proc::api_call_async(&sock, json!({"op": "stop"}), Duration::from_secs(1))
-                .await
-                .is_ok();
+            let asked = !fencing
+                && proc::api_call_async(&sock, json!({"op": "stop"}), Duration::from_secs(1))
+                    .await
+                    .is_ok();
             let grace = if asked { STOP_GRACE } else { Duration::ZERO };
             if tokio::time::timeout(grace, fd.exited()).await.is_err() || !asked {
                 terminate(&fd).await;
@@ -962,6 +1103,7 @@ impl Agent {
         rt.exit_code = -1;
         rt.started_at_ms = crate::now_ms();
         rt.cmdline_extra = extra;
+        rt.epoch = rt.record.epoch;
         self.set_state(id, rt, VmState::Starting, "launching cell0-vmm");
         let seq = rt.launch_seq;
         let me = self.clone();

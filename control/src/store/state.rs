@@ -54,6 +54,15 @@ pub struct VmRecord {
     pub revision: u64,
     /// Vsock CID, unique in the cluster.
     pub cid: u32,
+    /// Placement epoch: 1 when created, +1 each time the VM is re-placed on
+    /// another node (drain, node down). A node agent runs a VM only under the
+    /// epoch of its current record (fencing, docs/CLUSTER.md).
+    #[serde(default)]
+    pub epoch: u64,
+    /// Why the VM was lost (its node went down and it could not move); it is
+    /// then desired stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost: Option<String>,
 }
 
 /// Compute resources.
@@ -73,6 +82,8 @@ pub enum NodeState {
     Ready,
     /// Takes no new VMs.
     Draining,
+    /// Missed its first heartbeat deadline: takes no new VMs, keeps its VMs.
+    Suspect,
     /// Missed its heartbeat deadline.
     Down,
 }
@@ -83,6 +94,7 @@ impl NodeState {
         match self {
             NodeState::Ready => "ready",
             NodeState::Draining => "draining",
+            NodeState::Suspect => "suspect",
             NodeState::Down => "down",
         }
     }
@@ -263,6 +275,31 @@ impl ClusterState {
         c
     }
 
+    /// Re-placed VMs get a new placement epoch.
+    fn bump_epochs(&mut self, ev: &sched::Evacuation) {
+        for m in &ev.moved {
+            if let Some(vm) = self.vms.get_mut(&m.id) {
+                vm.epoch += 1;
+            }
+        }
+    }
+
+    /// The VMs with restart policy never that stayed on a node that went down
+    /// are lost: desired stopped, with the reason, so that the node does not
+    /// start them again if it comes back. Restartable VMs that fit nowhere
+    /// else stay placed there (listed in the evacuation).
+    fn mark_lost(&mut self, node: &str, ev: &sched::Evacuation, index: u64) {
+        for st in &ev.stayed {
+            if let Some(vm) = self.vms.get_mut(&st.id) {
+                if vm.desired == Desired::Running && !vm.spec.restart.restarts(true) {
+                    vm.desired = Desired::Stopped;
+                    vm.lost = Some(format!("lost: node {node} went down; {}", st.reason));
+                    vm.revision = index;
+                }
+            }
+        }
+    }
+
     /// Applies `cmd` at log index `index`.
     pub fn apply(&mut self, index: u64, cmd: &Command) -> Applied {
         let reject = |r| Applied {
@@ -292,6 +329,8 @@ impl ClusterState {
                     created_at_ms: *created_at_ms,
                     revision: index,
                     cid,
+                    epoch: 1,
+                    lost: None,
                 };
                 self.vms.insert(vm.id.clone(), vm.clone());
                 Applied {
@@ -314,6 +353,9 @@ impl ClusterState {
                 };
                 vm.desired = *desired;
                 vm.revision = index;
+                if *desired == Desired::Running {
+                    vm.lost = None;
+                }
                 Applied {
                     vm: Some(vm.clone()),
                     ..Applied::default()
@@ -338,8 +380,10 @@ impl ClusterState {
                     return reject(Rejection::NodeNotFound { id: id.clone() });
                 };
                 n.drained = true;
+                let ev = sched::evacuate(self, id, index);
+                self.bump_epochs(&ev);
                 Applied {
-                    evacuation: Some(sched::evacuate(self, id, index)),
+                    evacuation: Some(ev),
                     ..Applied::default()
                 }
             }
@@ -354,10 +398,16 @@ impl ClusterState {
                 let Some(n) = self.nodes.get_mut(id) else {
                     return reject(Rejection::NodeNotFound { id: id.clone() });
                 };
+                let was = n.state;
                 n.state = *state;
+                let evacuation = (*state == NodeState::Down && was != NodeState::Down).then(|| {
+                    let ev = sched::evacuate(self, id, index);
+                    self.bump_epochs(&ev);
+                    self.mark_lost(id, &ev, index);
+                    ev
+                });
                 Applied {
-                    evacuation: (*state == NodeState::Down)
-                        .then(|| sched::evacuate(self, id, index)),
+                    evacuation,
                     ..Applied::default()
                 }
             }

@@ -1,0 +1,526 @@
+// SPDX-License-Identifier: Apache-2.0
+//! `cell0d node`: a node agent on a host that runs no Raft member.
+//!
+//! It registers its node through `NodeService.Register` on any member, then
+//! heartbeats to the Raft leader every `--heartbeat-ms`. A heartbeat carries
+//! the status of every VM the agent runs, and its answer carries the node's
+//! state and, when the state changed, the VM records placed on this node.
+//! The agent reconciles those with the same code as the agent embedded in
+//! `cell0d serve` ([`super::Agent`]).
+//!
+//! Fencing (docs/CLUSTER.md, "Nodes and failure handling"):
+//! - told `down` in a heartbeat answer, the agent empties its placements
+//!   (every VM it runs is terminated) before it registers again, and starts
+//!   only what the fresh placements name;
+//! - at start it adopts only the VMMs still placed here under the placement
+//!   epoch they were launched with;
+//! - with no acknowledged heartbeat for `--lease-ms` (sent time to now), it
+//!   terminates its VMs on its own: the leader marks it down only after
+//!   `--node-down-ms` of silence, later than the lease ends.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cell0_proto::grpc::{
+    self, cluster_service_client::ClusterServiceClient, node_service_client::NodeServiceClient,
+};
+use tonic::transport::Channel;
+
+use super::liveness::{REMOTE_LABEL, REMOTE_VALUE};
+use super::{Agent, NodeConfig, NodeError, Placements, VmJail};
+use crate::metrics::Metrics;
+use crate::store::VmRecord;
+use crate::store::state::Resources;
+
+/// `cell0d node`'s command line.
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Example (docs/CLUSTER.md):
+  cell0d node --join 10.0.0.1:7070,10.0.0.2:7070 --node-name n1 --zone eu-1a --region eu \\
+      --labels disk=nvme --data-dir /var/lib/cell0-node")]
+pub struct NodeArgs {
+    /// Control-plane members to reach (any one is enough; the agent finds the leader).
+    #[arg(long, value_name = "ADDR,...", value_delimiter = ',', required = true)]
+    pub join: Vec<String>,
+    /// Node name (default: the host name).
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// Zone of this node.
+    #[arg(long, default_value = "local")]
+    pub zone: String,
+    /// Region of this node.
+    #[arg(long, default_value = "local")]
+    pub region: String,
+    /// Labels VMs select nodes by: `k=v,...`.
+    #[arg(long, value_name = "K=V,...", value_delimiter = ',')]
+    pub labels: Vec<String>,
+    /// Data dir: VM run dirs under `node/vms/`.
+    #[arg(long, env = "CELL0_DATA_DIR", default_value = "/var/lib/cell0-node")]
+    pub data_dir: PathBuf,
+    /// The cell0-vmm executable (default: next to cell0d, else on PATH).
+    #[arg(long, env = "CELL0_VMM")]
+    pub vmm: Option<PathBuf>,
+    /// vCPUs this node offers (default: online CPUs).
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Memory this node offers in MiB (default: physical memory).
+    #[arg(long)]
+    pub memory_mib: Option<u64>,
+    /// vCPU overcommit: placed vCPUs ≤ vcpus × ratio.
+    #[arg(long, default_value_t = 16.0)]
+    pub cpu_overcommit: f64,
+    /// Memory overcommit: placed memory ≤ memory × ratio.
+    #[arg(long, default_value_t = 1.5)]
+    pub memory_overcommit: f64,
+    /// First restart delay in ms (doubles up to --backoff-max-ms).
+    #[arg(long, default_value_t = 200)]
+    pub backoff_ms: u64,
+    /// Longest restart delay in ms.
+    #[arg(long, default_value_t = 30_000)]
+    pub backoff_max_ms: u64,
+    /// Health check interval in ms.
+    #[arg(long, default_value_t = 5_000)]
+    pub health_ms: u64,
+    /// Heartbeat interval in ms.
+    #[arg(long, default_value_t = 500)]
+    pub heartbeat_ms: u64,
+    /// Self-fencing lease in ms: with no acknowledged heartbeat for this long,
+    /// the agent terminates its VMs. Keep it below the members'
+    /// --node-down-ms (default 3000) minus the time a VMM takes to die. 0: never.
+    #[arg(long, default_value_t = 2000)]
+    pub lease_ms: u64,
+    /// The uid every VMM runs as inside its jail (not 0).
+    #[arg(long, default_value_t = super::DEFAULT_VM_ID)]
+    pub vm_uid: u32,
+    /// The gid every VMM runs as inside its jail (not 0).
+    #[arg(long, default_value_t = super::DEFAULT_VM_ID)]
+    pub vm_gid: u32,
+    /// Debugging only: launch VMMs without the jail.
+    #[arg(long, conflicts_with_all = ["vm_uid", "vm_gid"])]
+    pub no_jail: bool,
+}
+
+/// Parses `k=v` labels.
+pub fn parse_labels(items: &[String]) -> Result<BTreeMap<String, String>, NodeError> {
+    let mut out = BTreeMap::new();
+    for it in items.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        let (k, v) = it
+            .split_once('=')
+            .ok_or_else(|| NodeError::Usage(format!("--labels: {it:?} is not KEY=VALUE")))?;
+        let (k, v) = (k.trim(), v.trim());
+        if k.is_empty() || k == REMOTE_LABEL {
+            return Err(NodeError::Usage(format!(
+                "--labels: {k:?} is not a label key you can set"
+            )));
+        }
+        if out.insert(k.to_string(), v.to_string()).is_some() {
+            return Err(NodeError::Usage(format!("--labels: {k:?} is given twice")));
+        }
+    }
+    Ok(out)
+}
+
+fn endpoint(addr: &str, timeout: Duration) -> Result<tonic::transport::Endpoint, String> {
+    let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(tonic::transport::Endpoint::from_shared(uri)
+        .map_err(|e| format!("{addr:?} is not an address: {e}"))?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .tcp_nodelay(true))
+}
+
+/// The connection to the control plane: the members to try and the leader.
+struct Conn {
+    join: Vec<String>,
+    timeout: Duration,
+    leader: Option<(String, NodeServiceClient<Channel>)>,
+    next: usize,
+}
+
+impl Conn {
+    async fn client(addr: &str, timeout: Duration) -> Result<NodeServiceClient<Channel>, String> {
+        let ch = endpoint(addr, timeout)?
+            .connect()
+            .await
+            .map_err(|e| format!("cannot reach {addr}: {e}"))?;
+        Ok(NodeServiceClient::new(ch))
+    }
+
+    /// A client of the leader, asking the members who it is.
+    async fn leader(&mut self) -> Result<NodeServiceClient<Channel>, String> {
+        if let Some((_, c)) = &self.leader {
+            return Ok(c.clone());
+        }
+        let mut errs = Vec::new();
+        for _ in 0..self.join.len() {
+            let addr = self.join[self.next % self.join.len()].clone();
+            self.next += 1;
+            let st = async {
+                let ch = endpoint(&addr, self.timeout)?
+                    .connect()
+                    .await
+                    .map_err(|e| format!("cannot reach {addr}: {e}"))?;
+                ClusterServiceClient::new(ch)
+                    .status(grpc::ClusterStatusRequest {})
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|e| format!("{addr}: {}", e.message()))
+            }
+            .await;
+            match st {
+                Ok(st) if !st.leader_address.is_empty() => {
+                    let c = Self::client(&st.leader_address, self.timeout).await?;
+                    self.leader = Some((st.leader_address, c.clone()));
+                    return Ok(c);
+                }
+                Ok(_) => errs.push(format!("{addr}: no leader known")),
+                Err(e) => errs.push(e),
+            }
+        }
+        Err(errs.join("; "))
+    }
+
+    /// Any member (for Register, which members forward to the leader).
+    async fn any(&mut self) -> Result<NodeServiceClient<Channel>, String> {
+        if let Ok(c) = self.leader().await {
+            return Ok(c);
+        }
+        let addr = self.join[self.next % self.join.len()].clone();
+        self.next += 1;
+        Self::client(&addr, self.timeout).await
+    }
+
+    /// Forgets the leader (after an error), or switches to the one a member named.
+    async fn reset(&mut self, hint: Option<&str>) {
+        self.leader = None;
+        if let Some(a) = hint.filter(|a| !a.is_empty()) {
+            if let Ok(c) = Self::client(a, self.timeout).await {
+                self.leader = Some((a.to_string(), c));
+            }
+        }
+    }
+}
+
+/// The node agent on another host.
+struct Remote {
+    cfg: NodeConfig,
+    labels: BTreeMap<String, String>,
+    conn: Conn,
+    placements: Arc<Placements>,
+    heartbeat: Duration,
+    lease: Option<Duration>,
+}
+
+/// What a heartbeat answered.
+enum Beat {
+    /// Answered: the node's state and, if sent, the placements at a revision.
+    Ok {
+        state: String,
+        placements: Option<(u64, Vec<VmRecord>)>,
+    },
+    /// The node is not registered.
+    Unknown,
+    /// No answer.
+    Failed(String),
+}
+
+impl Remote {
+    fn node(&self) -> grpc::Node {
+        let mut labels: std::collections::HashMap<String, String> =
+            self.labels.clone().into_iter().collect();
+        labels.insert(REMOTE_LABEL.into(), REMOTE_VALUE.into());
+        grpc::Node {
+            id: self.cfg.node_id.clone(),
+            address: self.cfg.address.clone(),
+            zone: self.cfg.zone.clone(),
+            region: self.cfg.region.clone(),
+            capacity: Some(grpc::Resources {
+                vcpus: self.cfg.capacity.vcpus,
+                memory_mib: self.cfg.capacity.memory_mib,
+            }),
+            cpu_overcommit: self.cfg.cpu_overcommit,
+            memory_overcommit: self.cfg.memory_overcommit,
+            labels,
+            ..Default::default()
+        }
+    }
+
+    async fn register(&mut self) -> Result<(), String> {
+        let mut c = self.conn.any().await?;
+        match c
+            .register(grpc::RegisterNodeRequest {
+                node: Some(self.node()),
+            })
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(node = %self.cfg.node_id, "node registered");
+                Ok(())
+            }
+            Err(s) => {
+                self.conn.reset(None).await;
+                Err(format!("registration refused: {}", s.message()))
+            }
+        }
+    }
+
+    async fn beat(&mut self, revision: u64, agent: Option<&Agent>) -> Beat {
+        let mut c = match self.conn.leader().await {
+            Ok(c) => c,
+            Err(e) => return Beat::Failed(e),
+        };
+        let req = grpc::HeartbeatRequest {
+            id: self.cfg.node_id.clone(),
+            revision,
+            vms: agent.map(|a| a.statuses()).unwrap_or_default(),
+        };
+        match c.heartbeat(req).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                let placements = if r.has_placements {
+                    match serde_json::from_slice::<Vec<VmRecord>>(&r.placements_json) {
+                        Ok(v) => Some((r.revision, v)),
+                        Err(e) => return Beat::Failed(format!("bad placements: {e}")),
+                    }
+                } else {
+                    None
+                };
+                Beat::Ok {
+                    state: r.state,
+                    placements,
+                }
+            }
+            Err(s) if s.code() == tonic::Code::NotFound => Beat::Unknown,
+            Err(s) => {
+                let hint = s
+                    .metadata()
+                    .get("cell0-leader")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                self.conn.reset(hint.as_deref()).await;
+                Beat::Failed(s.message().to_string())
+            }
+        }
+    }
+
+    /// Terminates every VM: the node holds no lease, or was marked down.
+    fn fence(&self, agent: &Agent, why: &str) {
+        if !self.placements.is_empty() || !agent.pids().is_empty() {
+            tracing::warn!(node = %self.cfg.node_id, "fencing: terminating every VM of this node: {why}");
+        }
+        agent.set_fencing(true);
+        self.placements.set(Vec::new());
+    }
+}
+
+/// Runs `cell0d node` until SIGINT or SIGTERM (VMs keep running then, and are
+/// re-adopted at the next start if still placed here).
+pub async fn node_main(a: NodeArgs) -> Result<(), NodeError> {
+    let labels = parse_labels(&a.labels)?;
+    let join: Vec<String> = a
+        .join
+        .iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if join.is_empty() {
+        return Err(NodeError::Usage(
+            "--join: name at least one member (HOST:PORT)".into(),
+        ));
+    }
+    let node_id = a.node_name.unwrap_or_else(crate::serve::host_name);
+    if !crate::spec::is_dns_label(&node_id) {
+        return Err(NodeError::Usage(format!(
+            "--node-name {node_id:?} is not a name (1-63 of a-z 0-9 -)"
+        )));
+    }
+    if a.heartbeat_ms == 0 {
+        return Err(NodeError::Usage("--heartbeat-ms must be 1 or more".into()));
+    }
+    if a.lease_ms != 0 && a.lease_ms <= a.heartbeat_ms {
+        return Err(NodeError::Usage(format!(
+            "--lease-ms {} must be longer than --heartbeat-ms {} (or 0: no self-fencing)",
+            a.lease_ms, a.heartbeat_ms
+        )));
+    }
+    for (what, r) in [
+        ("--cpu-overcommit", a.cpu_overcommit),
+        ("--memory-overcommit", a.memory_overcommit),
+    ] {
+        if !r.is_finite() || r < 1.0 {
+            return Err(NodeError::Usage(format!("{what} must be 1.0 or more")));
+        }
+    }
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    let cfg = NodeConfig {
+        node_id,
+        address: String::new(),
+        data_dir: a.data_dir.clone(),
+        vmm_bin: a.vmm.unwrap_or_else(crate::serve::default_vmm),
+        capacity: Resources {
+            vcpus: a.vcpus.unwrap_or(cpus),
+            memory_mib: a.memory_mib.unwrap_or_else(crate::serve::phys_mib),
+        },
+        cpu_overcommit: a.cpu_overcommit,
+        memory_overcommit: a.memory_overcommit,
+        backoff_initial: Duration::from_millis(a.backoff_ms),
+        backoff_max: Duration::from_millis(a.backoff_max_ms),
+        health_interval: Duration::from_millis(a.health_ms),
+        zone: a.zone,
+        region: a.region,
+        jail: (!a.no_jail).then_some(VmJail {
+            uid: a.vm_uid,
+            gid: a.vm_gid,
+        }),
+    };
+    std::fs::create_dir_all(&a.data_dir).map_err(|source| NodeError::Io {
+        what: "create",
+        path: a.data_dir.clone(),
+        source,
+    })?;
+    let _lock =
+        crate::serve::lock_data_dir(&a.data_dir).map_err(|e| NodeError::Usage(format!("{e}")))?;
+    let heartbeat = Duration::from_millis(a.heartbeat_ms);
+    let mut r = Remote {
+        labels,
+        conn: Conn {
+            join,
+            timeout: heartbeat.max(Duration::from_millis(500)),
+            leader: None,
+            next: 0,
+        },
+        placements: Arc::new(Placements::default()),
+        heartbeat,
+        lease: (a.lease_ms > 0).then(|| Duration::from_millis(a.lease_ms)),
+        cfg,
+    };
+
+    // Before adopting the VMMs left running: learn what is still placed here.
+    // Unknown or down: nothing is (fencing); unreachable past the lease: the
+    // same.
+    let t0 = Instant::now();
+    let mut revision = 0;
+    let must_register = loop {
+        match r.beat(0, None).await {
+            Beat::Ok { state, placements } => {
+                let down = state == "down";
+                if let Some((rev, vms)) = placements.filter(|_| !down) {
+                    r.placements.set(vms);
+                    revision = rev;
+                }
+                break down;
+            }
+            Beat::Unknown => break true,
+            Beat::Failed(e) => {
+                if r.lease.is_some_and(|l| t0.elapsed() > l) {
+                    tracing::warn!(error = %e, "the control plane is unreachable: starting with no VM (fenced)");
+                    break true;
+                }
+                tracing::info!(error = %e, "waiting for the control plane");
+                tokio::time::sleep(r.heartbeat).await;
+            }
+        }
+    };
+    let metrics = Arc::new(Metrics::new());
+    let agent = Agent::start_remote(r.cfg.clone(), r.placements.clone(), metrics).await?;
+    let agent_task = tokio::spawn(agent.clone().run());
+    let mut registered = !must_register;
+    if registered {
+        // Known and not down: registering again updates capacity and labels.
+        registered = r.register().await.is_ok();
+    }
+    tracing::info!(node = %r.cfg.node_id, "cell0d node running");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| NodeError::Io {
+            what: "handle SIGTERM for",
+            path: a.data_dir.clone(),
+            source,
+        })?;
+    let mut last_ok = Instant::now();
+    let mut fenced_for_lease = false;
+    loop {
+        if !registered {
+            match r.register().await {
+                Ok(()) => {
+                    registered = true;
+                    revision = 0;
+                }
+                Err(e) => tracing::info!(error = %e, "cannot register yet"),
+            }
+        }
+        let sent = Instant::now();
+        match r.beat(revision, Some(&agent)).await {
+            Beat::Ok { state, placements } => {
+                last_ok = sent;
+                if state == "down" {
+                    // Marked down: its VMs run elsewhere now. Terminate
+                    // everything, then register again.
+                    r.fence(&agent, "the control plane marked this node down");
+                    registered = false;
+                    revision = 0;
+                } else if let Some((rev, vms)) = placements {
+                    agent.set_fencing(false);
+                    fenced_for_lease = false;
+                    r.placements.set(vms);
+                    revision = rev;
+                }
+            }
+            Beat::Unknown => {
+                r.fence(&agent, "the control plane does not know this node");
+                registered = false;
+                revision = 0;
+            }
+            Beat::Failed(e) => {
+                tracing::debug!(error = %e, "heartbeat failed");
+                if let Some(l) = r.lease {
+                    if last_ok.elapsed() > l && !fenced_for_lease {
+                        r.fence(
+                            &agent,
+                            &format!(
+                                "no acknowledged heartbeat for {} ms (lease {} ms): {e}",
+                                last_ok.elapsed().as_millis(),
+                                l.as_millis()
+                            ),
+                        );
+                        fenced_for_lease = true;
+                        // Placements come again with the next answer.
+                        revision = 0;
+                    }
+                }
+            }
+        }
+        let wait = r.heartbeat.saturating_sub(sent.elapsed());
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+    tracing::info!("shutting down; VMs keep running and are re-adopted at the next start");
+    agent_task.abort();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn labels_parse_and_bad_ones_are_refused() {
+        let l = parse_labels(&["disk=nvme".into(), " gpu = a100 ".into()]).unwrap();
+        assert_eq!(l["gpu"], "a100");
+        for bad in [&["x"][..], &["=v"], &["a=1", "a=2"], &["cell0.io/agent=x"]] {
+            let items: Vec<String> = bad.iter().map(|s| s.to_string()).collect();
+            assert!(parse_labels(&items).is_err(), "{bad:?}");
+        }
+    }
+}
