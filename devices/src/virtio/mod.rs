@@ -47,6 +47,7 @@
 pub mod blk;
 pub mod mmio;
 pub mod rng;
+pub(crate) mod single_queue;
 pub mod vsock;
 
 #[cfg(test)]

@@ -9,9 +9,9 @@
 
 use std::sync::Arc;
 
+use crate::virtio::single_queue::SingleQueue;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{QueueOwnedT, QueueT};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::request::{ChainError, Outcome, execute};
 use super::uapi::*;
@@ -23,16 +23,6 @@ use crate::virtio::{
     VirtioError, count_and_warn,
 };
 
-/// State that exists between activation and reset.
-#[derive(Debug)]
-pub(crate) struct Active {
-    pub(crate) mem: GuestMemory,
-    pub(crate) queue: VirtQueue,
-    pub(crate) interrupt: Interrupt,
-    /// Set after a ring corruption: the device stops until reset.
-    pub(crate) broken: bool,
-}
-
 /// A virtio-blk device over backend `D`.
 pub struct Block<D: DiskBackend> {
     pub(crate) disk: D,
@@ -40,12 +30,8 @@ pub struct Block<D: DiskBackend> {
     id: [u8; ID_BYTES],
     acked_features: u64,
     pub(crate) metrics: Arc<BlockMetrics>,
-    /// Written on activation so the event handler starts watching the queue.
-    pub(crate) activate_evt: EventFd,
-    pub(crate) active: Option<Active>,
-    /// The queue eventfd of the last activation; kept readable after a reset
-    /// so a guest kicking a reset device cannot spin the event loop.
-    pub(crate) queue_evt: Option<Arc<EventFd>>,
+    /// Activation, eventfds and the queue.
+    pub(crate) q: SingleQueue,
 }
 
 impl<D: DiskBackend> std::fmt::Debug for Block<D> {
@@ -53,7 +39,7 @@ impl<D: DiskBackend> std::fmt::Debug for Block<D> {
         f.debug_struct("Block")
             .field("sectors", &self.sectors())
             .field("read_only", &self.read_only)
-            .field("active", &self.active.is_some())
+            .field("active", &self.q.active.is_some())
             .finish()
     }
 }
@@ -78,9 +64,7 @@ impl<D: DiskBackend> Block<D> {
             id,
             acked_features: 0,
             metrics: Arc::new(BlockMetrics::default()),
-            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventSource)?,
-            active: None,
-            queue_evt: None,
+            q: SingleQueue::new().map_err(BlockError::EventSource)?,
         })
     }
 
@@ -124,7 +108,7 @@ impl<D: DiskBackend> Block<D> {
 
     /// Runs every available request.
     pub(crate) fn process_queue(&mut self) {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.q.active.as_mut() else {
             return;
         };
         if a.broken {
@@ -253,33 +237,10 @@ impl<D: DiskBackend> VirtioDevice for Block<D> {
     fn activate(
         &mut self,
         mem: GuestMemory,
-        mut queues: Vec<VirtQueue>,
+        queues: Vec<VirtQueue>,
         interrupt: Interrupt,
     ) -> Result<(), VirtioError> {
-        let res = (|| {
-            if self.active.is_some() {
-                return Err(VirtioError::AlreadyActive);
-            }
-            if queues.len() != QUEUE_SIZES.len() {
-                return Err(VirtioError::QueueCount {
-                    expected: QUEUE_SIZES.len(),
-                    got: queues.len(),
-                });
-            }
-            let queue = queues.remove(0);
-            if !queue.queue.ready() {
-                return Err(VirtioError::QueueNotReady(0));
-            }
-            self.activate_evt.write(1).map_err(VirtioError::EventFd)?;
-            self.queue_evt = Some(queue.notify.clone());
-            self.active = Some(Active {
-                mem,
-                queue,
-                interrupt,
-                broken: false,
-            });
-            Ok(())
-        })();
+        let res = self.q.activate(mem, queues, interrupt);
         match &res {
             Ok(()) => BlockMetrics::inc(&self.metrics.activations),
             Err(_) => BlockMetrics::inc(&self.metrics.activate_fails),
@@ -288,11 +249,11 @@ impl<D: DiskBackend> VirtioDevice for Block<D> {
     }
 
     fn reset(&mut self) {
-        self.active = None;
+        self.q.active = None;
         self.acked_features = 0;
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.q.active.is_some()
     }
 }

@@ -9,9 +9,9 @@
 use std::io::Write;
 use std::sync::Arc;
 
+use crate::virtio::single_queue::SingleQueue;
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT, Writer};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::{EntropySource, MAX_REQUEST_BYTES, OsEntropy, QUEUE_SIZES, RngError, RngMetrics};
 use crate::virtio::{
@@ -22,29 +22,19 @@ use crate::virtio::{
 /// Features the device offers.
 pub const AVAIL_FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX;
 
-/// State that exists between activation and reset.
-#[derive(Debug)]
-pub(crate) struct Active {
-    pub(crate) mem: GuestMemory,
-    pub(crate) queue: VirtQueue,
-    pub(crate) interrupt: Interrupt,
-    pub(crate) broken: bool,
-}
-
 /// A virtio-rng device over entropy source `S`.
 pub struct Rng<S: EntropySource = OsEntropy> {
     pub(crate) source: S,
     acked_features: u64,
     pub(crate) metrics: Arc<RngMetrics>,
-    pub(crate) activate_evt: EventFd,
-    pub(crate) active: Option<Active>,
-    pub(crate) queue_evt: Option<Arc<EventFd>>,
+    /// Activation, eventfds and the queue.
+    pub(crate) q: SingleQueue,
 }
 
 impl<S: EntropySource> std::fmt::Debug for Rng<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Rng")
-            .field("active", &self.active.is_some())
+            .field("active", &self.q.active.is_some())
             .finish()
     }
 }
@@ -63,9 +53,7 @@ impl<S: EntropySource> Rng<S> {
             source,
             acked_features: 0,
             metrics: Arc::new(RngMetrics::default()),
-            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(RngError::EventSource)?,
-            active: None,
-            queue_evt: None,
+            q: SingleQueue::new().map_err(RngError::EventSource)?,
         })
     }
 
@@ -81,7 +69,7 @@ impl<S: EntropySource> Rng<S> {
 
     /// Fills every available buffer.
     pub(crate) fn process_queue(&mut self) {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.q.active.as_mut() else {
             return;
         };
         if a.broken {
@@ -201,33 +189,10 @@ impl<S: EntropySource> VirtioDevice for Rng<S> {
     fn activate(
         &mut self,
         mem: GuestMemory,
-        mut queues: Vec<VirtQueue>,
+        queues: Vec<VirtQueue>,
         interrupt: Interrupt,
     ) -> Result<(), VirtioError> {
-        let res = (|| {
-            if self.active.is_some() {
-                return Err(VirtioError::AlreadyActive);
-            }
-            if queues.len() != QUEUE_SIZES.len() {
-                return Err(VirtioError::QueueCount {
-                    expected: QUEUE_SIZES.len(),
-                    got: queues.len(),
-                });
-            }
-            let queue = queues.remove(0);
-            if !queue.queue.ready() {
-                return Err(VirtioError::QueueNotReady(0));
-            }
-            self.activate_evt.write(1).map_err(VirtioError::EventFd)?;
-            self.queue_evt = Some(queue.notify.clone());
-            self.active = Some(Active {
-                mem,
-                queue,
-                interrupt,
-                broken: false,
-            });
-            Ok(())
-        })();
+        let res = self.q.activate(mem, queues, interrupt);
         match &res {
             Ok(()) => RngMetrics::inc(&self.metrics.activations),
             Err(_) => RngMetrics::inc(&self.metrics.activate_fails),
@@ -236,11 +201,11 @@ impl<S: EntropySource> VirtioDevice for Rng<S> {
     }
 
     fn reset(&mut self) {
-        self.active = None;
+        self.q.active = None;
         self.acked_features = 0;
     }
 
     fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.q.active.is_some()
     }
 }
