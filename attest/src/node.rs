@@ -142,7 +142,10 @@ mod tests {
         let mut short = log(b"d", b"v1");
         short.events.pop();
         check_node_events(&short, &golden, &mut f);
-        assert!(matches!(&f[..], [Failure::MissingEvent { index: 1, .. }]), "{f:?}");
+        assert!(
+            matches!(&f[..], [Failure::MissingEvent { index: 1, .. }]),
+            "{f:?}"
+        );
         f.clear();
         check_node_events(&log(b"d", b"v1"), &NodeGolden::default(), &mut f);
         assert_eq!(f.len(), 2, "{f:?}");

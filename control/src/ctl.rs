@@ -71,10 +71,26 @@ pub enum CtlError {
 impl From<tonic::Status> for CtlError {
     fn from(s: tonic::Status) -> Self {
         // A refused TLS handshake surfaces at the first call: say what it means.
-        let text = crate::tls::chain(&s);
-        let said = crate::tls::describe(&text);
-        if said != text {
-            return CtlError::Status(Box::new(tonic::Status::new(s.code(), said)));
+        // The status of a failed connection says only "transport error"; its
+        // sources say what happened.
+        let mut text = s.message().to_string();
+        let mut src = std::error::Error::source(&s);
+        while let Some(e) = src {
+            let t = e.to_string();
+            if !text.contains(&t) {
+                text.push_str(": ");
+                text.push_str(&t);
+            }
+            src = e.source();
+        }
+        if text != s.message() {
+            let said = crate::tls::describe(&text);
+            let code = match s.code() {
+                // A connection that failed is "unavailable" to scripts.
+                tonic::Code::Unknown => tonic::Code::Unavailable,
+                c => c,
+            };
+            return CtlError::Status(Box::new(tonic::Status::new(code, said)));
         }
         CtlError::Status(Box::new(s))
     }

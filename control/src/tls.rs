@@ -237,7 +237,10 @@ pub fn issue_cert(ca_dir: &Path, req: &CertRequest, out: &Path) -> Result<(), Tl
     let ca_path = ca_dir.join(CA_CERT);
     let ca_pem = read(&ca_path, "make a cluster CA with: cell0d init-ca --out DIR")?;
     let key_path = ca_dir.join(CA_KEY);
-    let ca_key_pem = read(&key_path, "issue-cert needs the CA dir made by cell0d init-ca")?;
+    let ca_key_pem = read(
+        &key_path,
+        "issue-cert needs the CA dir made by cell0d init-ca",
+    )?;
     let ca_der = CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|e| TlsError::Pem {
         path: ca_path.clone(),
         what: "certificate",
@@ -261,14 +264,13 @@ pub fn issue_cert(ca_dir: &Path, req: &CertRequest, out: &Path) -> Result<(), Tl
         .distinguished_name
         .push(DnType::CommonName, req.name.as_str());
     for s in &req.sans {
-        let san = match s.parse::<IpAddr>() {
-            Ok(ip) => SanType::IpAddress(ip),
-            Err(_) => SanType::DnsName(
-                s.clone()
-                    .try_into()
-                    .map_err(|_| TlsError::Usage(format!("--san {s:?} is not an IP or DNS name")))?,
-            ),
-        };
+        let san =
+            match s.parse::<IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(s.clone().try_into().map_err(|_| {
+                    TlsError::Usage(format!("--san {s:?} is not an IP or DNS name"))
+                })?),
+            };
         params.subject_alt_names.push(san);
     }
     params.is_ca = IsCa::ExplicitNoCa;
@@ -400,13 +402,12 @@ impl TlsDir {
     /// the cluster CA required from every peer. ALPN h2 (gRPC).
     pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
         let verifier = client_verifier(&self.ca)?;
-        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| {
-            TlsError::Pem {
+        let key =
+            PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| TlsError::Pem {
                 path: self.dir.join(KEY),
                 what: "private key",
                 reason: e.to_string(),
-            }
-        })?;
+            })?;
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
             .with_client_cert_verifier(verifier)
@@ -456,7 +457,9 @@ pub fn describe(text: &str) -> String {
         "a certificate has expired"
     } else if t.contains("notvalidyet") || t.contains("not valid yet") {
         "a certificate is not valid yet (check the clocks)"
-    } else if t.contains("unknownissuer") || t.contains("unknown issuer") || t.contains("badsignature")
+    } else if t.contains("unknownissuer")
+        || t.contains("unknown issuer")
+        || t.contains("badsignature")
     {
         "the peer's certificate is not signed by this cluster CA"
     } else if t.contains("unknownca") || t.contains("unknown ca") || t.contains("badcertificate") {
@@ -465,6 +468,12 @@ pub fn describe(text: &str) -> String {
         "the server requires a client certificate signed by the cluster CA (pass --tls-dir)"
     } else if t.contains("notvalidforname") || t.contains("not valid for name") {
         "the server's certificate does not name the address dialled (issue it with --san HOST)"
+    } else if t.contains("broken pipe")
+        || t.contains("connection reset")
+        || t.contains("connection closed")
+        || t.contains("stream closed")
+    {
+        "the server closed the connection: over TLS that means it refused this client's certificate (none, expired, or not signed by the cluster CA; the server's log names the reason)"
     } else if t.contains("invalidcontenttype")
         || t.contains("corrupt message")
         || t.contains("invalid http version")
@@ -581,7 +590,9 @@ mod tests {
         assert!(e.contains("not signed by this cluster CA"), "{e}");
 
         // Missing.
-        let e = TlsDir::load(&d.path().join("none")).unwrap_err().to_string();
+        let e = TlsDir::load(&d.path().join("none"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("is missing") && e.contains("issue-cert"), "{e}");
         assert!(issue_cert(&ca, &CertRequest::new("a,b", &[], 1), &old).is_err());
     }

@@ -446,9 +446,8 @@ impl AdmissionService for AdmissionApi {
             check_cert_name(&request, &node)?;
             let ak = AkBundle::from_json(&request.get_ref().ak_json)
                 .map_err(|e| Status::invalid_argument(format!("bad AK bundle: {e}")))?;
-            adm.challenge(&node, &ak).map_err(|r| {
-                Status::permission_denied(format!("node {node} refused: {r}"))
-            })
+            adm.challenge(&node, &ak)
+                .map_err(|r| Status::permission_denied(format!("node {node} refused: {r}")))
         })();
         self.record(
             "AdmissionChallenge",
@@ -487,17 +486,25 @@ impl AdmissionService for AdmissionApi {
             let quote = QuoteBundle::from_json(&req.quote_json).map_err(|e| bad("quote", &e))?;
             let log = EventLog::from_jsonl(&req.event_log).map_err(|e| bad("event log", &e))?;
             adm.verify(&node.id, &act, &quote, &log)
-                .map_err(|r| {
-                    Status::permission_denied(format!("node {} refused: {r}", node.id))
-                })?;
+                .map_err(|r| Status::permission_denied(format!("node {} refused: {r}", node.id)))?;
             record_of(&node)
         })();
         let r = match checked {
-            Ok(rec) => match self.store.write(Command::PutNode { node: rec.clone() }).await {
+            Ok(rec) => match self
+                .store
+                .write(Command::PutNode { node: rec.clone() })
+                .await
+            {
                 Ok((_, Applied { rejected: None, .. })) => Ok(rec),
-                Ok((_, Applied { rejected: Some(r), .. })) => Err(Status::failed_precondition(
-                    format!("node {} passed attestation but was not registered: {r}", node.id),
-                )),
+                Ok((
+                    _,
+                    Applied {
+                        rejected: Some(r), ..
+                    },
+                )) => Err(Status::failed_precondition(format!(
+                    "node {} passed attestation but was not registered: {r}",
+                    node.id
+                ))),
                 Err(e) => Err(Status::unavailable(format!(
                     "node {} passed attestation but registering it failed: {e}",
                     node.id
