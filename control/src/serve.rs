@@ -26,8 +26,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use cell0_proto::grpc::{
-    admission_service_server::AdmissionServiceServer, cluster_service_server::ClusterServiceServer, node_service_server::NodeServiceServer,
-    raft_service_server::RaftServiceServer, vm_service_server::VmServiceServer,
+    admission_service_server::AdmissionServiceServer, cluster_service_server::ClusterServiceServer,
+    node_service_server::NodeServiceServer, raft_service_server::RaftServiceServer,
+    vm_service_server::VmServiceServer,
 };
 use tonic::body::Body;
 use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
@@ -274,11 +275,17 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         .register_encoded_file_descriptor_set(cell0_proto::grpc::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     match &cfg.tls {
-        Some(t) => tracing::info!(dir = %t.dir().display(), name = t.name(), "gRPC over mutual TLS: clients need a certificate of the cluster CA"),
-        None if !cfg.listen.ip().is_loopback() || cfg.bootstrap != Bootstrap::Init(BTreeMap::new()) => tracing::warn!(
-            "gRPC is plain TCP: anyone who reaches {} can send Raft messages and API calls; give the members --tls-dir (docs/CLUSTER.md, Security)",
-            cfg.listen
-        ),
+        Some(t) => {
+            tracing::info!(dir = %t.dir().display(), name = t.name(), "gRPC over mutual TLS: clients need a certificate of the cluster CA")
+        }
+        None if !cfg.listen.ip().is_loopback()
+            || cfg.bootstrap != Bootstrap::Init(BTreeMap::new()) =>
+        {
+            tracing::warn!(
+                "gRPC is plain TCP: anyone who reaches {} can send Raft messages and API calls; give the members --tls-dir (docs/CLUSTER.md, Security)",
+                cfg.listen
+            )
+        }
         None => {}
     }
     let admission = crate::node::admission::AdmissionApi::new(
@@ -569,7 +576,11 @@ pub(crate) fn phys_mib() -> u64 {
 /// Runs `cell0d serve` with its command-line arguments.
 pub async fn serve_main(a: ServeArgs) -> Result<(), ServeError> {
     let vmm = a.vmm.unwrap_or_else(default_vmm);
-    let tls = a.tls_dir.as_deref().map(crate::tls::TlsDir::load).transpose()?;
+    let tls = a
+        .tls_dir
+        .as_deref()
+        .map(crate::tls::TlsDir::load)
+        .transpose()?;
     let admission = crate::node::admission::AdmissionSettings {
         tpm_ca: a.node_tpm_ca,
         cell0d: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),

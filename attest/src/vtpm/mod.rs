@@ -369,7 +369,8 @@ impl Vtpm {
             order.iter().map(|t| (t.pcr(), *t)).collect()
         };
         // A VM's boot, or a node's binaries for its admission (node_events).
-        if layout != layout_of(&EventType::BOOT_ORDER) && layout != layout_of(&EventType::NODE_ORDER)
+        if layout != layout_of(&EventType::BOOT_ORDER)
+            && layout != layout_of(&EventType::NODE_ORDER)
         {
             return Err(VtpmError::NotABootLog);
         }

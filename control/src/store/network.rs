@@ -123,8 +123,8 @@ impl Network {
             Some(c) => c.clone(),
             None => {
                 let uri = crate::tls::uri(addr, self.tls.is_some());
-                let mut ep = Endpoint::from_shared(uri)
-                    .map_err(|_| WireError::Address(addr.to_string()))?;
+                let mut ep =
+                    Endpoint::from_shared(uri).map_err(|_| WireError::Address(addr.to_string()))?;
                 if let Some(tls) = &self.tls {
                     ep = ep
                         .tls_config(tls.clone())
