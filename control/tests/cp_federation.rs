@@ -384,6 +384,9 @@ fn node_agents_on_other_hosts_recover_a_lost_host_and_fence() {
         "self-fencing: member SIGKILLed -> every VMM of the three nodes gone in {} ms (lease 2 s)",
         t_cp.elapsed().as_millis()
     );
+    // Back on the same address, which the agents were given.
+    let addr = c.d.grpc.clone();
+    c.d.args.extend(["--listen".to_string(), addr]);
     c.d.spawn();
     c.wait(
         90,

@@ -44,6 +44,8 @@ pub struct Api {
     audit: Arc<AuditLog>,
     names: Arc<AtomicU64>,
     liveness: Option<Arc<Liveness>>,
+    /// `--require-node-attestation`: Register needs a passed admission.
+    admission: Option<crate::node::admission::AdmissionApi>,
 }
 
 fn store_status(e: StoreError) -> Status {
@@ -105,6 +107,7 @@ impl Api {
             audit,
             names: Arc::new(AtomicU64::new(0)),
             liveness: None,
+            admission: None,
         }
     }
 
@@ -124,6 +127,7 @@ impl Api {
             .or_else(|| {
                 self.liveness
                     .as_ref()
+                    .filter(|_| rec.lost.is_none())
                     .and_then(|l| l.status(&rec.id, &rec.node))
             })
             .unwrap_or_else(|| grpc::VmStatus {
@@ -715,6 +719,13 @@ pub fn node_record(n: grpc::Node) -> Result<NodeRecord, Status> {
 }
 
 impl Api {
+    /// Registration requires a node attestation passed on this member
+    /// (`AdmissionService`, `--require-node-attestation`).
+    pub fn with_admission(mut self, a: crate::node::admission::AdmissionApi) -> Self {
+        self.admission = Some(a);
+        self
+    }
+
     /// Admits a node agent on another host and registers its node
     /// (`NodeService.Register`): the one path every registration takes.
     /// Admission checks (the peer's TLS identity, the node's attestation)
@@ -729,6 +740,9 @@ impl Api {
         let _ = peer;
         let rec = node_record(node)?;
         let id = rec.id.clone();
+        if let Some(a) = &self.admission {
+            a.require_admitted(&id)?;
+        }
         let embedded = self.store.read(|s| {
             s.nodes.get(&id).is_some_and(|n| {
                 n.labels.get(REMOTE_LABEL).map(String::as_str) != Some(REMOTE_VALUE)
@@ -817,10 +831,18 @@ impl NodeService for Api {
         request: Request<grpc::RegisterNodeRequest>,
     ) -> Result<Response<grpc::Node>, Status> {
         let peer = request.remote_addr();
+        // With mutual TLS a node registers only under its certificate's name.
+        let cert = match request.get_ref().node.as_ref() {
+            Some(n) => crate::node::admission::check_cert_name(&request, &n.id),
+            None => Ok(()),
+        };
         let node = request.into_inner().node;
         let id = node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
         let r = match node {
-            Some(n) => self.admit_and_register(peer, n).await,
+            Some(n) => match cert {
+                Ok(()) => self.admit_and_register(peer, n).await,
+                Err(s) => Err(s),
+            },
             None => Err(Status::invalid_argument("node: must be set")),
         };
         let rev = r.as_ref().map_or(0, |(rev, _)| *rev);

@@ -199,7 +199,12 @@ impl Liveness {
                         } else {
                             tracing::info!(node = %id, index, silent_ms = ?silent, state = state.as_str(), "node state changed");
                         }
-                        lock(&self.inner).states.insert(id, state);
+                        let mut g = lock(&self.inner);
+                        if state == NodeState::Down {
+                            // Its reports are stale now.
+                            g.reports.retain(|_, (n, _)| *n != id);
+                        }
+                        g.states.insert(id, state);
                     }
                     Err(e) => {
                         tracing::warn!(node = %id, error = %e, state = state.as_str(), "cannot commit the node's state");
