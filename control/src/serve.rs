@@ -290,7 +290,6 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     }
     let admission = crate::node::admission::AdmissionApi::new(
         cfg.admission.clone(),
-        store.clone(),
         audit.clone(),
         metrics.clone(),
     );
@@ -309,7 +308,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         )))
         .add_service(vm_gate.clone())
         .add_service(node_gate.clone())
-        .add_service(AdmissionServiceServer::new(admission));
+        .add_service(AdmissionServiceServer::new(admission.clone()));
     // No Nagle on accepted connections: small gRPC replies (Raft
     // acknowledgements, forwarded writes) must not wait for the peer's
     // delayed ACK. With --tls-dir every connection must complete a TLS
@@ -391,6 +390,11 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
 
     let api =
         Api::new(store.clone(), agent.clone(), metrics.clone(), audit).with_liveness(liveness);
+    // With --require-node-attestation a node registers only after Admit.
+    let api = match cfg.admission.required {
+        true => api.with_admission(admission),
+        false => api,
+    };
     let _ = vm_gate.inner.set(VmServiceServer::new(api.clone()));
     let _ = node_gate.inner.set(NodeServiceServer::new(api));
     let addr_file = cfg.data_dir.join("cell0d.addr");
@@ -469,6 +473,11 @@ pub struct ServeArgs {
     /// the digest of this member's --vmm).
     #[arg(long, value_name = "HEX")]
     pub node_golden_vmm: Vec<String>,
+    /// Node agents on other hosts (`NodeService.Register`) must first pass
+    /// attestation (`AdmissionService`, `cell0d node --attest`) on the member
+    /// they register with.
+    #[arg(long)]
+    pub require_node_attestation: bool,
     /// On a fresh data dir, initialize a new cluster of this member plus --peers
     /// (the default when neither --join nor --peers is given: a one-member cluster).
     #[arg(long, conflicts_with = "join")]
@@ -587,6 +596,7 @@ pub async fn serve_main(a: ServeArgs) -> Result<(), ServeError> {
         vmm: vmm.clone(),
         golden_cell0d: a.node_golden_cell0d,
         golden_vmm: a.node_golden_vmm,
+        required: a.require_node_attestation,
     };
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get() as u32)

@@ -409,6 +409,8 @@ fn node(id: &str) -> grpc::Node {
             vcpus: 4,
             memory_mib: 4096,
         }),
+        cpu_overcommit: 1.0,
+        memory_overcommit: 1.0,
         ..Default::default()
     }
 }
@@ -446,7 +448,12 @@ async fn nodes_are_admitted_by_attestation() {
     member_certs(base, &ca, &[1]);
     // The nodes' TPMs and the member trust one swtpm local CA.
     let tpm_ca = base.join("tpm-ca");
-    let m1 = Member::start(base, 1, &[], &[("CELL0_TPM_CA_DIR", &tpm_ca)]);
+    let m1 = Member::start(
+        base,
+        1,
+        &["--require-node-attestation"],
+        &[("CELL0_TPM_CA_DIR", &tpm_ca)],
+    );
     m1.wait_api();
     let cell0d_bin = Path::new(env!("CARGO_BIN_EXE_cell0d"));
 
@@ -462,8 +469,36 @@ async fn nodes_are_admitted_by_attestation() {
         .unwrap()
     };
     let mut gc = admission_client(&m1.addr, &base.join("good")).await;
+    let mut good_node = m1.client(&base.join("good")).await.node;
+    // Registration needs a passed attestation first.
+    let e = good_node
+        .register(grpc::RegisterNodeRequest {
+            node: Some(node("good")),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    assert!(
+        e.message().contains("has not passed attestation"),
+        "{}",
+        e.message()
+    );
     let n = good.admit(&mut gc, node("good")).await.unwrap();
     assert_eq!(n.id, "good");
+    good_node
+        .register(grpc::RegisterNodeRequest {
+            node: Some(node("good")),
+        })
+        .await
+        .unwrap();
+    // The admission is used up by that registration.
+    let e = good_node
+        .register(grpc::RegisterNodeRequest {
+            node: Some(node("good")),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
     let mut admin = m1.client(&base.join("admin")).await;
     let list = admin
         .node
@@ -502,6 +537,17 @@ async fn nodes_are_admitted_by_attestation() {
         .unwrap_or_else(|| panic!("no refusal in the audit log: {audit:?}"));
     assert_eq!(entry["code"], "PermissionDenied");
     assert!(entry["message"].as_str().unwrap().contains("node-vmm"));
+    // ... and it cannot register.
+    let e = m1
+        .client(&base.join("evil"))
+        .await
+        .node
+        .register(grpc::RegisterNodeRequest {
+            node: Some(node("evil")),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
     let ids: Vec<_> = admin
         .node
         .list(grpc::ListNodesRequest {})
@@ -514,8 +560,20 @@ async fn nodes_are_admitted_by_attestation() {
         .collect();
     assert!(!ids.contains(&"evil".to_string()), "{ids:?}");
 
-    // A node cannot ask for another name than its certificate's.
+    // A node cannot ask for another name than its certificate's, neither to
+    // be admitted nor to register.
     let e = evil.admit(&mut ec, node("good")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    assert!(e.message().contains("certificate names"), "{}", e.message());
+    let e = m1
+        .client(&base.join("evil"))
+        .await
+        .node
+        .register(grpc::RegisterNodeRequest {
+            node: Some(node("good")),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
     assert!(e.message().contains("certificate names"), "{}", e.message());
 
@@ -545,8 +603,8 @@ async fn nodes_are_admitted_by_attestation() {
     let e = gc.admit(old).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
     assert!(e.message().contains("no open challenge"), "{}", e.message());
-    // Every refusal is audited: the bad binary, the old nonce, the replay
-    // (NodeAdmit) and the borrowed name (AdmissionChallenge).
+    // Every refusal is audited: registrations without attestation, the bad
+    // binary, the borrowed name, the old nonce and the replay.
     let audit = audit_lines(&m1);
     let refused: Vec<_> = audit
         .iter()
@@ -560,16 +618,18 @@ async fn nodes_are_admitted_by_attestation() {
             )
         })
         .collect();
-    assert_eq!(refused.len(), 4, "{refused:#?}");
-    for (i, want) in [
+    let want = [
+        "NodeRegister good node good refused: it has not passed attestation",
+        "NodeRegister good node good refused: it has not passed attestation",
         "NodeAdmit node/evil node evil refused: PCR 0 event 1 (node-vmm",
+        "NodeRegister evil node evil refused: it has not passed attestation",
         "AdmissionChallenge node/good node good refused: the client certificate names \"evil\"",
+        "NodeRegister good node good refused: the client certificate names \"evil\"",
         "NodeAdmit node/good node good refused: nonce mismatch",
         "NodeAdmit node/good node good refused: no open challenge",
-    ]
-    .iter()
-    .enumerate()
-    {
-        assert!(refused[i].starts_with(want), "{i}: {}", refused[i]);
+    ];
+    assert_eq!(refused.len(), want.len(), "{refused:#?}");
+    for (i, w) in want.iter().enumerate() {
+        assert!(refused[i].starts_with(w), "{i}: {}", refused[i]);
     }
 }

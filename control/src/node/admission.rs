@@ -40,11 +40,11 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::audit::{AuditLog, Entry};
 use crate::metrics::Metrics;
-use crate::store::state::{NodeRecord, NodeState, Resources};
-use crate::store::{Applied, Command, Store};
 
 /// How long a challenge stays open.
 pub const CHALLENGE_TTL: Duration = Duration::from_secs(120);
+/// How long a passed attestation lets the node register on this member.
+pub const ADMITTED_TTL: Duration = Duration::from_secs(60);
 
 /// Errors of admission set-up and of the node side.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +106,7 @@ pub struct Admission {
     verifier: Mutex<Verifier>,
     golden: NodeGolden,
     opened: Mutex<HashMap<String, Instant>>,
+    admitted: Mutex<HashMap<String, Instant>>,
 }
 
 impl std::fmt::Debug for Admission {
@@ -143,6 +144,7 @@ impl Admission {
             verifier: Mutex::new(Verifier::new(tpm_ca_pem)?),
             golden,
             opened: Mutex::new(HashMap::new()),
+            admitted: Mutex::new(HashMap::new()),
         })
     }
 
@@ -213,11 +215,29 @@ impl Admission {
             return Err(refuse(crate::tls::chain(&e)));
         }
         match v.verify_node(&key, quote, log, &self.golden) {
-            Verdict::Trusted { .. } => Ok(()),
+            Verdict::Trusted { .. } => {
+                self.admitted
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(node.to_string(), Instant::now());
+                Ok(())
+            }
             Verdict::Rejected { failures } => Err(Refusal {
                 reasons: failures.iter().map(ToString::to_string).collect(),
             }),
         }
+    }
+}
+
+impl Admission {
+    /// Uses up the node's passed attestation: true when it passed on this
+    /// member within [`ADMITTED_TTL`].
+    pub fn take_admitted(&self, node: &str) -> bool {
+        self.admitted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(node)
+            .is_some_and(|t| t.elapsed() <= ADMITTED_TTL)
     }
 }
 
@@ -323,6 +343,9 @@ pub struct AdmissionSettings {
     pub golden_cell0d: Vec<String>,
     /// Accepted `cell0-vmm` digests (hex), instead of this `cell0-vmm`'s.
     pub golden_vmm: Vec<String>,
+    /// `NodeService.Register` needs a passed attestation
+    /// (`--require-node-attestation`).
+    pub required: bool,
 }
 
 impl AdmissionSettings {
@@ -355,26 +378,34 @@ impl AdmissionSettings {
 pub struct AdmissionApi {
     settings: Arc<AdmissionSettings>,
     admission: Arc<tokio::sync::OnceCell<Arc<Admission>>>,
-    store: Store,
     audit: Arc<AuditLog>,
     metrics: Arc<Metrics>,
 }
 
 impl AdmissionApi {
     /// The service.
-    pub fn new(
-        settings: AdmissionSettings,
-        store: Store,
-        audit: Arc<AuditLog>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub fn new(settings: AdmissionSettings, audit: Arc<AuditLog>, metrics: Arc<Metrics>) -> Self {
         Self {
             settings: Arc::new(settings),
             admission: Arc::default(),
-            store,
             audit,
             metrics,
         }
+    }
+
+    /// The registration hook (`NodeService.Register` with
+    /// `--require-node-attestation`): the node must have passed `Admit` on
+    /// this member within [`ADMITTED_TTL`]; that admission is used up.
+    pub fn require_admitted(&self, node: &str) -> Result<(), Status> {
+        if self.admission.get().is_some_and(|a| a.take_admitted(node)) {
+            return Ok(());
+        }
+        Err(Status::permission_denied(format!(
+            "node {node} refused: it has not passed attestation on this member in the last {}s \
+             (AdmissionService.Challenge and Admit, then Register on the same member: \
+             cell0d node --attest)",
+            ADMITTED_TTL.as_secs()
+        )))
     }
 
     async fn admission(&self) -> Result<Arc<Admission>, Status> {
@@ -414,7 +445,7 @@ impl AdmissionApi {
 
 /// With mutual TLS, a node must ask for itself: its certificate's name is its
 /// node id.
-fn check_cert_name<T>(req: &Request<T>, node: &str) -> Result<(), Status> {
+pub fn check_cert_name<T>(req: &Request<T>, node: &str) -> Result<(), Status> {
     match crate::tls::peer_name(req) {
         Some(n) if n != node => Err(Status::permission_denied(format!(
             "node {node} refused: the client certificate names {n:?}; a node is admitted only under its own certificate's name"
@@ -486,78 +517,10 @@ impl AdmissionService for AdmissionApi {
             let quote = QuoteBundle::from_json(&req.quote_json).map_err(|e| bad("quote", &e))?;
             let log = EventLog::from_jsonl(&req.event_log).map_err(|e| bad("event log", &e))?;
             adm.verify(&node.id, &act, &quote, &log)
-                .map_err(|r| Status::permission_denied(format!("node {} refused: {r}", node.id)))?;
-            record_of(&node)
+                .map_err(|r| Status::permission_denied(format!("node {} refused: {r}", node.id)))
         })();
-        let r = match checked {
-            Ok(rec) => match self
-                .store
-                .write(Command::PutNode { node: rec.clone() })
-                .await
-            {
-                Ok((_, Applied { rejected: None, .. })) => Ok(rec),
-                Ok((
-                    _,
-                    Applied {
-                        rejected: Some(r), ..
-                    },
-                )) => Err(Status::failed_precondition(format!(
-                    "node {} passed attestation but was not registered: {r}",
-                    node.id
-                ))),
-                Err(e) => Err(Status::unavailable(format!(
-                    "node {} passed attestation but registering it failed: {e}",
-                    node.id
-                ))),
-            },
-            Err(s) => Err(s),
-        };
-        self.record(
-            "NodeAdmit",
-            peer,
-            &node.id,
-            &r.as_ref().map(|_| ()).map_err(Clone::clone),
-        );
-        let rec = r?;
-        Ok(Response::new(grpc::Node {
-            id: rec.id,
-            address: rec.address,
-            zone: rec.zone,
-            region: rec.region,
-            capacity: Some(grpc::Resources {
-                vcpus: rec.capacity.vcpus,
-                memory_mib: rec.capacity.memory_mib,
-            }),
-            state: "ready".into(),
-            cpu_overcommit: rec.cpu_overcommit,
-            memory_overcommit: rec.memory_overcommit,
-            labels: rec.labels.into_iter().collect(),
-            ..Default::default()
-        }))
+        self.record("NodeAdmit", peer, &node.id, &checked);
+        checked?;
+        Ok(Response::new(node))
     }
-}
-
-fn record_of(n: &grpc::Node) -> Result<NodeRecord, Status> {
-    let cap = n.capacity.unwrap_or_default();
-    if cap.vcpus == 0 || cap.memory_mib == 0 {
-        return Err(Status::invalid_argument(
-            "the node must offer at least 1 vCPU and 1 MiB",
-        ));
-    }
-    let over = |x: f64| if x > 0.0 { x } else { 1.0 };
-    Ok(NodeRecord {
-        id: n.id.clone(),
-        address: n.address.clone(),
-        zone: n.zone.clone(),
-        region: n.region.clone(),
-        capacity: Resources {
-            vcpus: cap.vcpus,
-            memory_mib: cap.memory_mib,
-        },
-        cpu_overcommit: over(n.cpu_overcommit),
-        memory_overcommit: over(n.memory_overcommit),
-        state: NodeState::Ready,
-        labels: n.labels.clone().into_iter().collect(),
-        drained: false,
-    })
 }
