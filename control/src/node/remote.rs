@@ -18,6 +18,9 @@
 //!   terminates its VMs on its own: the leader marks it down only after
 //!   `--node-down-ms` of silence, later than the lease ends.
 
+// Start-up errors are returned once; their size does not matter.
+#![allow(clippy::result_large_err)]
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
