@@ -201,10 +201,32 @@ pub fn idle_elf(tweak: u8) -> Vec<u8> {
     e
 }
 
+/// Connects to a VM's API socket. The path exists from `bind(2)` on, a moment
+/// before `listen(2)`: refusals are retried until `timeout` (a VMM that has
+/// exited keeps refusing, and the error says so).
+pub fn connect_api(
+    api: &std::path::Path,
+    timeout: std::time::Duration,
+) -> std::io::Result<std::os::unix::net::UnixStream> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match std::os::unix::net::UnixStream::connect(api) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// One request on a VM's JSON-lines API socket.
 pub fn api_request(api: &std::path::Path, req: &serde_json::Value) -> serde_json::Value {
     use std::io::{BufRead, Write};
-    let s = std::os::unix::net::UnixStream::connect(api).expect("API socket accepts");
+    let s = connect_api(api, std::time::Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("API socket {} does not accept: {e}", api.display()));
     let mut w = s.try_clone().expect("clone");
     writeln!(w, "{req}").expect("request written");
     let mut l = String::new();

@@ -82,11 +82,20 @@ fn launch_with_initrd(
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let child = ChildGuard(child);
-    assert!(
-        wait_for_path(&api, Duration::from_secs(60)),
-        "the VMM did not open its API socket"
-    );
+    let mut child = ChildGuard(child);
+    let opened = wait_for_path(&api, Duration::from_secs(60))
+        && cell0_tests::connect_api(&api, Duration::from_secs(10)).is_ok();
+    if !opened {
+        // Say why: a VMM that exited (swtpm_setup failing, say) left its reason on stderr.
+        use std::io::Read;
+        let _ = child.0.kill();
+        let status = child.0.wait().unwrap();
+        let mut err = String::new();
+        if let Some(mut e) = child.0.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        panic!("the VMM did not serve its API socket ({status}): {err}");
+    }
     Vm { child, api, run }
 }
 
