@@ -169,33 +169,85 @@ fn node_state(d: &Daemon, name: &str) -> String {
 }
 
 struct Cluster {
-    d: Daemon,
+    /// Members 1, 2, 3 (index = id - 1).
+    ms: Vec<Daemon>,
     base: tempfile::TempDir,
     nodes: Vec<Node>,
 }
 
+/// A free port on 127.0.0.1 (bound, then released for the member to take).
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// Starts (or restarts) members at once: each waits for a leader, which needs
+/// a majority of them.
+fn spawn_all(ms: &mut [&mut Daemon]) {
+    std::thread::scope(|s| {
+        for m in ms.iter_mut() {
+            s.spawn(move || m.spawn());
+        }
+    });
+}
+
 impl Cluster {
+    /// Three members (`--init --peers`, each with its own node `mI` that no
+    /// test VM selects) and three node agents joined to all of them.
     fn start() -> Cluster {
-        let d = Daemon::start(&[
-            "--node-name",
-            "m1",
-            "--node-suspect-ms",
-            "1500",
-            "--node-down-ms",
-            "3000",
-        ]);
+        let addrs: Vec<String> = (0..3).map(|_| free_addr()).collect();
+        let mut ms: Vec<Daemon> = (0..3)
+            .map(|i| {
+                let peers: Vec<String> = (0..3)
+                    .filter(|j| *j != i)
+                    .map(|j| format!("{}={}", j + 1, addrs[j]))
+                    .collect();
+                let mut args: Vec<String> = [
+                    "--node-id",
+                    &(i + 1).to_string(),
+                    "--node-name",
+                    &format!("m{}", i + 1),
+                    "--listen",
+                    &addrs[i],
+                    "--peers",
+                    &peers.join(","),
+                    "--node-suspect-ms",
+                    "1500",
+                    "--node-down-ms",
+                    "3000",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+                if i == 0 {
+                    args.push("--init".into());
+                }
+                Daemon {
+                    dir: tempfile::Builder::new()
+                        .prefix("c0t")
+                        .tempdir_in("/tmp")
+                        .unwrap(),
+                    child: None,
+                    grpc: String::new(),
+                    metrics: String::new(),
+                    args,
+                }
+            })
+            .collect();
+        spawn_all(&mut ms.iter_mut().collect::<Vec<_>>());
         let base = tempfile::Builder::new()
             .prefix("c0f")
             .tempdir_in("/tmp")
             .unwrap();
+        let join = addrs.join(",");
         let nodes = ["n1", "n2", "n3"]
             .iter()
             .zip(["a", "b", "c"])
-            .map(|(n, z)| Node::start(base.path(), n, z, &d.grpc))
+            .map(|(n, z)| Node::start(base.path(), n, z, &join))
             .collect();
-        let c = Cluster { d, base, nodes };
+        let c = Cluster { ms, base, nodes };
         c.wait(60, "three node agents registered and ready", || {
-            let ns = node_list(&c.d);
+            let ns = node_list(c.d());
             ["n1", "n2", "n3"].iter().all(|n| {
                 ns.iter().any(|x| {
                     x["id"] == *n && x["state"] == "ready" && x["labels"]["role"] == "worker"
@@ -205,8 +257,48 @@ impl Cluster {
         c
     }
 
+    /// The leader's id, as a live member sees it.
+    fn leader_id(&self) -> Option<usize> {
+        for m in self.ms.iter().filter(|m| m.child.is_some()) {
+            let o = m.ctl(&["cluster", "status", "-o", "json"]);
+            if !o.status.success() {
+                continue;
+            }
+            let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+            let l = v["leader_id"].as_u64().unwrap_or(0) as usize;
+            if l > 0 && self.ms[l - 1].child.is_some() {
+                return Some(l);
+            }
+        }
+        None
+    }
+
+    /// The leader: it holds the node agents' VM reports, so Get there shows
+    /// the runtime status of VMs on other hosts.
+    fn d(&self) -> &Daemon {
+        let t0 = Instant::now();
+        loop {
+            if let Some(l) = self.leader_id() {
+                return &self.ms[l - 1];
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "no leader among the live members within 30 s\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn logs(&self) -> String {
-        let mut s = format!("--- member:\n{}\n", tail(&self.d.log(), 3000));
+        let mut s = String::new();
+        for (i, m) in self.ms.iter().enumerate() {
+            s.push_str(&format!(
+                "--- member {}:\n{}\n",
+                i + 1,
+                tail(&m.log(), 2000)
+            ));
+        }
         for n in &self.nodes {
             s.push_str(&format!("--- {}:\n{}\n", n.name, tail(&n.log(), 2000)));
         }
@@ -233,7 +325,7 @@ impl Cluster {
             "--no-wait",
         ];
         a.extend_from_slice(extra);
-        self.d.ctl_ok(&a);
+        self.d().ctl_ok(&a);
     }
 
     /// VM ids with a live VMM on more than one node.
@@ -264,10 +356,10 @@ fn node_agents_on_other_hosts_recover_a_lost_host_and_fence() {
     c.run("plain", &["--node-selector", "host=n1"]);
     let all: Vec<String> = ids.iter().cloned().chain(["plain".to_string()]).collect();
     c.wait(90, "every VM running", || {
-        all.iter().all(|id| state(&c.d.get(id)) == "running")
+        all.iter().all(|id| state(&c.d().get(id)) == "running")
     });
     for id in &all {
-        let v = c.d.get(id);
+        let v = c.d().get(id);
         let n = node_of(&v).to_string();
         assert!(n.starts_with('n'), "{id} placed on a worker: {v:#}");
         assert_eq!(c.node(&n).vmm_of(id).len().min(1), 1, "{id} runs on {n}");
@@ -277,7 +369,7 @@ fn node_agents_on_other_hosts_recover_a_lost_host_and_fence() {
     // 1. Host n1 dies: agent and VMMs.
     let on_n1: Vec<String> = ids
         .iter()
-        .filter(|id| node_of(&c.d.get(id)) == "n1")
+        .filter(|id| node_of(&c.d().get(id)) == "n1")
         .cloned()
         .collect();
     println!("n1 runs {on_n1:?} and plain");
@@ -287,9 +379,9 @@ fn node_agents_on_other_hosts_recover_a_lost_host_and_fence() {
     let mut recovered = None;
     c.wait(60, "n1's restartable VMs running on other nodes", || {
         assert!(c.doubles(&all).is_empty(), "a VM runs on two nodes");
-        saw_suspect |= node_state(&c.d, "n1") == "suspect";
+        saw_suspect |= node_state(c.d(), "n1") == "suspect";
         let done = on_n1.iter().all(|id| {
-            let v = c.d.get(id);
+            let v = c.d().get(id);
             state(&v) == "running" && node_of(&v) != "n1"
         });
         if done && recovered.is_none() {
@@ -303,9 +395,9 @@ fn node_agents_on_other_hosts_recover_a_lost_host_and_fence() {
         on_n1.len(),
         rec.as_millis()
     );
-    assert_eq!(node_state(&c.d, "n1"), "down");
+    assert_eq!(node_state(c.d(), "n1"), "down");
     assert!(saw_suspect, "n1 went through suspect before down");
-    let plain = c.d.get("plain");
+    let plain = c.d().get("plain");
     assert_eq!(state(&plain), "failed", "{plain:#}");
     assert!(
         plain["status"]["message"]
@@ -317,7 +409,7 @@ fn node_agents_on_other_hosts_recover_a_lost_host_and_fence() {
     assert_eq!(plain["desired"], "stopped");
     // Each moved VM runs on exactly one node, under a new epoch.
     for id in &on_n1 {
-        let v = c.d.get(id);
+        let v = c.d().get(id);
         let n = node_of(&v).to_string();
         assert!(!c.node(&n).vmm_of(id).is_empty(), "{id} has a VMM on {n}");
     }
@@ -326,14 +418,14 @@ fn node_agents_on_other_hosts_recover_a_lost_host_and_fence() {
     // n1 comes back (empty host): it registers again and is ready; nothing
     // it ran starts there again.
     c.nodes[0].spawn();
-    c.wait(30, "n1 ready again", || node_state(&c.d, "n1") == "ready");
+    c.wait(30, "n1 ready again", || node_state(c.d(), "n1") == "ready");
     std::thread::sleep(Duration::from_millis(1500));
     assert!(c.node("n1").vmms().is_empty(), "n1 runs nothing");
 
     // 2. Only n2's agent dies: its VMMs live on, unsupervised.
     let on_n2: Vec<String> = ids
         .iter()
-        .filter(|id| node_of(&c.d.get(id)) == "n2")
+        .filter(|id| node_of(&c.d().get(id)) == "n2")
         .cloned()
         .collect();
     assert!(!on_n2.is_empty(), "spread put VMs on n2");
@@ -344,11 +436,11 @@ fn node_agents_on_other_hosts_recover_a_lost_host_and_fence() {
     c.nodes[1].kill_agent();
     c.wait(60, "n2's VMs running elsewhere", || {
         on_n2.iter().all(|id| {
-            let v = c.d.get(id);
+            let v = c.d().get(id);
             state(&v) == "running" && node_of(&v) != "n2"
         })
     });
-    assert_eq!(node_state(&c.d, "n2"), "down");
+    assert_eq!(node_state(c.d(), "n2"), "down");
     assert!(
         stale.iter().any(|p| proc_alive(*p)),
         "a dead agent cannot fence: its VMMs still run ({stale:?})"
@@ -358,21 +450,62 @@ fn node_agents_on_other_hosts_recover_a_lost_host_and_fence() {
     c.wait(30, "n2's stale VMMs terminated", || {
         stale.iter().all(|p| !proc_alive(*p)) && c.node("n2").vmms().is_empty()
     });
-    c.wait(30, "n2 ready again", || node_state(&c.d, "n2") == "ready");
+    c.wait(30, "n2 ready again", || node_state(c.d(), "n2") == "ready");
     assert!(c.doubles(&all).is_empty());
     for id in &on_n2 {
-        let v = c.d.get(id);
+        let v = c.d().get(id);
         assert_eq!(state(&v), "running", "{v:#}");
         assert_ne!(node_of(&v), "n2");
     }
 
-    // 3. The control plane goes away: each agent's lease ends and it
-    // terminates its VMs; the member back, they run again where placed.
+    // 3. The leader dies: the agents find the new one. A failover longer
+    // than an agent's lease makes it fence itself (safe, but its VMs restart).
+    let fenced = |c: &Cluster| -> usize {
+        c.nodes
+            .iter()
+            .map(|n| n.log().matches("fencing: terminating").count())
+            .sum()
+    };
+    let before = fenced(&c);
+    let old = c.leader_id().unwrap();
+    let t_l = Instant::now();
+    c.ms[old - 1].kill9();
+    c.wait(60, "every VM running after the leader died", || {
+        assert!(c.doubles(&all).is_empty(), "a VM runs on two nodes");
+        ids.iter().all(|id| state(&c.d().get(id)) == "running")
+            && c.leader_id().is_some_and(|l| l != old)
+    });
+    println!(
+        "leader failover: member {old} SIGKILLed -> new leader {}, every VM reported running in {} ms; \
+         agents that fenced themselves meanwhile: {}",
+        c.leader_id().unwrap(),
+        t_l.elapsed().as_millis(),
+        fenced(&c) - before
+    );
+
+    for n in &c.nodes {
+        for l in n
+            .log()
+            .lines()
+            .filter(|l| l.contains("fencing: terminating"))
+        {
+            println!(
+                "  {}: {}",
+                n.name,
+                l.rsplit("fencing: ").next().unwrap_or(l)
+            );
+        }
+    }
+
+    // 4. The whole control plane goes away: each agent's lease ends and it
+    // terminates its VMs; the members back, they run again where placed.
     let placed: Vec<(String, String)> = ids
         .iter()
-        .map(|id| (id.clone(), node_of(&c.d.get(id)).to_string()))
+        .map(|id| (id.clone(), node_of(&c.d().get(id)).to_string()))
         .collect();
-    c.d.kill9();
+    for m in &mut c.ms {
+        m.kill9();
+    }
     let t_cp = Instant::now();
     wait(
         30,
@@ -381,28 +514,26 @@ fn node_agents_on_other_hosts_recover_a_lost_host_and_fence() {
         || c.nodes.iter().all(|n| n.vmms().is_empty()),
     );
     println!(
-        "self-fencing: member SIGKILLed -> every VMM of the three nodes gone in {} ms (lease 2 s)",
+        "self-fencing: every member SIGKILLed -> every VMM of the three nodes gone in {} ms (lease 2 s)",
         t_cp.elapsed().as_millis()
     );
-    // Back on the same address, which the agents were given.
-    let addr = c.d.grpc.clone();
-    c.d.args.extend(["--listen".to_string(), addr]);
-    c.d.spawn();
+    // Back on the same addresses, which the agents were given.
+    spawn_all(&mut c.ms.iter_mut().collect::<Vec<_>>());
     c.wait(
         90,
-        "the VMs running again after the member came back",
+        "the VMs running again after the members came back",
         || {
             placed.iter().all(|(id, n)| {
-                let v = c.d.get(id);
+                let v = c.d().get(id);
                 state(&v) == "running" && node_of(&v) == n
             })
         },
     );
     assert!(c.doubles(&all).is_empty());
     for (id, _) in &placed {
-        c.d.ctl_ok(&["rm", id]);
+        c.d().ctl_ok(&["rm", id]);
     }
-    c.d.ctl_ok(&["rm", "plain"]);
+    c.d().ctl_ok(&["rm", "plain"]);
     c.wait(30, "every VMM gone after rm", || {
         c.nodes.iter().all(|n| n.vmms().is_empty())
     });

@@ -54,6 +54,9 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 /// kills the VMM on SIGTERM and then removes its cgroup and jail directory, which
 /// a SIGKILL would leave behind.
 const TERM_GRACE: Duration = Duration::from_secs(2);
+/// How long a fenced node's VMM gets after SIGTERM before SIGKILL: short, so
+/// that a VM is gone well before the leader's down deadline.
+const FENCE_GRACE: Duration = Duration::from_millis(500);
 /// The uid and gid VMMs run as by default (`nobody`/`nogroup`).
 pub const DEFAULT_VM_ID: u32 = 65534;
 
@@ -352,9 +355,12 @@ fn hand_socket_to_vm(sock: &Path, jail: Option<VmJail>) {
 /// [`TERM_GRACE`]. A jailed VMM's supervisor answers SIGTERM by killing the VMM
 /// and removing its cgroup and jail directory.
 async fn terminate(fd: &PidFd) {
-    if fd.signal(libc::SIGTERM).is_ok()
-        && tokio::time::timeout(TERM_GRACE, fd.exited()).await.is_ok()
-    {
+    terminate_within(fd, TERM_GRACE).await;
+}
+
+/// SIGTERM, then SIGKILL after `grace`.
+async fn terminate_within(fd: &PidFd, grace: Duration) {
+    if fd.signal(libc::SIGTERM).is_ok() && tokio::time::timeout(grace, fd.exited()).await.is_ok() {
         return;
     }
     let _ = fd.signal(libc::SIGKILL);
@@ -939,7 +945,7 @@ impl Agent {
                     .is_ok();
             let grace = if asked { STOP_GRACE } else { Duration::ZERO };
             if tokio::time::timeout(grace, fd.exited()).await.is_err() || !asked {
-                terminate(&fd).await;
+                terminate_within(&fd, if fencing { FENCE_GRACE } else { TERM_GRACE }).await;
             }
             if remove {
                 proc::reap(fd.pid);

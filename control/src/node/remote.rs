@@ -46,6 +46,18 @@ pub struct NodeArgs {
     /// Control-plane members to reach (any one is enough; the agent finds the leader).
     #[arg(long, value_name = "ADDR,...", value_delimiter = ',', required = true)]
     pub join: Vec<String>,
+    /// Mutual TLS to the members: a dir with ca.pem, cert.pem and key.pem
+    /// (`cell0d issue-cert --name NODE_NAME`); the certificate's name must be
+    /// the node name.
+    #[arg(long, env = "CELL0_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Pass attestation before every registration (members started with
+    /// --require-node-attestation need it): a vTPM (swtpm, CA in
+    /// $CELL0_TPM_CA_DIR) measures this cell0d and --vmm into PCR 0 and quotes
+    /// it for the member (docs/CLUSTER.md, Security). swtpm proves only the
+    /// software stack, not the host.
+    #[arg(long)]
+    pub attest: bool,
     /// Node name (default: the host name).
     #[arg(long)]
     pub node_name: Option<String>,
@@ -124,14 +136,19 @@ pub fn parse_labels(items: &[String]) -> Result<BTreeMap<String, String>, NodeEr
     Ok(out)
 }
 
+/// `--tls-dir`'s client configuration, set once by [`node_main`].
+static TLS: std::sync::OnceLock<tonic::transport::ClientTlsConfig> = std::sync::OnceLock::new();
+
 fn endpoint(addr: &str, timeout: Duration) -> Result<tonic::transport::Endpoint, String> {
-    let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    Ok(tonic::transport::Endpoint::from_shared(uri)
-        .map_err(|e| format!("{addr:?} is not an address: {e}"))?
+    let uri = crate::tls::uri(addr, TLS.get().is_some());
+    let mut ep = tonic::transport::Endpoint::from_shared(uri)
+        .map_err(|e| format!("{addr:?} is not an address: {e}"))?;
+    if let Some(t) = TLS.get() {
+        ep = ep
+            .tls_config(t.clone())
+            .map_err(|e| format!("TLS for {addr}: {e}"))?;
+    }
+    Ok(ep
         .connect_timeout(timeout)
         .timeout(timeout)
         .tcp_nodelay(true))
@@ -217,6 +234,8 @@ struct Remote {
     placements: Arc<Placements>,
     heartbeat: Duration,
     lease: Option<Duration>,
+    /// `--attest`: this node's vTPM with its binaries measured.
+    attester: Option<Arc<super::admission::NodeAttester>>,
 }
 
 /// What a heartbeat answered.
@@ -255,6 +274,27 @@ impl Remote {
 
     async fn register(&mut self) -> Result<(), String> {
         let mut c = self.conn.any().await?;
+        if let Some(att) = self.attester.clone() {
+            // Attest to the member that takes the registration.
+            let addr = match &self.conn.leader {
+                Some((a, _)) => a.clone(),
+                None => {
+                    let n = self.conn.join.len();
+                    self.conn.join[(self.conn.next + n - 1) % n].clone()
+                }
+            };
+            // The member's first admission sets its verifier up (about a second).
+            let ch = endpoint(&addr, self.conn.timeout)?
+                .timeout(Duration::from_secs(30))
+                .connect()
+                .await
+                .map_err(|e| format!("cannot reach {addr}: {e}"))?;
+            let mut ac = grpc::admission_service_client::AdmissionServiceClient::new(ch);
+            att.admit(&mut ac, self.node())
+                .await
+                .map_err(|s| format!("attestation refused by {addr}: {}", s.message()))?;
+            tracing::info!(node = %self.cfg.node_id, member = %addr, "attestation passed");
+        }
         match c
             .register(grpc::RegisterNodeRequest {
                 node: Some(self.node()),
@@ -390,8 +430,31 @@ pub async fn node_main(a: NodeArgs) -> Result<(), NodeError> {
     })?;
     let _lock =
         crate::serve::lock_data_dir(&a.data_dir).map_err(|e| NodeError::Usage(format!("{e}")))?;
+    if let Some(dir) = &a.tls_dir {
+        let t = crate::tls::TlsDir::load(dir)
+            .map_err(|e| NodeError::Usage(format!("--tls-dir: {e}")))?;
+        let _ = TLS.set(t.client_config());
+    }
+    let attester = match a.attest {
+        true => {
+            let opts = cell0_attest::VtpmOptions::with_default_ca(a.data_dir.join("node-tpm"));
+            let (exe, vmm) = (
+                std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
+                cfg.vmm_bin.clone(),
+            );
+            let att = tokio::task::spawn_blocking(move || {
+                super::admission::NodeAttester::start(&opts, &exe, &vmm)
+            })
+            .await
+            .map_err(|e| NodeError::Usage(format!("--attest: {e}")))?
+            .map_err(|e| NodeError::Usage(format!("--attest: {e}")))?;
+            Some(Arc::new(att))
+        }
+        false => None,
+    };
     let heartbeat = Duration::from_millis(a.heartbeat_ms);
     let mut r = Remote {
+        attester,
         labels,
         conn: Conn {
             join,
@@ -460,6 +523,7 @@ pub async fn node_main(a: NodeArgs) -> Result<(), NodeError> {
             }
         }
         let sent = Instant::now();
+        let mut failed = false;
         match r.beat(revision, Some(&agent)).await {
             Beat::Ok { state, placements } => {
                 last_ok = sent;
@@ -482,6 +546,7 @@ pub async fn node_main(a: NodeArgs) -> Result<(), NodeError> {
                 revision = 0;
             }
             Beat::Failed(e) => {
+                failed = true;
                 tracing::debug!(error = %e, "heartbeat failed");
                 if let Some(l) = r.lease {
                     if last_ok.elapsed() > l && !fenced_for_lease {
@@ -500,7 +565,14 @@ pub async fn node_main(a: NodeArgs) -> Result<(), NodeError> {
                 }
             }
         }
-        let wait = r.heartbeat.saturating_sub(sent.elapsed());
+        // After a failure (a leader change, most often), try again soon:
+        // the lease runs.
+        let next = if failed {
+            r.heartbeat.min(Duration::from_millis(100))
+        } else {
+            r.heartbeat
+        };
+        let wait = next.saturating_sub(sent.elapsed());
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
