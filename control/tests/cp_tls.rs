@@ -633,3 +633,105 @@ async fn nodes_are_admitted_by_attestation() {
         assert!(refused[i].starts_with(w), "{i}: {}", refused[i]);
     }
 }
+
+/// A `cell0d node` process, killed on drop.
+struct NodeProc(Child, PathBuf);
+
+impl NodeProc {
+    fn start(base: &Path, name: &str, join: &str, vmm: &Path, tpm_ca: &Path) -> NodeProc {
+        let log_path = base.join(format!("{name}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_cell0d"))
+            .args(["node", "--join", join, "--node-name", name, "--attest"])
+            .arg("--tls-dir")
+            .arg(base.join(name))
+            .arg("--data-dir")
+            .arg(base.join(format!("{name}-data")))
+            .arg("--vmm")
+            .arg(vmm)
+            .args([
+                "--vcpus",
+                "4",
+                "--memory-mib",
+                "4096",
+                "--health-ms",
+                "3600000",
+            ])
+            .env("CELL0_TPM_CA_DIR", tpm_ca)
+            .env("RUST_LOG", "info")
+            .env_remove("CELL0_TLS_DIR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        NodeProc(child, log_path)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.1).unwrap_or_default()
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cell0d_node_attests_before_it_registers() {
+    if swtpm_missing() {
+        eprintln!("SKIP cell0d_node_attests_before_it_registers: swtpm is not installed");
+        return;
+    }
+    let _g = SERIAL.lock().await;
+    let d = tempdir();
+    let base = d.path();
+    let ca = pki(base, "ca", &["admin", "n-good", "n-evil"]);
+    member_certs(base, &ca, &[1]);
+    let tpm_ca = base.join("tpm-ca");
+    let m1 = Member::start(
+        base,
+        1,
+        &["--require-node-attestation"],
+        &[("CELL0_TPM_CA_DIR", &tpm_ca)],
+    );
+    m1.wait_api();
+    let fake_vmm = base.join("cell0-vmm");
+    std::fs::write(&fake_vmm, b"#!/bin/sh\necho a different cell0-vmm\n").unwrap();
+    // The real node agent, over mutual TLS: one runs the members' cell0-vmm
+    // (/bin/true here), one another build.
+    let good = NodeProc::start(base, "n-good", &m1.addr, Path::new("/bin/true"), &tpm_ca);
+    let evil = NodeProc::start(base, "n-evil", &m1.addr, &fake_vmm, &tpm_ca);
+    let mut admin = m1.client(&base.join("admin")).await;
+    let t0 = Instant::now();
+    loop {
+        let ids: Vec<String> = admin
+            .node
+            .list(grpc::ListNodesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes
+            .into_iter()
+            .map(|n| n.id)
+            .collect();
+        assert!(!ids.contains(&"n-evil".to_string()), "{ids:?}");
+        if ids.contains(&"n-good".to_string()) && evil.log().contains("attestation refused") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "n-good not registered or n-evil not refused within 60 s: {ids:?}\n--- n-good:\n{}\n--- n-evil:\n{}\n--- m1:\n{}",
+            tail(&good.log(), 3000),
+            tail(&evil.log(), 3000),
+            tail(&m1.log(), 3000)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = evil.log();
+    assert!(log.contains("node-vmm"), "{}", tail(&log, 3000));
+    assert!(good.log().contains("attestation passed"), "{}", good.log());
+}

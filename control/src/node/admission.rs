@@ -384,13 +384,24 @@ pub struct AdmissionApi {
 
 impl AdmissionApi {
     /// The service.
+    /// The service. With `settings.required` the verifier is set up at once
+    /// in the background (call it inside a tokio runtime).
     pub fn new(settings: AdmissionSettings, audit: Arc<AuditLog>, metrics: Arc<Metrics>) -> Self {
-        Self {
+        let api = Self {
             settings: Arc::new(settings),
             admission: Arc::default(),
             audit,
             metrics,
+        };
+        if api.settings.required {
+            let a = api.clone();
+            tokio::spawn(async move {
+                if let Err(e) = a.admission().await {
+                    tracing::warn!("{}", e.message());
+                }
+            });
         }
+        api
     }
 
     /// The registration hook (`NodeService.Register` with
@@ -408,19 +419,28 @@ impl AdmissionApi {
         )))
     }
 
+    /// The verifier, set up once (reading the TPM CA, hashing the binaries:
+    /// a second or so) in a task of its own, so that a caller that gives up
+    /// does not cancel it.
     async fn admission(&self) -> Result<Arc<Admission>, Status> {
-        let s = self.settings.clone();
-        self.admission
-            .get_or_try_init(|| async move {
+        let (s, cell) = (self.settings.clone(), self.admission.clone());
+        let init = tokio::spawn(async move {
+            cell.get_or_try_init(|| async move {
                 tokio::task::spawn_blocking(move || s.build().map(Arc::new))
                     .await
                     .map_err(|e| AdmissionError::Ca(e.to_string()))?
             })
             .await
             .cloned()
-            .map_err(|e| {
+        });
+        match init.await {
+            Ok(r) => r.map_err(|e| {
                 Status::failed_precondition(format!("node admission is not available: {e}"))
-            })
+            }),
+            Err(e) => Err(Status::internal(format!(
+                "node admission set-up failed: {e}"
+            ))),
+        }
     }
 
     fn record(&self, method: &str, peer: Option<String>, node: &str, st: &Result<(), Status>) {
