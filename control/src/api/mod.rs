@@ -949,3 +949,50 @@ impl Api {
         Ok((rev, node, applied))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn good() -> grpc::Node {
+        grpc::Node {
+            id: "n1".into(),
+            zone: "a".into(),
+            region: "r".into(),
+            capacity: Some(grpc::Resources {
+                vcpus: 2,
+                memory_mib: 1024,
+            }),
+            cpu_overcommit: 4.0,
+            memory_overcommit: 1.0,
+            state: "down".into(),
+            drained: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn registration_is_checked_and_marks_the_node_remote_and_ready() {
+        let r = node_record(good()).unwrap();
+        assert_eq!(r.state, NodeState::Ready);
+        assert!(!r.drained, "a drain is the state machine's to keep");
+        assert_eq!(r.labels[REMOTE_LABEL], REMOTE_VALUE);
+        let bad: [fn(&mut grpc::Node); 6] = [
+            |n| n.id = "Bad Name".into(),
+            |n| n.capacity = None,
+            |n| n.cpu_overcommit = 0.5,
+            |n| n.memory_overcommit = f64::NAN,
+            |n| n.zone = String::new(),
+            |n| {
+                n.labels.insert(String::new(), "x".into());
+            },
+        ];
+        for (i, f) in bad.iter().enumerate() {
+            let mut n = good();
+            f(&mut n);
+            let e = node_record(n).unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "case {i}: {e:?}");
+        }
+    }
+}

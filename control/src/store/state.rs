@@ -509,3 +509,96 @@ mod tests {
         assert!(r.to_string().contains("no node"), "{r}");
     }
 }
+
+#[cfg(test)]
+mod failure_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::tests::node;
+    use super::*;
+    use cell0_proto::grpc;
+
+    fn create(name: &str, policy: grpc::RestartPolicy) -> Command {
+        let spec = VmSpec::from_proto(
+            grpc::VmSpec {
+                name: name.into(),
+                vcpus: 1,
+                restart_policy: policy as i32,
+                ..Default::default()
+            },
+            name,
+        )
+        .unwrap();
+        Command::CreateVm {
+            spec,
+            created_at_ms: 1,
+        }
+    }
+
+    #[test]
+    fn a_down_node_moves_restartable_vms_with_a_new_epoch_and_loses_the_others() {
+        let mut s = ClusterState::default();
+        s.apply(
+            1,
+            &Command::PutNode {
+                node: node("n1", 4, 4096, 1.0),
+            },
+        );
+        let a = s
+            .apply(2, &create("a", grpc::RestartPolicy::Always))
+            .vm
+            .unwrap();
+        let b = s
+            .apply(3, &create("b", grpc::RestartPolicy::Never))
+            .vm
+            .unwrap();
+        assert_eq!((a.epoch, b.epoch), (1, 1));
+        s.apply(
+            4,
+            &Command::PutNode {
+                node: node("n2", 4, 4096, 1.0),
+            },
+        );
+        let down = Command::SetNodeState {
+            id: "n1".into(),
+            state: NodeState::Down,
+        };
+        let ev = s.apply(5, &down).evacuation.unwrap();
+        assert_eq!(ev.moved.len(), 1);
+        let a = &s.vms["a"];
+        assert_eq!((a.node.as_str(), a.epoch, a.revision), ("n2", 2, 5));
+        let b = &s.vms["b"];
+        assert_eq!(
+            (b.node.as_str(), b.desired, b.epoch),
+            ("n1", Desired::Stopped, 1)
+        );
+        assert!(
+            b.lost.as_deref().unwrap().contains("node n1 went down"),
+            "{b:?}"
+        );
+        // Down again: nothing more happens.
+        assert!(s.apply(6, &down).evacuation.is_none());
+        // Suspect takes no new VMs and moves nothing.
+        let r = s.apply(
+            7,
+            &Command::SetNodeState {
+                id: "n2".into(),
+                state: NodeState::Suspect,
+            },
+        );
+        assert!(r.evacuation.is_none());
+        assert!(
+            s.apply(8, &create("c", grpc::RestartPolicy::Always))
+                .rejected
+                .is_some()
+        );
+        // Starting a lost VM again clears the reason.
+        s.apply(
+            9,
+            &Command::SetDesired {
+                id: "b".into(),
+                desired: Desired::Running,
+            },
+        );
+        assert!(s.vms["b"].lost.is_none());
+    }
+}
