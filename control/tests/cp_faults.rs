@@ -1,0 +1,838 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Fault tests of the multi-member control plane (issue 7 item 5), with real
+//! `cell0d serve` processes, each in its own network namespace
+//! (`cp_faults/net.rs`): a partitioned minority, a seeded randomized
+//! kill/partition/restart run under client traffic, members added and removed
+//! under load, and a restart of every member.
+//!
+//! Each member runs its node agent with `/bin/true` as the "VMM", so no KVM is
+//! needed; the VMs written are records whose placement is checked. Needs root
+//! (network namespaces); without it every test says why and skips. Randomness
+//! comes from a printed seed: `CELL0_TEST_SEED` replays it, and
+//! `CELL0_FAULT_SECS` sets how long the randomized run lasts (default 60).
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+mod cp_harness;
+#[path = "cp_faults/net.rs"]
+mod net;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cell0_control::ctl::{self, Clients};
+use cell0_proto::grpc;
+use cp_harness::tail;
+use net::Net;
+use serde_json::Value;
+
+/// One cluster at a time (a shared two-core machine), and one test's
+/// namespaces at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const ARGS: &[&str] = &[
+    "--vmm",
+    "/bin/true",
+    "--cpu-overcommit",
+    "100000",
+    "--memory-overcommit",
+    "100000",
+    "--health-ms",
+    "3600000",
+];
+
+/// The longest any single call may take before the test calls it a hang.
+const CALL_LIMIT: Duration = Duration::from_secs(60);
+
+/// A small deterministic generator (xorshift64*), seeded and printed.
+struct Rng(u64);
+
+impl Rng {
+    fn seeded(test: &str) -> Rng {
+        let seed = std::env::var("CELL0_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            })
+            | 1;
+        println!("{test}: seed {seed} (replay with CELL0_TEST_SEED={seed})");
+        Rng(seed)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn ms(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.below(hi - lo))
+    }
+}
+
+/// A `cell0d serve` member in its own network namespace.
+struct Member {
+    id: u64,
+    ns: String,
+    base: PathBuf,
+    child: Option<Child>,
+    extra: Vec<String>,
+}
+
+impl Member {
+    fn data(&self) -> PathBuf {
+        self.base.join(format!("m{}", self.id))
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.base.join(format!("m{}.log", self.id))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The address the test's clients use (client net).
+    fn addr(&self) -> String {
+        Net::client_addr(self.id)
+    }
+
+    /// Starts member `id` in its namespace; `mode` is `--join` or nothing
+    /// (initialize a one-member cluster).
+    fn start(net: &Net, base: &Path, id: u64, mode: &[&str]) -> Member {
+        let mut m = Member {
+            id,
+            ns: net.ns(id),
+            base: base.to_path_buf(),
+            child: None,
+            extra: mode.iter().map(|s| s.to_string()).collect(),
+        };
+        m.spawn();
+        m
+    }
+
+    /// (Re)starts the process; returns once its Raft service listens.
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "member {} already runs", self.id);
+        let data = self.data();
+        let _ = std::fs::remove_file(data.join("cell0d.addr"));
+        let _ = std::fs::remove_file(data.join("cell0d.member"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        // `ip netns exec` execs cell0d in place, so the child is cell0d.
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .arg(env!("CARGO_BIN_EXE_cell0d"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--listen", "0.0.0.0:7070", "--metrics", "127.0.0.1:0"])
+            .args(["--advertise", &Net::raft_addr(self.id)])
+            .args(["--node-id", &self.id.to_string()])
+            .args(["--node-name", &format!("m{}", self.id)])
+            .args(ARGS)
+            .args(&self.extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let t0 = Instant::now();
+        while !data.join("cell0d.member").exists() {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                panic!(
+                    "member {} exited ({st}) before serving:\n{}",
+                    self.id,
+                    tail(&self.log(), 4000)
+                );
+            }
+            assert!(
+                t0.elapsed() < CALL_LIMIT,
+                "member {} did not serve Raft within {CALL_LIMIT:?}:\n{}",
+                self.id,
+                tail(&self.log(), 4000)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the member's API serves (it knows a leader).
+    fn wait_api(&self) {
+        let t0 = Instant::now();
+        while !self.data().join("cell0d.addr").exists() {
+            assert!(
+                t0.elapsed() < CALL_LIMIT,
+                "member {}'s API did not come up within {CALL_LIMIT:?}:\n{}",
+                self.id,
+                tail(&self.log(), 4000)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_cell0ctl"))
+            .arg("--endpoint")
+            .arg(self.addr())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn ctl_ok(&self, args: &[&str]) -> String {
+        let o = self.ctl(args);
+        assert!(
+            o.status.success(),
+            "cell0ctl {args:?} against member {} failed ({}): {}\n--- its log:\n{}",
+            self.id,
+            o.status,
+            String::from_utf8_lossy(&o.stderr),
+            tail(&self.log(), 4000)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    async fn client(&self) -> Clients {
+        bounded("connect", ctl::connect(&self.addr()))
+            .await
+            .unwrap_or_else(|e| panic!("connect to member {}: {e}", self.id))
+    }
+
+    /// This member's own view of Raft, if it answers.
+    async fn status(&self) -> Option<grpc::ClusterStatus> {
+        let fut = async {
+            let mut c = ctl::connect(&self.addr()).await.ok()?;
+            c.cluster
+                .status(grpc::ClusterStatusRequest {})
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+        };
+        tokio::time::timeout(Duration::from_secs(5), fut)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Every VM record, read (linearizably) through this member.
+    async fn vms(&self) -> Result<Vec<grpc::Vm>, tonic::Status> {
+        let mut c = self.client().await;
+        let r = bounded("List", c.vm.list(grpc::ListVmsRequest::default())).await;
+        r.map(|r| r.into_inner().vms)
+    }
+
+    /// The VM run dirs this member's node agent has.
+    fn run_dirs(&self) -> BTreeSet<String> {
+        let Ok(rd) = std::fs::read_dir(self.data().join("node/vms")) else {
+            return BTreeSet::new();
+        };
+        rd.flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Awaits `fut`, panicking if it takes longer than [`CALL_LIMIT`] (a hang).
+async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(CALL_LIMIT, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not answer within {CALL_LIMIT:?} (a hang)"))
+}
+
+/// Polls `f` until it gives a value (bounded, with a clear message).
+async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "gave up after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn spec(name: &str) -> grpc::CreateVmRequest {
+    grpc::CreateVmRequest {
+        spec: Some(grpc::VmSpec {
+            name: name.into(),
+            ..Default::default()
+        }),
+    }
+}
+
+/// The leader as the given members see it (all must agree, and it must be
+/// one of them).
+async fn leader(ms: &[&Member]) -> Option<u64> {
+    let mut seen = BTreeSet::new();
+    for m in ms {
+        let s = m.status().await?;
+        if s.leader_id == 0 || !ms.iter().any(|x| x.id == s.leader_id) {
+            return None;
+        }
+        seen.insert(s.leader_id);
+    }
+    (seen.len() == 1).then(|| *seen.iter().next().unwrap())
+}
+
+/// Runs `body` on a thread in the hub namespace with its own runtime, after
+/// creating the namespaces; skips (with the reason) where namespaces cannot
+/// be made. `Net` and everything `body` owns are dropped even on a panic.
+fn in_netns<F, Fut>(test: &str, body: F)
+where
+    F: FnOnce(Net, PathBuf) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(why) = net::unusable() {
+        eprintln!("SKIP {test}: network namespaces cannot be used here: {why}");
+        return;
+    }
+    let t0 = Instant::now();
+    let dir = tempfile::Builder::new()
+        .prefix("c0f")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let base = dir.path().to_path_buf();
+    let r = std::thread::spawn(move || {
+        let net = Net::new();
+        net.enter_hub();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(body(net, base));
+    })
+    .join();
+    println!("{test}: {:.1} s", t0.elapsed().as_secs_f64());
+    if let Err(p) = r {
+        std::panic::resume_unwind(p);
+    }
+}
+
+/// Starts members `1..=n` in their namespaces: member 1 initializes, the
+/// others join through `cluster add`.
+async fn form(net: &mut Net, base: &Path, n: u64) -> Vec<Member> {
+    for id in 1..=n {
+        net.add_member(id);
+    }
+    let first = Member::start(net, base, 1, &[]);
+    first.wait_api();
+    let mut ms = vec![first];
+    for id in 2..=n {
+        let m = Member::start(net, base, id, &["--join"]);
+        ms[0].ctl_ok(&["cluster", "add", &id.to_string(), &Net::raft_addr(id)]);
+        m.wait_api();
+        ms.push(m);
+    }
+    let refs: Vec<&Member> = ms.iter().collect();
+    wait_for(
+        &format!("{n} members to agree on a leader"),
+        Duration::from_secs(60),
+        || leader(&refs),
+    )
+    .await;
+    ms
+}
+
+/// Acknowledged writes, shared by the writer tasks.
+#[derive(Clone, Default)]
+struct Acks {
+    acked: Arc<Mutex<BTreeSet<String>>>,
+    failed: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Acks {
+    fn len(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    fn set(&self) -> BTreeSet<String> {
+        self.acked.lock().unwrap().clone()
+    }
+
+    /// Waits for `more` acknowledged writes beyond what there is now.
+    async fn wait_more(&self, more: usize, why: &str) {
+        let want = self.len() + more;
+        wait_for(
+            &format!("{more} more acknowledged writes ({why})"),
+            Duration::from_secs(120),
+            || async move { (self.len() >= want).then_some(()) },
+        )
+        .await;
+    }
+}
+
+/// Starts `n` writer tasks. Each write goes to a member drawn (from `seed`)
+/// among those in `targets`; a write that errs or does not answer within 10 s
+/// is not acknowledged (its outcome is unknown) and is not counted.
+fn writers(
+    n: usize,
+    seed: u64,
+    targets: Arc<Mutex<Vec<u64>>>,
+    acks: &Acks,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..n)
+        .map(|w| {
+            let (acks, targets) = (acks.clone(), targets.clone());
+            let mut rng = Rng(seed.wrapping_add(w as u64 * 0x9e37_79b9) | 1);
+            tokio::spawn(async move {
+                let mut clients: BTreeMap<u64, Clients> = BTreeMap::new();
+                let mut i = 0u64;
+                while !acks.stop.load(Ordering::Relaxed) {
+                    let t = targets.lock().unwrap().clone();
+                    let id = t[rng.below(t.len() as u64) as usize];
+                    let name = format!("w{w}-{i}");
+                    i += 1;
+                    if let std::collections::btree_map::Entry::Vacant(e) = clients.entry(id) {
+                        let c = tokio::time::timeout(
+                            Duration::from_secs(5),
+                            ctl::connect(&Net::client_addr(id)),
+                        )
+                        .await;
+                        match c {
+                            Ok(Ok(c)) => {
+                                e.insert(c);
+                            }
+                            _ => {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                continue;
+                            }
+                        }
+                    }
+                    let c = clients.get_mut(&id).unwrap();
+                    let r = tokio::time::timeout(Duration::from_secs(10), c.vm.create(spec(&name)))
+                        .await;
+                    match r {
+                        Ok(Ok(_)) => {
+                            acks.acked.lock().unwrap().insert(name);
+                        }
+                        _ => {
+                            acks.failed.fetch_add(1, Ordering::Relaxed);
+                            clients.remove(&id);
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+async fn stop_writers(acks: &Acks, ws: Vec<tokio::task::JoinHandle<()>>) {
+    acks.stop.store(true, Ordering::Relaxed);
+    for w in ws {
+        bounded("a writer to stop", w).await.unwrap();
+    }
+    println!(
+        "{} writes acknowledged, {} not acknowledged",
+        acks.len(),
+        acks.failed.load(Ordering::Relaxed)
+    );
+}
+
+/// Every acknowledged write is on every member (read linearizably through
+/// each), and every VM record has one node, the same on every member, whose
+/// node agent is the only one with a run dir for it.
+async fn check_all(ms: &[&Member], acked: &BTreeSet<String>) {
+    let mut placement: Option<BTreeMap<String, String>> = None;
+    for m in ms {
+        // A member that just came back may still be catching up: the read
+        // waits for the read index, but the first one may meet an election.
+        let vms = wait_for(
+            &format!("a linearizable List through member {}", m.id),
+            Duration::from_secs(60),
+            || async move { m.vms().await.ok() },
+        )
+        .await;
+        let have: BTreeSet<String> = vms.iter().map(|v| v.id.clone()).collect();
+        let lost: Vec<_> = acked.difference(&have).collect();
+        assert!(
+            lost.is_empty(),
+            "member {} lost {} acknowledged writes: {lost:?}",
+            m.id,
+            lost.len()
+        );
+        let p: BTreeMap<String, String> = vms
+            .iter()
+            .map(|v| {
+                let node = v.status.as_ref().map(|s| s.node.clone()).unwrap_or_default();
+                assert!(!node.is_empty(), "VM {} has no node on member {}", v.id, m.id);
+                (v.id.clone(), node)
+            })
+            .collect();
+        match &placement {
+            None => placement = Some(p),
+            Some(first) => assert_eq!(
+                first, &p,
+                "member {} sees other records or placements than member {}",
+                m.id, ms[0].id
+            ),
+        }
+    }
+    let placement = placement.unwrap();
+    for m in ms {
+        let me = format!("m{}", m.id);
+        for d in m.run_dirs() {
+            if let Some(node) = placement.get(&d) {
+                assert_eq!(
+                    node, &me,
+                    "VM {d} is placed on {node}, but member {}'s node agent has a run dir for it",
+                    m.id
+                );
+            }
+        }
+    }
+    println!(
+        "checked {} acknowledged writes and {} VM records on members {:?}",
+        acked.len(),
+        placement.len(),
+        ms.iter().map(|m| m.id).collect::<Vec<_>>()
+    );
+}
+
+/// One write through `m` that must fail, and not hang: the error's code.
+async fn write_fails(m: &Member, name: &str) -> tonic::Status {
+    let mut c = m.client().await;
+    let t0 = Instant::now();
+    let r = bounded(
+        &format!("a write through partitioned member {}", m.id),
+        c.vm.create(spec(name)),
+    )
+    .await;
+    let e = match r {
+        Ok(_) => panic!(
+            "a write through member {}, cut off from the others, was acknowledged",
+            m.id
+        ),
+        Err(e) => e,
+    };
+    println!(
+        "write through partitioned member {}: {:?} after {:.1} s: {}",
+        m.id,
+        e.code(),
+        t0.elapsed().as_secs_f64(),
+        e.message()
+    );
+    e
+}
+
+#[test]
+fn a_partitioned_minority_cannot_commit_and_heals() {
+    in_netns(
+        "a_partitioned_minority_cannot_commit_and_heals",
+        |mut net, base| async move {
+            let ms = form(&mut net, &base, 3).await;
+            let all: Vec<&Member> = ms.iter().collect();
+            let mut acked = BTreeSet::new();
+            let mut n = 0;
+            let mut write = |m: &Member| {
+                n += 1;
+                let name = format!("v{n}");
+                let addr = m.addr();
+                let id = m.id;
+                async move {
+                    let mut c = bounded("connect", ctl::connect(&addr)).await.unwrap();
+                    bounded("a write", c.vm.create(spec(&name)))
+                        .await
+                        .unwrap_or_else(|e| panic!("write {name} through member {id}: {e}"));
+                    name
+                }
+            };
+            for m in &ms {
+                for _ in 0..5 {
+                    acked.insert(write(m).await);
+                }
+            }
+
+            // Twice: first a follower is cut off, then the leader.
+            for round in ["a follower", "the leader"] {
+                let l = wait_for("one leader", Duration::from_secs(60), || leader(&all)).await;
+                let cut = if round == "the leader" {
+                    l
+                } else {
+                    ms.iter().find(|m| m.id != l).unwrap().id
+                };
+                let minority = ms.iter().find(|m| m.id == cut).unwrap();
+                let majority: Vec<&Member> = ms.iter().filter(|m| m.id != cut).collect();
+                println!("partitioning {round}, member {cut} (leader {l})");
+                net.partition(cut);
+
+                // The majority has (or elects) a leader of its own and commits.
+                let nl = wait_for(
+                    "a leader in the majority",
+                    Duration::from_secs(60),
+                    || leader(&majority),
+                )
+                .await;
+                println!("majority leader: {nl}");
+                for m in &majority {
+                    for _ in 0..5 {
+                        acked.insert(write(m).await);
+                    }
+                }
+                // The minority cannot commit: a write through it fails
+                // (UNAVAILABLE, bounded), and so does a linearizable read.
+                let e = write_fails(minority, &format!("cut-{cut}")).await;
+                assert_eq!(
+                    e.code(),
+                    tonic::Code::Unavailable,
+                    "a write through the minority: {e}"
+                );
+                let r = minority.vms().await;
+                match r {
+                    Ok(v) => panic!(
+                        "member {cut}, cut off, answered a linearizable read ({} VMs)",
+                        v.len()
+                    ),
+                    Err(e) => {
+                        println!("read through partitioned member {cut}: {:?}", e.code());
+                        assert_eq!(e.code(), tonic::Code::Unavailable, "{e}");
+                    }
+                }
+                // The majority still commits after the minority's attempts.
+                for m in &majority {
+                    acked.insert(write(m).await);
+                }
+                let target = majority[0].status().await.unwrap().last_applied;
+
+                net.heal(cut);
+                println!("healed member {cut}");
+                wait_for(
+                    &format!("member {cut} to apply up to {target}"),
+                    Duration::from_secs(60),
+                    || async move {
+                        minority
+                            .status()
+                            .await
+                            .filter(|s| s.last_applied >= target)
+                            .map(|_| ())
+                    },
+                )
+                .await;
+                let l2 = wait_for("one leader for all three", Duration::from_secs(60), || {
+                    leader(&all)
+                })
+                .await;
+                println!("after healing: leader {l2}");
+                // The healed member takes writes again.
+                acked.insert(write(minority).await);
+                check_all(&all, &acked).await;
+            }
+        },
+    );
+}
+
+#[test]
+fn seeded_random_kills_and_partitions_lose_no_acknowledged_write() {
+    in_netns(
+        "seeded_random_kills_and_partitions_lose_no_acknowledged_write",
+        |mut net, base| async move {
+            let mut rng = Rng::seeded("seeded_random_kills_and_partitions");
+            let secs: u64 = std::env::var("CELL0_FAULT_SECS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(60);
+            let mut ms = form(&mut net, &base, 3).await;
+            let acks = Acks::default();
+            let targets = Arc::new(Mutex::new(vec![1, 2, 3]));
+            let ws = writers(3, rng.next(), targets, &acks);
+            acks.wait_more(10, "before the faults").await;
+
+            // One member at a time is faulty (a minority of three): it is
+            // SIGKILLed and restarted, or partitioned and healed.
+            let t0 = Instant::now();
+            let (mut kills, mut parts) = (0, 0);
+            while t0.elapsed() < Duration::from_secs(secs) {
+                let i = rng.below(3) as usize;
+                let id = ms[i].id;
+                let down = rng.ms(300, 4000);
+                let at = acks.len();
+                match rng.below(3) {
+                    0 => {
+                        println!("{:>5.1} s: SIGKILL member {id} for {down:?} ({at} acked)", t0.elapsed().as_secs_f64());
+                        ms[i].kill9();
+                        tokio::time::sleep(down).await;
+                        ms[i].spawn();
+                        kills += 1;
+                    }
+                    1 => {
+                        println!("{:>5.1} s: partition member {id} for {down:?} ({at} acked)", t0.elapsed().as_secs_f64());
+                        net.partition(id);
+                        tokio::time::sleep(down).await;
+                        net.heal(id);
+                        parts += 1;
+                    }
+                    _ => {
+                        // Partitioned, then SIGKILLed while cut off, and
+                        // restarted after the heal.
+                        println!("{:>5.1} s: partition then SIGKILL member {id} ({at} acked)", t0.elapsed().as_secs_f64());
+                        net.partition(id);
+                        tokio::time::sleep(down / 2).await;
+                        ms[i].kill9();
+                        tokio::time::sleep(down / 2).await;
+                        net.heal(id);
+                        ms[i].spawn();
+                        kills += 1;
+                        parts += 1;
+                    }
+                }
+                // Let the cluster settle before the next fault: the member
+                // back must serve again, so that never two are out at once.
+                ms[i].wait_api();
+                let all: Vec<&Member> = ms.iter().collect();
+                wait_for("one leader after the fault", Duration::from_secs(60), || {
+                    leader(&all)
+                })
+                .await;
+                tokio::time::sleep(rng.ms(200, 2000)).await;
+            }
+            println!("{kills} kills and {parts} partitions in {secs} s");
+            // Traffic goes on after the faults.
+            acks.wait_more(20, "after the faults").await;
+            stop_writers(&acks, ws).await;
+            let all: Vec<&Member> = ms.iter().collect();
+            let l = wait_for("a leader", Duration::from_secs(60), || leader(&all)).await;
+            println!("leader {l}");
+            let acked = acks.set();
+            check_all(&all, &acked).await;
+
+            // Restart everything: SIGKILL all three, start them in a seeded
+            // order, and all state is back.
+            for m in ms.iter_mut() {
+                m.kill9();
+            }
+            let mut order = vec![0usize, 1, 2];
+            for k in (1..order.len()).rev() {
+                order.swap(k, rng.below(k as u64 + 1) as usize);
+            }
+            println!("all three SIGKILLed; restarting in order {order:?}");
+            for i in order {
+                ms[i].spawn();
+            }
+            for m in &ms {
+                m.wait_api();
+            }
+            let all: Vec<&Member> = ms.iter().collect();
+            wait_for("a leader after the full restart", Duration::from_secs(60), || {
+                leader(&all)
+            })
+            .await;
+            check_all(&all, &acked).await;
+        },
+    );
+}
+
+#[test]
+fn members_are_added_and_removed_under_load() {
+    in_netns(
+        "members_are_added_and_removed_under_load",
+        |mut net, base| async move {
+            let rng_seed = Rng::seeded("members_are_added_and_removed_under_load").next();
+            let mut ms = form(&mut net, &base, 3).await;
+            let acks = Acks::default();
+            let targets = Arc::new(Mutex::new(vec![1, 2, 3]));
+            let ws = writers(3, rng_seed, targets.clone(), &acks);
+            acks.wait_more(20, "before the add").await;
+
+            // A fourth member: learner, caught up, then voter, under load.
+            net.add_member(4);
+            let m4 = Member::start(&net, &base, 4, &["--join"]);
+            let all: Vec<&Member> = ms.iter().collect();
+            let l = wait_for("one leader", Duration::from_secs(60), || leader(&all)).await;
+            let via = ms.iter().find(|m| m.id != l).unwrap();
+            let out = via.ctl_ok(&["cluster", "add", "4", &Net::raft_addr(4), "-o", "json"]);
+            let v: Value = serde_json::from_str(&out).unwrap();
+            assert!(
+                v["members"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|m| m["id"] == 4 && m["voter"] == true),
+                "member 4 is not a voter: {v:#}"
+            );
+            let via = via.id;
+            m4.wait_api();
+            ms.push(m4);
+            targets.lock().unwrap().push(4);
+            println!("member 4 added through member {via} ({} acked)", acks.len());
+            acks.wait_more(20, "after the add").await;
+
+            // Remove the leader, through another member, under load.
+            let all: Vec<&Member> = ms.iter().collect();
+            let l = wait_for("one leader of four", Duration::from_secs(60), || leader(&all))
+                .await;
+            targets.lock().unwrap().retain(|x| *x != l);
+            let via = ms.iter().find(|m| m.id != l).unwrap();
+            via.ctl_ok(&["cluster", "remove", &l.to_string()]);
+            println!("removed leader {l} through member {} ({} acked)", via.id, acks.len());
+            let idx = ms.iter().position(|m| m.id == l).unwrap();
+            let mut gone = ms.remove(idx);
+            gone.kill9();
+            let rest: Vec<&Member> = ms.iter().collect();
+            let nl = wait_for("a leader among the rest", Duration::from_secs(60), || {
+                leader(&rest)
+            })
+            .await;
+            println!("member {nl} leads");
+            acks.wait_more(20, "after the remove").await;
+            stop_writers(&acks, ws).await;
+
+            let want: BTreeSet<u64> = [1, 2, 3, 4].into_iter().filter(|x| *x != l).collect();
+            for m in &rest {
+                let want = &want;
+                wait_for(
+                    &format!("member {} to see voters {want:?} and no learner", m.id),
+                    Duration::from_secs(60),
+                    || async move {
+                        let s = m.status().await?;
+                        let voters: BTreeSet<u64> =
+                            s.members.iter().filter(|x| x.voter).map(|x| x.id).collect();
+                        (voters == *want && s.members.len() == want.len()).then_some(())
+                    },
+                )
+                .await;
+            }
+            check_all(&rest, &acks.set()).await;
+        },
+    );
+}
