@@ -41,7 +41,7 @@ enum Cmd {
     /// DIR/ca.pem and DIR/ca.key (keep ca.key off the members).
     #[command(after_help = "Example (docs/CLUSTER.md, Security):
   cell0d init-ca --out /etc/cell0/ca
-  cell0d issue-cert --ca /etc/cell0/ca --name m1 --san 10.0.0.1 --out /etc/cell0/m1
+  cell0d issue-cert --ca /etc/cell0/ca --name m1 --role member --san 10.0.0.1 --out /etc/cell0/m1
   cell0d serve --tls-dir /etc/cell0/m1 ...")]
     InitCa {
         /// The CA dir (created; an existing CA is never overwritten).
@@ -62,6 +62,11 @@ enum Cmd {
         /// admitted only under its own name.
         #[arg(long)]
         name: String,
+        /// What the certificate may do: `member` (Raft and all), `node` (a
+        /// node agent: admission, registration, the API), `client` (the API
+        /// and cluster membership, e.g. cell0ctl).
+        #[arg(long, value_enum)]
+        role: cell0_control::tls::Role,
         /// An IP address or DNS name the holder is dialled at (repeatable or
         /// comma-separated): a member's --advertise/--listen host.
         #[arg(long, value_delimiter = ',')]
@@ -383,11 +388,12 @@ fn main() -> anyhow::Result<()> {
         Cmd::IssueCert {
             ca,
             name,
+            role,
             san,
             out,
             days,
         } => {
-            let req = cell0_control::tls::CertRequest::new(&name, &san, days);
+            let req = cell0_control::tls::CertRequest::new(&name, role, &san, days);
             cell0_control::tls::issue_cert(&ca, &req, &out)?;
             println!("{}", out.display());
             Ok(())

@@ -296,11 +296,13 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(reflection)
-        .add_service(
+        // Over TLS only members' certificates may send Raft messages.
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             RaftServiceServer::new(RaftRpc::new(store.clone()))
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
-        )
+            crate::tls::members_only,
+        ))
         .add_service(ClusterServiceServer::new(ClusterApi::new(
             store.clone(),
             metrics.clone(),

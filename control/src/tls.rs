@@ -187,11 +187,53 @@ fn getrandom(buf: &mut [u8]) {
     }
 }
 
+/// What a certificate may do, written as its subject's OU
+/// (`cell0-member`, `cell0-node`, `cell0-client`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// A control-plane member: Raft (`RaftService`) and everything else.
+    Member,
+    /// A node agent on another host: admission and registration of its own
+    /// node (`AdmissionService`, `NodeService`), and the API.
+    Node,
+    /// An operator or program (cell0ctl): the API and `ClusterService`, not
+    /// Raft, not node admission.
+    Client,
+}
+
+impl Role {
+    /// The OU value.
+    pub const fn ou(self) -> &'static str {
+        match self {
+            Role::Member => "cell0-member",
+            Role::Node => "cell0-node",
+            Role::Client => "cell0-client",
+        }
+    }
+
+    fn from_ou(s: &str) -> Option<Role> {
+        [Role::Member, Role::Node, Role::Client]
+            .into_iter()
+            .find(|r| r.ou() == s)
+    }
+
+    /// Lowercase name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Role::Member => "member",
+            Role::Node => "node",
+            Role::Client => "client",
+        }
+    }
+}
+
 /// What `issue-cert` puts in a certificate.
 #[derive(Debug, Clone)]
 pub struct CertRequest {
     /// The subject's common name: the member, node or client name.
     pub name: String,
+    /// What it may do.
+    pub role: Role,
     /// Subject alternative names: IP addresses or DNS names the party is
     /// dialled at (a member's `--advertise`/`--listen` host).
     pub sans: Vec<String>,
@@ -203,10 +245,11 @@ pub struct CertRequest {
 
 impl CertRequest {
     /// Valid from now (minus 5 minutes of clock skew) for `valid_days`.
-    pub fn new(name: &str, sans: &[String], valid_days: u32) -> Self {
+    pub fn new(name: &str, role: Role, sans: &[String], valid_days: u32) -> Self {
         let now = time::OffsetDateTime::now_utc();
         Self {
             name: name.to_string(),
+            role,
             sans: sans.to_vec(),
             not_before: now - time::Duration::minutes(5),
             not_after: now + days(valid_days),
@@ -214,15 +257,26 @@ impl CertRequest {
     }
 }
 
-/// The CN of a certificate's subject (the first one), if any.
-fn subject_cn(der: &[u8]) -> Option<String> {
+/// An attribute (`CN`, `OU`) of a certificate's subject (the first one).
+fn subject_attr(der: &[u8], attr: &str) -> Option<String> {
     use x509_cert::der::Decode as _;
     let c = x509_cert::Certificate::from_der(der).ok()?;
+    let prefix = format!("{attr}=");
     c.tbs_certificate
         .subject
         .to_string()
         .split(',')
-        .find_map(|rdn| rdn.trim().strip_prefix("CN=").map(str::to_string))
+        .find_map(|rdn| rdn.trim().strip_prefix(&prefix).map(str::to_string))
+}
+
+/// The CN of a certificate's subject, if any.
+fn subject_cn(der: &[u8]) -> Option<String> {
+    subject_attr(der, "CN")
+}
+
+/// The role of a certificate (its subject's OU), if it has one.
+fn subject_role(der: &[u8]) -> Option<Role> {
+    Role::from_ou(&subject_attr(der, "OU")?)
 }
 
 /// `cell0d issue-cert`: signs a certificate for `req` with the CA in `ca_dir`
@@ -260,6 +314,9 @@ pub fn issue_cert(ca_dir: &Path, req: &CertRequest, out: &Path) -> Result<(), Tl
     let issuer = Issuer::new(ca_params(&cn), ca_key);
 
     let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationalUnitName, req.role.ou());
     params
         .distinguished_name
         .push(DnType::CommonName, req.name.as_str());
@@ -396,6 +453,11 @@ impl TlsDir {
     /// This party's name (its certificate's CN).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// This party's role (its certificate's OU), if it has one.
+    pub fn role(&self) -> Option<Role> {
+        self.chain.first().and_then(|c| subject_role(c))
     }
 
     /// The server side: this certificate, and a client certificate signed by
@@ -550,6 +612,40 @@ pub fn peer_name<T>(req: &tonic::Request<T>) -> Option<String> {
     subject_cn(certs.first()?)
 }
 
+/// Over TLS, the client certificate must have one of `allowed` roles
+/// (PERMISSION_DENIED otherwise); over plain TCP there is nothing to check.
+pub fn require_role<T>(
+    req: &tonic::Request<T>,
+    allowed: &[Role],
+    what: &str,
+) -> Result<(), tonic::Status> {
+    let Some(certs) = req.peer_certs() else {
+        return Ok(());
+    };
+    let leaf = certs.first();
+    let role = leaf.and_then(|c| subject_role(c));
+    if role.is_some_and(|r| allowed.contains(&r)) {
+        return Ok(());
+    }
+    let name = leaf.and_then(|c| subject_cn(c)).unwrap_or_default();
+    let want: Vec<&str> = allowed.iter().map(|r| r.name()).collect();
+    Err(tonic::Status::permission_denied(format!(
+        "{what} needs a {} certificate; {name:?} has {}",
+        want.join(" or "),
+        role.map_or("no cell0 role (OU)".to_string(), |r| format!(
+            "a {} certificate",
+            r.name()
+        ))
+    )))
+}
+
+/// A tonic interceptor: only members' certificates (Raft between members).
+#[allow(clippy::result_large_err)]
+pub fn members_only(req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    require_role(&req, &[Role::Member], "Raft (RaftService)")?;
+    Ok(req)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -561,18 +657,24 @@ mod tests {
         init_ca(&ca, 30).unwrap();
         assert!(matches!(init_ca(&ca, 30), Err(TlsError::Exists(_))));
         let m1 = d.path().join("m1");
-        issue_cert(&ca, &CertRequest::new("m1", &["127.0.0.1".into()], 1), &m1).unwrap();
+        issue_cert(
+            &ca,
+            &CertRequest::new("m1", Role::Member, &["127.0.0.1".into()], 1),
+            &m1,
+        )
+        .unwrap();
         let t = TlsDir::load(&m1).unwrap();
         assert_eq!(t.name(), "m1");
+        assert_eq!(t.role(), Some(Role::Member));
         t.server_config().unwrap();
         assert!(matches!(
-            issue_cert(&ca, &CertRequest::new("m1", &[], 1), &m1),
+            issue_cert(&ca, &CertRequest::new("m1", Role::Member, &[], 1), &m1),
             Err(TlsError::Exists(_))
         ));
 
         // Expired.
         let old = d.path().join("old");
-        let mut req = CertRequest::new("old", &[], 1);
+        let mut req = CertRequest::new("old", Role::Client, &[], 1);
         req.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(10);
         req.not_after = time::OffsetDateTime::now_utc() - time::Duration::days(1);
         issue_cert(&ca, &req, &old).unwrap();
@@ -583,7 +685,7 @@ mod tests {
         let ca2 = d.path().join("ca2");
         init_ca(&ca2, 30).unwrap();
         let other = d.path().join("other");
-        issue_cert(&ca2, &CertRequest::new("x", &[], 1), &other).unwrap();
+        issue_cert(&ca2, &CertRequest::new("x", Role::Client, &[], 1), &other).unwrap();
         std::fs::remove_file(other.join(CA_CERT)).unwrap();
         std::fs::copy(ca.join(CA_CERT), other.join(CA_CERT)).unwrap();
         let e = TlsDir::load(&other).unwrap_err().to_string();
@@ -594,6 +696,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("is missing") && e.contains("issue-cert"), "{e}");
-        assert!(issue_cert(&ca, &CertRequest::new("a,b", &[], 1), &old).is_err());
+        assert!(issue_cert(&ca, &CertRequest::new("a,b", Role::Client, &[], 1), &old).is_err());
     }
 }

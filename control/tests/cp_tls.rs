@@ -25,7 +25,7 @@ use cell0_attest::VtpmOptions;
 use cell0_attest::formats::Wire as _;
 use cell0_control::ctl::{self, Clients};
 use cell0_control::node::admission::NodeAttester;
-use cell0_control::tls::{self, CertRequest, TlsDir};
+use cell0_control::tls::{self, CertRequest, Role, TlsDir};
 use cell0_proto::grpc::{self, admission_service_client::AdmissionServiceClient};
 use cp_harness::tail;
 use serde_json::Value;
@@ -69,17 +69,20 @@ fn ok(o: Output) -> String {
     String::from_utf8(o.stdout).unwrap()
 }
 
-/// `cell0d init-ca` and `cell0d issue-cert` for each name, SAN 127.0.0.1.
-fn pki(base: &Path, ca: &str, names: &[&str]) -> PathBuf {
+/// `cell0d init-ca` and `cell0d issue-cert` for each (name, role), SAN
+/// 127.0.0.1.
+fn pki(base: &Path, ca: &str, names: &[(&str, &str)]) -> PathBuf {
     let ca_dir = base.join(ca);
     ok(cell0d(&["init-ca", "--out", ca_dir.to_str().unwrap()]));
-    for n in names {
+    for (n, role) in names {
         ok(cell0d(&[
             "issue-cert",
             "--ca",
             ca_dir.to_str().unwrap(),
             "--name",
             n,
+            "--role",
+            role,
             "--san",
             "127.0.0.1",
             "--out",
@@ -193,7 +196,7 @@ fn member_certs(base: &Path, ca: &Path, ids: &[u64]) {
     for id in ids {
         tls::issue_cert(
             ca,
-            &CertRequest::new(&format!("m{id}"), &["127.0.0.1".into()], 1),
+            &CertRequest::new(&format!("m{id}"), Role::Member, &["127.0.0.1".into()], 1),
             &base.join(format!("m{id}.tls")),
         )
         .unwrap();
@@ -264,7 +267,7 @@ async fn mtls_cluster_forms_commits_and_refuses_strangers() {
     let _g = SERIAL.lock().await;
     let d = tempdir();
     let base = d.path();
-    let ca = pki(base, "ca", &["admin"]);
+    let ca = pki(base, "ca", &[("admin", "client")]);
     member_certs(base, &ca, &[1, 2, 3]);
     let admin = base.join("admin");
 
@@ -323,13 +326,35 @@ async fn mtls_cluster_forms_commits_and_refuses_strangers() {
     println!("no client certificate: {}", tls::chain(&e));
     wait_log(&m1, "peer sent no certificates").await;
 
+    // A client's certificate of the cluster CA may use the API but not
+    // send Raft messages: only members' certificates may.
+    let (cert, key) = (
+        std::fs::read_to_string(admin.join("cert.pem")).unwrap(),
+        std::fs::read_to_string(admin.join("key.pem")).unwrap(),
+    );
+    let mut raft = grpc::raft_service_client::RaftServiceClient::new(
+        raw_tls(&m1.addr, &ca_pem, Some((&cert, &key))).await,
+    );
+    let e = raft
+        .vote(grpc::RaftPayload {
+            json: b"{}".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains("needs a member certificate") && e.message().contains("client"),
+        "{}",
+        e.message()
+    );
+
     // A client certificate of another CA: the member refuses the handshake
     // and logs it; a Raft message with it never reaches the store.
     let other = base.join("other");
     pki(base, "ca2", &[]);
     tls::issue_cert(
         &base.join("ca2"),
-        &CertRequest::new("m9", &["127.0.0.1".into()], 1),
+        &CertRequest::new("m9", Role::Member, &["127.0.0.1".into()], 1),
         &other,
     )
     .unwrap();
@@ -358,7 +383,7 @@ async fn mtls_cluster_forms_commits_and_refuses_strangers() {
 
     // An expired certificate: cell0ctl and cell0d serve refuse to use it.
     let expired = base.join("expired");
-    let mut req = CertRequest::new("old", &["127.0.0.1".into()], 1);
+    let mut req = CertRequest::new("old", Role::Client, &["127.0.0.1".into()], 1);
     req.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(30);
     req.not_after = time::OffsetDateTime::now_utc() - time::Duration::days(1);
     tls::issue_cert(&ca, &req, &expired).unwrap();
@@ -444,7 +469,11 @@ async fn nodes_are_admitted_by_attestation() {
     let _g = SERIAL.lock().await;
     let d = tempdir();
     let base = d.path();
-    let ca = pki(base, "ca", &["admin", "good", "evil"]);
+    let ca = pki(
+        base,
+        "ca",
+        &[("admin", "client"), ("good", "node"), ("evil", "node")],
+    );
     member_certs(base, &ca, &[1]);
     // The nodes' TPMs and the member trust one swtpm local CA.
     let tpm_ca = base.join("tpm-ca");
@@ -689,7 +718,11 @@ async fn cell0d_node_attests_before_it_registers() {
     let _g = SERIAL.lock().await;
     let d = tempdir();
     let base = d.path();
-    let ca = pki(base, "ca", &["admin", "n-good", "n-evil"]);
+    let ca = pki(
+        base,
+        "ca",
+        &[("admin", "client"), ("n-good", "node"), ("n-evil", "node")],
+    );
     member_certs(base, &ca, &[1]);
     let tpm_ca = base.join("tpm-ca");
     let m1 = Member::start(

@@ -463,9 +463,14 @@ impl AdmissionApi {
     }
 }
 
-/// With mutual TLS, a node must ask for itself: its certificate's name is its
-/// node id.
+/// With mutual TLS, a node must ask for itself: with a node certificate
+/// (`issue-cert --role node`) whose name is its node id.
 pub fn check_cert_name<T>(req: &Request<T>, node: &str) -> Result<(), Status> {
+    crate::tls::require_role(
+        req,
+        &[crate::tls::Role::Node],
+        "node admission and registration",
+    )?;
     match crate::tls::peer_name(req) {
         Some(n) if n != node => Err(Status::permission_denied(format!(
             "node {node} refused: the client certificate names {n:?}; a node is admitted only under its own certificate's name"
