@@ -137,8 +137,11 @@ impl Liveness {
         let mut out = Vec::new();
         for (id, st) in nodes {
             let prev = g.states.insert(id.clone(), *st);
-            if prev == Some(NodeState::Down) && *st != NodeState::Down {
-                // Registered again after being down: a fresh clock.
+            let back = prev == Some(NodeState::Down) && *st != NodeState::Down;
+            let new = prev.is_none() && *st == NodeState::Ready && !g.seen.contains_key(id);
+            if back || new {
+                // Registered again after being down, or new to this leader
+                // (registered through another member): a fresh clock.
                 g.seen.insert(id.clone(), now);
             }
             let last = g.seen.get(id).copied().unwrap_or(since).max(since);
@@ -254,6 +257,16 @@ mod tests {
         assert!(
             l.due(Some(2), &nodes, t1 + Duration::from_secs(1))
                 .is_empty()
+        );
+        // A node registered through another member, seen by this leader's
+        // monitor only now, gets the whole deadline too.
+        nodes.insert("n2".into(), NodeState::Ready);
+        let t2 = t1 + Duration::from_secs(20);
+        assert!(l.due(Some(2), &nodes, t2).iter().all(|(n, _)| n != "n2"));
+        assert!(
+            l.due(Some(2), &nodes, t2 + Duration::from_secs(1))
+                .iter()
+                .all(|(n, _)| n != "n2")
         );
     }
 
