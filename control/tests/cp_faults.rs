@@ -349,16 +349,17 @@ where
 }
 
 /// Starts members `1..=n` in their namespaces: member 1 initializes, the
-/// others join through `cluster add`.
-async fn form(net: &mut Net, base: &Path, n: u64) -> Vec<Member> {
+/// others join through `cluster add`; `extra` goes to every member.
+async fn form(net: &mut Net, base: &Path, n: u64, extra: &[&str]) -> Vec<Member> {
     for id in 1..=n {
         net.add_member(id);
     }
-    let first = Member::start(net, base, 1, &[]);
+    let first = Member::start(net, base, 1, extra);
     first.wait_api();
     let mut ms = vec![first];
     for id in 2..=n {
-        let m = Member::start(net, base, id, &["--join"]);
+        let mode: Vec<&str> = ["--join"].iter().chain(extra).copied().collect();
+        let m = Member::start(net, base, id, &mode);
         ms[0].ctl_ok(&["cluster", "add", &id.to_string(), &Net::raft_addr(id)]);
         m.wait_api();
         ms.push(m);
@@ -495,8 +496,17 @@ async fn check_all(ms: &[&Member], acked: &BTreeSet<String>) {
         let p: BTreeMap<String, String> = vms
             .iter()
             .map(|v| {
-                let node = v.status.as_ref().map(|s| s.node.clone()).unwrap_or_default();
-                assert!(!node.is_empty(), "VM {} has no node on member {}", v.id, m.id);
+                let node = v
+                    .status
+                    .as_ref()
+                    .map(|s| s.node.clone())
+                    .unwrap_or_default();
+                assert!(
+                    !node.is_empty(),
+                    "VM {} has no node on member {}",
+                    v.id,
+                    m.id
+                );
                 (v.id.clone(), node)
             })
             .collect();
@@ -561,7 +571,7 @@ fn a_partitioned_minority_cannot_commit_and_heals() {
     in_netns(
         "a_partitioned_minority_cannot_commit_and_heals",
         |mut net, base| async move {
-            let ms = form(&mut net, &base, 3).await;
+            let ms = form(&mut net, &base, 3, &[]).await;
             let all: Vec<&Member> = ms.iter().collect();
             let mut acked = BTreeSet::new();
             let mut n = 0;
@@ -598,11 +608,9 @@ fn a_partitioned_minority_cannot_commit_and_heals() {
                 net.partition(cut);
 
                 // The majority has (or elects) a leader of its own and commits.
-                let nl = wait_for(
-                    "a leader in the majority",
-                    Duration::from_secs(60),
-                    || leader(&majority),
-                )
+                let nl = wait_for("a leader in the majority", Duration::from_secs(60), || {
+                    leader(&majority)
+                })
                 .await;
                 println!("majority leader: {nl}");
                 for m in &majority {
@@ -672,10 +680,13 @@ fn seeded_random_kills_and_partitions_lose_no_acknowledged_write() {
                 .ok()
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(60);
-            let mut ms = form(&mut net, &base, 3).await;
+            let mut ms = form(&mut net, &base, 3, &[]).await;
             let acks = Acks::default();
             let targets = Arc::new(Mutex::new(vec![1, 2, 3]));
             let ws = writers(3, rng.next(), targets, &acks);
+            let all: Vec<&Member> = ms.iter().collect();
+            let mut l = wait_for("one leader", Duration::from_secs(60), || leader(&all)).await;
+            let mut leader_faults = 0;
             acks.wait_more(10, "before the faults").await;
 
             // One member at a time is faulty (a minority of three): it is
@@ -686,17 +697,24 @@ fn seeded_random_kills_and_partitions_lose_no_acknowledged_write() {
                 let i = rng.below(3) as usize;
                 let id = ms[i].id;
                 let down = rng.ms(300, 4000);
-                let at = acks.len();
+                let at = format!("{} acked, leader {l}", acks.len());
+                leader_faults += u32::from(id == l);
                 match rng.below(3) {
                     0 => {
-                        println!("{:>5.1} s: SIGKILL member {id} for {down:?} ({at} acked)", t0.elapsed().as_secs_f64());
+                        println!(
+                            "{:>5.1} s: SIGKILL member {id} for {down:?} ({at})",
+                            t0.elapsed().as_secs_f64()
+                        );
                         ms[i].kill9();
                         tokio::time::sleep(down).await;
                         ms[i].spawn();
                         kills += 1;
                     }
                     1 => {
-                        println!("{:>5.1} s: partition member {id} for {down:?} ({at} acked)", t0.elapsed().as_secs_f64());
+                        println!(
+                            "{:>5.1} s: partition member {id} for {down:?} ({at})",
+                            t0.elapsed().as_secs_f64()
+                        );
                         net.partition(id);
                         tokio::time::sleep(down).await;
                         net.heal(id);
@@ -705,7 +723,10 @@ fn seeded_random_kills_and_partitions_lose_no_acknowledged_write() {
                     _ => {
                         // Partitioned, then SIGKILLed while cut off, and
                         // restarted after the heal.
-                        println!("{:>5.1} s: partition then SIGKILL member {id} ({at} acked)", t0.elapsed().as_secs_f64());
+                        println!(
+                            "{:>5.1} s: partition then SIGKILL member {id} ({at})",
+                            t0.elapsed().as_secs_f64()
+                        );
                         net.partition(id);
                         tokio::time::sleep(down / 2).await;
                         ms[i].kill9();
@@ -720,13 +741,17 @@ fn seeded_random_kills_and_partitions_lose_no_acknowledged_write() {
                 // back must serve again, so that never two are out at once.
                 ms[i].wait_api();
                 let all: Vec<&Member> = ms.iter().collect();
-                wait_for("one leader after the fault", Duration::from_secs(60), || {
-                    leader(&all)
-                })
+                l = wait_for(
+                    "one leader after the fault",
+                    Duration::from_secs(60),
+                    || leader(&all),
+                )
                 .await;
                 tokio::time::sleep(rng.ms(200, 2000)).await;
             }
-            println!("{kills} kills and {parts} partitions in {secs} s");
+            println!(
+                "{kills} kills and {parts} partitions in {secs} s, {leader_faults} of them of the leader"
+            );
             // Traffic goes on after the faults.
             acks.wait_more(20, "after the faults").await;
             stop_writers(&acks, ws).await;
@@ -753,9 +778,11 @@ fn seeded_random_kills_and_partitions_lose_no_acknowledged_write() {
                 m.wait_api();
             }
             let all: Vec<&Member> = ms.iter().collect();
-            wait_for("a leader after the full restart", Duration::from_secs(60), || {
-                leader(&all)
-            })
+            wait_for(
+                "a leader after the full restart",
+                Duration::from_secs(60),
+                || leader(&all),
+            )
             .await;
             check_all(&all, &acked).await;
         },
@@ -768,15 +795,18 @@ fn members_are_added_and_removed_under_load() {
         "members_are_added_and_removed_under_load",
         |mut net, base| async move {
             let rng_seed = Rng::seeded("members_are_added_and_removed_under_load").next();
-            let mut ms = form(&mut net, &base, 3).await;
+            // Snapshots every 50 entries: the new member catches up by
+            // snapshot install while the writers go on.
+            let extra = ["--snapshot-every", "50"];
+            let mut ms = form(&mut net, &base, 3, &extra).await;
             let acks = Acks::default();
             let targets = Arc::new(Mutex::new(vec![1, 2, 3]));
             let ws = writers(3, rng_seed, targets.clone(), &acks);
-            acks.wait_more(20, "before the add").await;
+            acks.wait_more(150, "before the add").await;
 
             // A fourth member: learner, caught up, then voter, under load.
             net.add_member(4);
-            let m4 = Member::start(&net, &base, 4, &["--join"]);
+            let m4 = Member::start(&net, &base, 4, &["--join", extra[0], extra[1]]);
             let all: Vec<&Member> = ms.iter().collect();
             let l = wait_for("one leader", Duration::from_secs(60), || leader(&all)).await;
             let via = ms.iter().find(|m| m.id != l).unwrap();
@@ -792,19 +822,31 @@ fn members_are_added_and_removed_under_load() {
             );
             let via = via.id;
             m4.wait_api();
+            // The leader had purged its log: member 4 got a snapshot.
+            assert!(
+                m4.log().contains("Raft::install_full_snapshot()"),
+                "member 4's log shows no snapshot received:\n{}",
+                tail(&m4.log(), 4000)
+            );
             ms.push(m4);
             targets.lock().unwrap().push(4);
             println!("member 4 added through member {via} ({} acked)", acks.len());
-            acks.wait_more(20, "after the add").await;
+            acks.wait_more(50, "after the add").await;
 
             // Remove the leader, through another member, under load.
             let all: Vec<&Member> = ms.iter().collect();
-            let l = wait_for("one leader of four", Duration::from_secs(60), || leader(&all))
-                .await;
+            let l = wait_for("one leader of four", Duration::from_secs(60), || {
+                leader(&all)
+            })
+            .await;
             targets.lock().unwrap().retain(|x| *x != l);
             let via = ms.iter().find(|m| m.id != l).unwrap();
             via.ctl_ok(&["cluster", "remove", &l.to_string()]);
-            println!("removed leader {l} through member {} ({} acked)", via.id, acks.len());
+            println!(
+                "removed leader {l} through member {} ({} acked)",
+                via.id,
+                acks.len()
+            );
             let idx = ms.iter().position(|m| m.id == l).unwrap();
             let mut gone = ms.remove(idx);
             gone.kill9();
@@ -814,7 +856,7 @@ fn members_are_added_and_removed_under_load() {
             })
             .await;
             println!("member {nl} leads");
-            acks.wait_more(20, "after the remove").await;
+            acks.wait_more(50, "after the remove").await;
             stop_writers(&acks, ws).await;
 
             let want: BTreeSet<u64> = [1, 2, 3, 4].into_iter().filter(|x| *x != l).collect();
