@@ -314,6 +314,10 @@ impl Cluster {
     }
 
     fn run(&self, name: &str, extra: &[&str]) {
+        self.run_on(self.d(), name, extra);
+    }
+
+    fn run_on(&self, m: &Daemon, name: &str, extra: &[&str]) {
         let mut a = vec![
             "run",
             "--name",
@@ -325,7 +329,7 @@ impl Cluster {
             "--no-wait",
         ];
         a.extend_from_slice(extra);
-        self.d().ctl_ok(&a);
+        m.ctl_ok(&a);
     }
 
     /// VM ids with a live VMM on more than one node.
@@ -350,9 +354,23 @@ fn node_agents_on_other_hosts_recover_a_lost_host_and_fence() {
     let mut c = c;
     // Six restartable VMs spread over the three nodes, and one `never` VM on n1.
     let ids: Vec<String> = (0..6).map(|i| format!("v{i}")).collect();
-    for id in &ids {
-        c.run(id, &["--restart", "always", "--spread"]);
+    // Federation sync: a create through each member in turn (followers
+    // forward it), until the node agent it was placed on has its run dir.
+    let mut sync = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let t = Instant::now();
+        c.run_on(&c.ms[i % 3], id, &["--restart", "always", "--spread"]);
+        c.wait(30, &format!("a node agent saw {id}"), || {
+            c.nodes
+                .iter()
+                .any(|n| n.dir.join("node/vms").join(id).exists())
+        });
+        sync.push(t.elapsed().as_millis());
     }
+    sync.sort_unstable();
+    println!(
+        "federation sync: cell0ctl run through a member -> the node agent has the VM's run dir: {sync:?} ms (heartbeat 0.5 s)"
+    );
     c.run("plain", &["--node-selector", "host=n1"]);
     let all: Vec<String> = ids.iter().cloned().chain(["plain".to_string()]).collect();
     c.wait(90, "every VM running", || {
