@@ -535,7 +535,7 @@ pub fn describe(text: &str) -> String {
         || t.contains("connection closed")
         || t.contains("stream closed")
     {
-        "the server closed the connection: over TLS that means it refused this client's certificate (none, expired, or not signed by the cluster CA; the server's log names the reason)"
+        "the server closed the connection: a server that speaks only TLS does so to a plain-TCP client (give --tls-dir), and over TLS it means the server refused this client's certificate (none, expired, or not signed by the cluster CA; the server's log names the reason)"
     } else if t.contains("invalidcontenttype")
         || t.contains("corrupt message")
         || t.contains("invalid http version")
