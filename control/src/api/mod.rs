@@ -761,7 +761,10 @@ impl Api {
     }
 
     /// One heartbeat of a node agent on another host (on the leader).
-    fn do_heartbeat(&self, req: grpc::HeartbeatRequest) -> Result<grpc::HeartbeatResponse, Status> {
+    async fn do_heartbeat(
+        &self,
+        req: grpc::HeartbeatRequest,
+    ) -> Result<grpc::HeartbeatResponse, Status> {
         let Some(l) = &self.liveness else {
             return Err(Status::unimplemented(
                 "this cell0d watches no node heartbeats",
@@ -783,6 +786,19 @@ impl Api {
                 s.metadata_mut().insert("cell0-leader", v);
             }
             return Err(s);
+        }
+        // The answer renews the agent's lease, so this member must still lead
+        // after the heartbeat arrived: a quorum confirms it (a leader cut off
+        // from the others, already replaced, must not keep an agent running).
+        let confirmed = self.store.linearize().await.is_ok() && {
+            let now = self.store.status();
+            now.state == "leader" && now.term == st.term
+        };
+        if !confirmed {
+            return Err(Status::unavailable(format!(
+                "member {} could not confirm it still leads (term {})",
+                st.node_id, st.term
+            )));
         }
         let id = req.id;
         let (state, revision, placements) = self
@@ -855,7 +871,7 @@ impl NodeService for Api {
         &self,
         request: Request<grpc::HeartbeatRequest>,
     ) -> Result<Response<grpc::HeartbeatResponse>, Status> {
-        let r = self.do_heartbeat(request.into_inner());
+        let r = self.do_heartbeat(request.into_inner()).await;
         self.done("NodeHeartbeat", &r);
         r.map(Response::new)
     }
