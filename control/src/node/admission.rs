@@ -43,6 +43,8 @@ use crate::metrics::Metrics;
 
 /// How long a challenge stays open.
 pub const CHALLENGE_TTL: Duration = Duration::from_secs(120);
+/// Most admissions open at once on one member.
+pub const MAX_OPEN: usize = 1024;
 /// How long a passed attestation lets the node register on this member.
 pub const ADMITTED_TTL: Duration = Duration::from_secs(60);
 
@@ -165,6 +167,16 @@ impl Admission {
         ak: &AkBundle,
     ) -> Result<(CredentialChallenge, Nonce), Refusal> {
         let key = Self::key(node);
+        {
+            // Expired challenges go; a flood of open ones is refused.
+            let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
+            opened.retain(|_, t| t.elapsed() <= CHALLENGE_TTL);
+            if opened.len() >= MAX_OPEN && !opened.contains_key(&key) {
+                return Err(refuse(format!(
+                    "{MAX_OPEN} admissions are open already; try again later"
+                )));
+            }
+        }
         let mut v = self.verifier.lock().unwrap_or_else(|p| p.into_inner());
         let ch = v
             .begin_enrollment(&key, ak)
@@ -547,5 +559,71 @@ impl AdmissionService for AdmissionApi {
         self.record("NodeAdmit", peer, &node.id, &checked);
         checked?;
         Ok(Response::new(node))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admission() -> Admission {
+        // Any CA certificate will do: no EK is checked here.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = p.self_signed(&key).unwrap();
+        Admission::new(&ca.pem(), NodeGolden::default()).unwrap()
+    }
+
+    fn ak() -> AkBundle {
+        AkBundle {
+            format: cell0_attest::formats::AK_FORMAT.into(),
+            ak_public: vec![],
+            ak_name: vec![],
+            ek_cert: vec![1, 2, 3],
+        }
+    }
+
+    #[test]
+    fn open_admissions_are_bounded_and_verify_needs_a_challenge() {
+        let a = admission();
+        // A bad EK certificate is a refusal that names it.
+        let r = a.challenge("n1", &ak()).unwrap_err();
+        assert!(r.to_string().contains("EK certificate"), "{r}");
+        {
+            let mut o = a.opened.lock().unwrap();
+            for i in 0..MAX_OPEN {
+                o.insert(format!("node:x{i}"), Instant::now());
+            }
+        }
+        let r = a.challenge("n1", &ak()).unwrap_err();
+        assert!(r.to_string().contains("admissions are open already"), "{r}");
+        // Expired ones make room again.
+        {
+            let mut o = a.opened.lock().unwrap();
+            let old = Instant::now() - CHALLENGE_TTL - Duration::from_secs(1);
+            for t in o.values_mut() {
+                *t = old;
+            }
+        }
+        let r = a.challenge("n1", &ak()).unwrap_err();
+        assert!(r.to_string().contains("EK certificate"), "{r}");
+        assert!(a.opened.lock().unwrap().is_empty());
+        // Admit without a challenge, and registration without an admission.
+        let q = QuoteBundle {
+            format: cell0_attest::formats::QUOTE_FORMAT.into(),
+            ak_name: vec![],
+            attest: vec![],
+            signature: vec![],
+            pcrs: Default::default(),
+        };
+        let act = ActivationResponse {
+            format: cell0_attest::formats::RESPONSE_FORMAT.into(),
+            ak_name: vec![],
+            secret: vec![],
+        };
+        let r = a.verify("n1", &act, &q, &EventLog::default()).unwrap_err();
+        assert!(r.to_string().contains("no open challenge"), "{r}");
+        assert!(!a.take_admitted("n1"));
     }
 }
