@@ -46,6 +46,8 @@ pub const CA_DAYS: u32 = 3650;
 pub const CERT_DAYS: u32 = 365;
 /// Longest TLS handshake a server waits for.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most TLS handshakes a server runs at once; further connections are closed.
+pub const MAX_HANDSHAKES: usize = 256;
 
 /// Errors of the cluster CA and TLS set-up.
 #[derive(Debug, thiserror::Error)]
@@ -572,9 +574,16 @@ pub fn incoming(
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
-            let (tcp, peer) = match listener.accept().await {
+            // Ends (closing the listener) once the server stops taking
+            // connections.
+            let accepted = tokio::select! {
+                () = tx.closed() => return,
+                a = listener.accept() => a,
+            };
+            let (tcp, peer) = match accepted {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::warn!("gRPC accept failed: {e}");
@@ -582,13 +591,15 @@ pub fn incoming(
                     continue;
                 }
             };
-            if tx.is_closed() {
-                return;
-            }
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                refused(peer, "too many TLS handshakes in progress");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => {
                         let _ = tx.send(Ok(s)).await;
