@@ -55,6 +55,10 @@ struct Args {
     /// loopback (1 gives the one-member baseline on the same machine and load).
     #[arg(long)]
     cluster: Option<u64>,
+    /// With --cluster: members and clients over mutual TLS, with a throwaway
+    /// cluster CA (compare with the same run without it).
+    #[arg(long, requires = "cluster")]
+    tls: bool,
 }
 
 struct Daemon {
@@ -428,19 +432,58 @@ async fn bench_cluster(a: &Args, n: u64) -> anyhow::Result<serde_json::Value> {
     // /bin/true as the "VMM": each member's node agent runs it for the VMs
     // placed on it, as in the one-member figure.
     let common = ["--vmm", "/bin/true", "--memory-overcommit", "100000"];
+    // --tls: a cluster CA, one member certificate each, one client's.
+    let pki = tempfile::Builder::new()
+        .prefix("c0bpki")
+        .tempdir_in("/tmp")?;
+    let tls_of = |who: &str| pki.path().join(who).display().to_string();
+    if a.tls {
+        use cell0_control::tls::{CertRequest, Role, init_ca, issue_cert};
+        let ca = pki.path().join("ca");
+        init_ca(&ca, 1)?;
+        for id in 1..=n {
+            let req = CertRequest::new(&format!("m{id}"), Role::Member, &["127.0.0.1".into()], 1);
+            issue_cert(&ca, &req, &pki.path().join(format!("m{id}")))?;
+        }
+        issue_cert(
+            &ca,
+            &CertRequest::new("bench", Role::Client, &[], 1),
+            &pki.path().join("bench"),
+        )?;
+    }
+    let tls_args = |id: u64| -> Vec<String> {
+        if a.tls {
+            vec!["--tls-dir".into(), tls_of(&format!("m{id}"))]
+        } else {
+            Vec::new()
+        }
+    };
+    let client_tls = a.tls.then(|| PathBuf::from(tls_of("bench")));
+    let connect = |addr: String| {
+        let t = client_tls.clone();
+        async move { ctl::connect_tls(&addr, t.as_deref()).await }
+    };
     let t_form = Instant::now();
+    let t1 = tls_args(1);
     let first = start_until(
-        &[&common[..], &["--node-id", "1", "--node-name", "m1"]].concat(),
+        &[
+            &common[..],
+            &["--node-id", "1", "--node-name", "m1"],
+            &t1.iter().map(String::as_str).collect::<Vec<_>>(),
+        ]
+        .concat(),
         "cell0d.addr",
     )?;
-    let mut c1 = ctl::connect(&first.grpc).await?;
+    let mut c1 = connect(first.grpc.clone()).await?;
     let mut ms = vec![first];
     for id in 2..=n {
         let (ids, name) = (id.to_string(), format!("m{id}"));
+        let ti = tls_args(id);
         let d = start_until(
             &[
                 &common[..],
                 &["--node-id", &ids, "--node-name", &name, "--join"],
+                &ti.iter().map(String::as_str).collect::<Vec<_>>(),
             ]
             .concat(),
             "cell0d.member",
@@ -465,8 +508,8 @@ async fn bench_cluster(a: &Args, n: u64) -> anyhow::Result<serde_json::Value> {
         .filter(|i| *i < ms.len())
         .context("no leader")?;
     let fi = (li + 1) % ms.len();
-    let mut lc = ctl::connect(&ms[li].grpc).await?;
-    let mut fc = ctl::connect(&ms[fi].grpc).await?;
+    let mut lc = connect(ms[li].grpc.clone()).await?;
+    let mut fc = connect(ms[fi].grpc.clone()).await?;
 
     sequential(&mut lc, "warm", 20).await?;
     // 1. Commit latency: sequential Creates through the leader, then through
@@ -526,6 +569,7 @@ async fn bench_cluster(a: &Args, n: u64) -> anyhow::Result<serde_json::Value> {
     drop(ms);
     Ok(json!({
         "members": n,
+        "tls": a.tls,
         "formed_s": formed_s,
         "commit_via_leader_ms": stats(&mut via_leader),
         "commit_via_follower_ms": stats(&mut via_follower),
@@ -629,8 +673,13 @@ fn print_cluster(v: &serde_json::Value) {
             .unwrap_or(0.0)
     };
     println!(
-        "{} members on loopback (fsync on {}), formed in {:.2} s",
+        "{} members on loopback{} (fsync on {}), formed in {:.2} s",
         v["members"],
+        if v["tls"] == true {
+            " over mutual TLS"
+        } else {
+            ""
+        },
         v["filesystem"].as_str().unwrap_or("?"),
         f("/formed_s")
     );
