@@ -440,6 +440,34 @@ fn node_agents_on_other_hosts_recover_a_lost_host_and_fence() {
     std::thread::sleep(Duration::from_millis(1500));
     assert!(c.node("n1").vmms().is_empty(), "n1 runs nothing");
 
+    // An agent restarted at once (well within the deadlines) re-adopts its
+    // running VMMs: same pids, same placements.
+    let on_n3: Vec<(String, Vec<i32>)> = ids
+        .iter()
+        .filter(|id| node_of(&c.d().get(id)) == "n3")
+        .map(|id| (id.clone(), c.node("n3").vmm_of(id)))
+        .collect();
+    assert!(!on_n3.is_empty(), "VMs run on n3");
+    let adopted = |c: &Cluster| {
+        c.node("n3")
+            .log()
+            .matches("re-adopted a running cell0-vmm")
+            .count()
+    };
+    let before = adopted(&c);
+    c.nodes[2].kill_agent();
+    c.nodes[2].spawn();
+    c.wait(30, "n3's agent re-adopted its VMMs", || {
+        adopted(&c) >= before + on_n3.len()
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    for (id, pids) in &on_n3 {
+        let v = c.d().get(id);
+        assert_eq!((state(&v), node_of(&v)), ("running", "n3"), "{v:#}");
+        assert_eq!(&c.node("n3").vmm_of(id), pids, "{id} kept its VMM");
+    }
+    assert_eq!(node_state(c.d(), "n3"), "ready");
+
     // 2. Only n2's agent dies: its VMMs live on, unsupervised.
     let on_n2: Vec<String> = ids
         .iter()
