@@ -354,6 +354,40 @@ fn node_agents_on_other_hosts_recover_a_lost_host_and_fence() {
     let mut c = c;
     // Six restartable VMs spread over the three nodes, and one `never` VM on n1.
     let ids: Vec<String> = (0..6).map(|i| format!("v{i}")).collect();
+    // A member's own node name is not an agent's to take: it exits.
+    let dir = c.base.path().join("m1-taken");
+    let mut taken = Command::new(env!("CARGO_BIN_EXE_cell0d"))
+        .args([
+            "node",
+            "--join",
+            &c.d().grpc,
+            "--node-name",
+            "m1",
+            "--no-jail",
+        ])
+        .arg("--data-dir")
+        .arg(&dir)
+        .args(["--vmm", "/bin/true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let st = loop {
+        if let Some(st) = taken.try_wait().unwrap() {
+            break st;
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            let _ = taken.kill();
+            panic!("cell0d node --node-name m1 did not exit within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut taken.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!st.success(), "{err}");
+    assert!(err.contains("node of a control-plane member"), "{err}");
+
     // Federation sync: a create through each member in turn (followers
     // forward it), until the node agent it was placed on has its run dir.
     let mut sync = Vec::new();

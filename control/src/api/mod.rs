@@ -801,16 +801,23 @@ impl Api {
             )));
         }
         let id = req.id;
-        let (state, revision, placements) = self
+        let (remote, state, revision, placements) = self
             .store
             .read(|s| {
                 let n = s.nodes.get(&id)?;
+                let remote = n.labels.get(REMOTE_LABEL).map(String::as_str) == Some(REMOTE_VALUE);
                 let mine: Vec<&VmRecord> = s.vms.values().filter(|v| v.node == id).collect();
                 let version = placement_version(&mine, n.state);
                 let json = (req.revision != version).then(|| serde_json::to_vec(&mine));
-                Some((n.state, version, json))
+                Some((remote, n.state, version, json))
             })
             .ok_or_else(|| Status::not_found(format!("no node named {id:?}; register it first")))?;
+        if !remote {
+            return Err(Status::already_exists(format!(
+                "node {id:?} is the node of a control-plane member, not of a `cell0d node` agent; \
+                 pick another --node-name"
+            )));
+        }
         l.heartbeat(&id, req.vms.into_iter().collect());
         let (json, has) = match placements {
             Some(Ok(j)) => (j, true),

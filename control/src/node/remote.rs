@@ -249,6 +249,8 @@ enum Beat {
     Unknown,
     /// No answer.
     Failed(String),
+    /// The name is not this agent's to use (a member's own node).
+    Refused(String),
 }
 
 impl Remote {
@@ -272,8 +274,16 @@ impl Remote {
         }
     }
 
-    async fn register(&mut self) -> Result<(), String> {
-        let mut c = self.conn.any().await?;
+    /// Registers the node. `Err(Some(_))`: refused for good (the name is a
+    /// member's own node); `Err(None)`: try again.
+    async fn register(&mut self) -> Result<(), Option<String>> {
+        let mut c = match self.conn.any().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::info!(error = %e, "cannot register yet");
+                return Err(None);
+            }
+        };
         if let Some(att) = self.attester.clone() {
             // Attest to the member that takes the registration.
             let addr = match &self.conn.leader {
@@ -305,9 +315,13 @@ impl Remote {
                 tracing::info!(node = %self.cfg.node_id, "node registered");
                 Ok(())
             }
+            Err(s) if s.code() == tonic::Code::AlreadyExists => {
+                Err(Some(format!("registration refused: {}", s.message())))
+            }
             Err(s) => {
                 self.conn.reset(None).await;
-                Err(format!("registration refused: {}", s.message()))
+                tracing::info!(error = %s.message(), "cannot register yet");
+                Err(None)
             }
         }
     }
@@ -339,6 +353,7 @@ impl Remote {
                 }
             }
             Err(s) if s.code() == tonic::Code::NotFound => Beat::Unknown,
+            Err(s) if s.code() == tonic::Code::AlreadyExists => Beat::Refused(s.message().into()),
             Err(s) => {
                 let hint = s
                     .metadata()
@@ -484,6 +499,7 @@ pub async fn node_main(a: NodeArgs) -> Result<(), NodeError> {
                 break down;
             }
             Beat::Unknown => break true,
+            Beat::Refused(e) => return Err(NodeError::Usage(format!("heartbeat refused: {e}"))),
             Beat::Failed(e) => {
                 if r.lease.is_some_and(|l| t0.elapsed() > l) {
                     tracing::warn!(error = %e, "the control plane is unreachable: starting with no VM (fenced)");
@@ -500,7 +516,11 @@ pub async fn node_main(a: NodeArgs) -> Result<(), NodeError> {
     let mut registered = !must_register;
     if registered {
         // Known and not down: registering again updates capacity and labels.
-        registered = r.register().await.is_ok();
+        registered = match r.register().await {
+            Ok(()) => true,
+            Err(Some(e)) => return Err(NodeError::Usage(e)),
+            Err(None) => false,
+        };
     }
     tracing::info!(node = %r.cfg.node_id, "cell0d node running");
 
@@ -519,7 +539,11 @@ pub async fn node_main(a: NodeArgs) -> Result<(), NodeError> {
                     registered = true;
                     revision = 0;
                 }
-                Err(e) => tracing::info!(error = %e, "cannot register yet"),
+                Err(Some(e)) => {
+                    agent_task.abort();
+                    return Err(NodeError::Usage(e));
+                }
+                Err(None) => {}
             }
         }
         let sent = Instant::now();
@@ -539,6 +563,11 @@ pub async fn node_main(a: NodeArgs) -> Result<(), NodeError> {
                     r.placements.set(vms);
                     revision = rev;
                 }
+            }
+            Beat::Refused(e) => {
+                r.fence(&agent, &e);
+                agent_task.abort();
+                return Err(NodeError::Usage(format!("heartbeat refused: {e}")));
             }
             Beat::Unknown => {
                 r.fence(&agent, "the control plane does not know this node");
