@@ -11,6 +11,7 @@ PACKAGES=(
   busybox-static cpio       # guest images (rootfs/)
   make flex bison bc libelf-dev libssl-dev xz-utils  # cell0-rootfs kernel (the minimal guest kernel)
   protobuf-compiler         # protoc for the gRPC API (proto/ feature grpc)
+  iproute2                  # ip netns/veth/bridge for the control-plane fault tests (control/tests/cp_faults)
 )
 
 missing=()
