@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use cell0_control::ctl::{self, Clients};
 use cell0_proto::grpc;
-use cp_harness::tail;
+use cp_harness::{Rng, spec, tail, wait_for};
 use net::Net;
 use serde_json::Value;
 
@@ -46,41 +46,6 @@ const ARGS: &[&str] = &[
 
 /// The longest any single call may take before the test calls it a hang.
 const CALL_LIMIT: Duration = Duration::from_secs(60);
-
-/// A small deterministic generator (xorshift64*), seeded and printed.
-struct Rng(u64);
-
-impl Rng {
-    fn seeded(test: &str) -> Rng {
-        let seed = std::env::var("CELL0_TEST_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-            })
-            | 1;
-        println!("{test}: seed {seed} (replay with CELL0_TEST_SEED={seed})");
-        Rng(seed)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn ms(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(lo + self.below(hi - lo))
-    }
-}
 
 /// A `cell0d serve` member in its own network namespace.
 struct Member {
@@ -268,34 +233,6 @@ async fn bounded<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T 
     tokio::time::timeout(CALL_LIMIT, fut)
         .await
         .unwrap_or_else(|_| panic!("{what} did not answer within {CALL_LIMIT:?} (a hang)"))
-}
-
-/// Polls `f` until it gives a value (bounded, with a clear message).
-async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let t0 = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            t0.elapsed() < limit,
-            "gave up after {limit:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn spec(name: &str) -> grpc::CreateVmRequest {
-    grpc::CreateVmRequest {
-        spec: Some(grpc::VmSpec {
-            name: name.into(),
-            ..Default::default()
-        }),
-    }
 }
 
 /// The leader as the given members see it (all must agree, and it must be

@@ -27,7 +27,7 @@ use cell0_control::ctl::{self, Clients};
 use cell0_control::node::admission::NodeAttester;
 use cell0_control::tls::{self, CertRequest, Role, TlsDir};
 use cell0_proto::grpc::{self, admission_service_client::AdmissionServiceClient};
-use cp_harness::tail;
+use cp_harness::{spec, tail};
 use serde_json::Value;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
@@ -200,15 +200,6 @@ fn member_certs(base: &Path, ca: &Path, ids: &[u64]) {
             &base.join(format!("m{id}.tls")),
         )
         .unwrap();
-    }
-}
-
-fn spec(name: &str) -> grpc::CreateVmRequest {
-    grpc::CreateVmRequest {
-        spec: Some(grpc::VmSpec {
-            name: name.into(),
-            ..Default::default()
-        }),
     }
 }
 

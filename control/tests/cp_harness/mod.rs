@@ -275,3 +275,69 @@ pub fn tail(s: &str, n: usize) -> &str {
 
 /// A cmdline that keeps a nano guest running (it serves SYPAS on port 5000).
 pub const LONG_RUNNING: &str = "cell0.test=sypas-serve cell0.timeout=600";
+
+/// A small deterministic generator (xorshift64*), seeded and printed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn seeded(test: &str) -> Rng {
+        let seed = std::env::var("CELL0_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            })
+            | 1;
+        println!("{test}: seed {seed} (replay with CELL0_TEST_SEED={seed})");
+        Rng(seed)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// A duration from `lo` to `hi` ms.
+    pub fn ms(&mut self, lo: u64, hi: u64) -> std::time::Duration {
+        std::time::Duration::from_millis(lo + self.below(hi - lo))
+    }
+}
+
+/// Polls `f` until it gives a value (bounded, with a clear message).
+pub async fn wait_for<T, F, Fut>(what: &str, limit: std::time::Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "gave up after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A Create of a VM named `name` with the defaults (never launched by a
+/// `/bin/true` VMM).
+pub fn spec(name: &str) -> cell0_proto::grpc::CreateVmRequest {
+    cell0_proto::grpc::CreateVmRequest {
+        spec: Some(cell0_proto::grpc::VmSpec {
+            name: name.into(),
+            ..Default::default()
+        }),
+    }
+}
