@@ -288,6 +288,11 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         }
         None => {}
     }
+    if !cfg.admission.required {
+        tracing::warn!(
+            "--allow-unattested-nodes: node agents on other hosts register without proving their cell0d and cell0-vmm"
+        );
+    }
     let admission = crate::node::admission::AdmissionApi::new(
         cfg.admission.clone(),
         audit.clone(),
@@ -392,7 +397,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
 
     let api =
         Api::new(store.clone(), agent.clone(), metrics.clone(), audit).with_liveness(liveness);
-    // With --require-node-attestation a node registers only after Admit.
+    // A node registers only after Admit, unless --allow-unattested-nodes.
     let api = match cfg.admission.required {
         true => api.with_admission(admission),
         false => api,
@@ -475,11 +480,12 @@ pub struct ServeArgs {
     /// the digest of this member's --vmm).
     #[arg(long, value_name = "HEX")]
     pub node_golden_vmm: Vec<String>,
-    /// Node agents on other hosts (`NodeService.Register`) must first pass
-    /// attestation (`AdmissionService`, `cell0d node --attest`) on the member
-    /// they register with.
+    /// Let node agents on other hosts register without attestation. By
+    /// default a node (`NodeService.Register`) must first pass attestation of
+    /// its cell0d and cell0-vmm (`AdmissionService`, `cell0d node --attest`)
+    /// on the member it registers with; this opt-out logs a warning.
     #[arg(long)]
-    pub require_node_attestation: bool,
+    pub allow_unattested_nodes: bool,
     /// On a fresh data dir, initialize a new cluster of this member plus --peers
     /// (the default when neither --join nor --peers is given: a one-member cluster).
     #[arg(long, conflicts_with = "join")]
@@ -598,7 +604,8 @@ pub async fn serve_main(a: ServeArgs) -> Result<(), ServeError> {
         vmm: vmm.clone(),
         golden_cell0d: a.node_golden_cell0d,
         golden_vmm: a.node_golden_vmm,
-        required: a.require_node_attestation,
+        required: !a.allow_unattested_nodes,
+        warm_up: a.join || !a.peers.is_empty(),
     };
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get() as u32)

@@ -215,6 +215,9 @@ impl Cluster {
                     "1500",
                     "--node-down-ms",
                     "3000",
+                    // Admission by attestation is cp_tls's; here the nodes
+                    // are trusted so the test is about placement and failure.
+                    "--allow-unattested-nodes",
                 ]
                 .iter()
                 .map(|s| s.to_string())

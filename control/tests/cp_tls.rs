@@ -468,12 +468,7 @@ async fn nodes_are_admitted_by_attestation() {
     member_certs(base, &ca, &[1]);
     // The nodes' TPMs and the member trust one swtpm local CA.
     let tpm_ca = base.join("tpm-ca");
-    let m1 = Member::start(
-        base,
-        1,
-        &["--require-node-attestation"],
-        &[("CELL0_TPM_CA_DIR", &tpm_ca)],
-    );
+    let m1 = Member::start(base, 1, &[], &[("CELL0_TPM_CA_DIR", &tpm_ca)]);
     m1.wait_api();
     let cell0d_bin = Path::new(env!("CARGO_BIN_EXE_cell0d"));
 
@@ -716,12 +711,7 @@ async fn cell0d_node_attests_before_it_registers() {
     );
     member_certs(base, &ca, &[1]);
     let tpm_ca = base.join("tpm-ca");
-    let m1 = Member::start(
-        base,
-        1,
-        &["--require-node-attestation"],
-        &[("CELL0_TPM_CA_DIR", &tpm_ca)],
-    );
+    let m1 = Member::start(base, 1, &[], &[("CELL0_TPM_CA_DIR", &tpm_ca)]);
     m1.wait_api();
     let fake_vmm = base.join("cell0-vmm");
     std::fs::write(&fake_vmm, b"#!/bin/sh\necho a different cell0-vmm\n").unwrap();

@@ -44,7 +44,7 @@ pub struct Api {
     audit: Arc<AuditLog>,
     names: Arc<AtomicU64>,
     liveness: Option<Arc<Liveness>>,
-    /// `--require-node-attestation`: Register needs a passed admission.
+    /// Register needs a passed admission (unless `--allow-unattested-nodes`).
     admission: Option<crate::node::admission::AdmissionApi>,
 }
 
@@ -720,7 +720,7 @@ pub fn node_record(n: grpc::Node) -> Result<NodeRecord, Status> {
 
 impl Api {
     /// Registration requires a node attestation passed on this member
-    /// (`AdmissionService`, `--require-node-attestation`).
+    /// (`AdmissionService`; the default, off with `--allow-unattested-nodes`).
     pub fn with_admission(mut self, a: crate::node::admission::AdmissionApi) -> Self {
         self.admission = Some(a);
         self

@@ -355,9 +355,12 @@ pub struct AdmissionSettings {
     pub golden_cell0d: Vec<String>,
     /// Accepted `cell0-vmm` digests (hex), instead of this `cell0-vmm`'s.
     pub golden_vmm: Vec<String>,
-    /// `NodeService.Register` needs a passed attestation
-    /// (`--require-node-attestation`).
+    /// `NodeService.Register` needs a passed attestation (the default;
+    /// `cell0d serve --allow-unattested-nodes` turns it off).
     pub required: bool,
+    /// Set the verifier up at start rather than at the first challenge (a
+    /// member of a multi-member cluster, where nodes are expected).
+    pub warm_up: bool,
 }
 
 impl AdmissionSettings {
@@ -405,7 +408,7 @@ impl AdmissionApi {
             audit,
             metrics,
         };
-        if api.settings.required {
+        if api.settings.required && api.settings.warm_up {
             let a = api.clone();
             tokio::spawn(async move {
                 if let Err(e) = a.admission().await {
@@ -416,8 +419,8 @@ impl AdmissionApi {
         api
     }
 
-    /// The registration hook (`NodeService.Register` with
-    /// `--require-node-attestation`): the node must have passed `Admit` on
+    /// The registration hook (`NodeService.Register`, unless
+    /// `--allow-unattested-nodes`): the node must have passed `Admit` on
     /// this member within [`ADMITTED_TTL`]; that admission is used up.
     pub fn require_admitted(&self, node: &str) -> Result<(), Status> {
         if self.admission.get().is_some_and(|a| a.take_admitted(node)) {

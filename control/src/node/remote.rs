@@ -51,8 +51,8 @@ pub struct NodeArgs {
     /// the node name.
     #[arg(long, env = "CELL0_TLS_DIR")]
     pub tls_dir: Option<PathBuf>,
-    /// Pass attestation before every registration (members started with
-    /// --require-node-attestation need it): a vTPM (swtpm, CA in
+    /// Pass attestation before every registration (members need it unless
+    /// started with --allow-unattested-nodes): a vTPM (swtpm, CA in
     /// $CELL0_TPM_CA_DIR) measures this cell0d and --vmm into PCR 0 and quotes
     /// it for the member (docs/CLUSTER.md, Security). swtpm proves only the
     /// software stack, not the host.
