@@ -165,8 +165,29 @@ async fn bad_requests_get_proper_codes() {
         .register(grpc::RegisterNodeRequest { node: None })
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::Unimplemented);
-    assert!(e.message().contains("issue 7"));
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("node"), "{}", e.message());
+    // A well-formed node that has not passed attestation is refused (the default).
+    let e = c
+        .node
+        .register(grpc::RegisterNodeRequest {
+            node: Some(grpc::Node {
+                id: "n9".into(),
+                zone: "z1".into(),
+                region: "r1".into(),
+                capacity: Some(grpc::Resources {
+                    vcpus: 2,
+                    memory_mib: 1024,
+                }),
+                cpu_overcommit: 1.0,
+                memory_overcommit: 1.0,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("attestation"), "{}", e.message());
     let e =
         c.vm.watch(grpc::WatchRequest { id: "nope".into() })
             .await
