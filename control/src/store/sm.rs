@@ -87,6 +87,35 @@ pub struct StateMachine {
     membership: StoredMembership<NodeId, Node>,
     dir: PathBuf,
     snapshot_seq: u64,
+    disk: OnDisk,
+}
+
+/// The last log id of the snapshot file on disk. Writers of the file hold
+/// its lock, and a snapshot never replaces a newer one: openraft builds
+/// snapshots in a task of its own, so a build begun at index 1000 can end
+/// after the leader's snapshot of index 1500 was installed (and the log purged
+/// up to it); writing the older one then would lose entries 1001–1500 at the
+/// next start.
+#[derive(Clone, Default)]
+struct OnDisk(Arc<std::sync::Mutex<Option<LogId<NodeId>>>>);
+
+impl OnDisk {
+    /// Writes `file` unless the snapshot on disk is as new or newer.
+    fn write(&self, dir: &Path, file: &SnapshotFile) -> Result<(), StorageError<NodeId>> {
+        let mut cur = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if cur.is_some() && file.meta.last_log_id <= *cur {
+            tracing::debug!(
+                snapshot = ?file.meta.last_log_id,
+                on_disk = ?*cur,
+                "a newer snapshot is on disk already; not replacing it"
+            );
+            return Ok(());
+        }
+        let bytes = serde_json::to_vec(file).map_err(snap_err)?;
+        write_atomic(&snapshot_path(dir), &bytes).map_err(snap_err)?;
+        *cur = file.meta.last_log_id;
+        Ok(())
+    }
 }
 
 fn sm_err<E: std::error::Error + 'static>(e: E) -> StorageError<NodeId> {
@@ -146,6 +175,7 @@ impl StateMachine {
             membership,
             dir: dir.to_path_buf(),
             snapshot_seq: 0,
+            disk: OnDisk(Arc::new(std::sync::Mutex::new(last_applied))),
         })
     }
 
@@ -155,8 +185,7 @@ impl StateMachine {
     }
 
     fn install(&mut self, file: SnapshotFile) -> Result<(), StorageError<NodeId>> {
-        let bytes = serde_json::to_vec(&file).map_err(snap_err)?;
-        write_atomic(&snapshot_path(&self.dir), &bytes).map_err(snap_err)
+        self.disk.write(&self.dir, &file)
     }
 }
 
@@ -166,6 +195,7 @@ pub struct Builder {
     dir: PathBuf,
     shared: Arc<Shared>,
     seq: u64,
+    disk: OnDisk,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for Builder {
@@ -180,8 +210,8 @@ impl RaftSnapshotBuilder<TypeConfig> for Builder {
             last.map_or(0, |l| l.index),
             self.seq
         );
+        self.disk.write(&self.dir, &file)?;
         let bytes = serde_json::to_vec(&file).map_err(snap_err)?;
-        write_atomic(&snapshot_path(&self.dir), &bytes).map_err(snap_err)?;
         let _ = &self.shared;
         Ok(Snapshot {
             meta: file.meta,
@@ -271,6 +301,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             dir: self.dir.clone(),
             shared: self.shared.clone(),
             seq: self.snapshot_seq,
+            disk: self.disk.clone(),
         }
     }
 
@@ -310,7 +341,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        // The builder writes the file, so the file is always the latest snapshot.
+        // Builders and installs write the file, never over a newer one, so the
+        // file is always the latest snapshot.
         let bytes = match std::fs::read(snapshot_path(&self.dir)) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -321,5 +353,54 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: f.meta,
             snapshot: Box::new(Cursor::new(bytes)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use openraft::CommittedLeaderId;
+
+    fn meta(index: u64) -> SnapshotMeta<NodeId, Node> {
+        SnapshotMeta {
+            last_log_id: Some(LogId::new(CommittedLeaderId::new(2, 1), index)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: format!("s{index}"),
+        }
+    }
+
+    fn payload(index: u64) -> Box<Cursor<Vec<u8>>> {
+        let f = SnapshotFile {
+            meta: meta(index),
+            state: ClusterState::default(),
+        };
+        Box::new(Cursor::new(serde_json::to_vec(&f).unwrap()))
+    }
+
+    #[tokio::test]
+    async fn a_slow_build_never_replaces_a_newer_installed_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachine::open(dir.path()).unwrap();
+        sm.install_snapshot(&meta(10), payload(10)).await.unwrap();
+        // A build begins at index 10 ...
+        let mut builder = sm.get_snapshot_builder().await;
+        // ... the leader's snapshot of index 20 is installed meanwhile ...
+        sm.install_snapshot(&meta(20), payload(20)).await.unwrap();
+        // ... and the build ends: it must not put index 10 back on disk.
+        let built = builder.build_snapshot().await.unwrap();
+        assert_eq!(built.meta.last_log_id.unwrap().index, 10);
+        let current = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta.last_log_id.unwrap().index, 20);
+        let (applied, _) = StateMachine::open(dir.path())
+            .unwrap()
+            .applied_state()
+            .await
+            .unwrap();
+        assert_eq!(
+            applied.unwrap().index,
+            20,
+            "a restart lost the installed snapshot"
+        );
     }
 }
