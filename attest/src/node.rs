@@ -63,49 +63,12 @@ pub fn node_events(cell0d: &Path, cell0_vmm: &Path) -> Result<EventLog, MeasureE
 /// The node's event log must be exactly [`EventType::NODE_ORDER`], each event
 /// in its PCR, each digest in `golden`.
 pub(crate) fn check_node_events(log: &EventLog, golden: &NodeGolden, failures: &mut Vec<Failure>) {
-    let order = EventType::NODE_ORDER;
-    for i in 0..order.len().max(log.events.len()) {
-        let expected = order.get(i).copied();
-        let Some(e) = log.events.get(i) else {
-            if let Some(expected) = expected {
-                failures.push(Failure::MissingEvent { index: i, expected });
-            }
-            continue;
-        };
-        if expected != Some(e.kind) {
-            failures.push(Failure::UnexpectedEvent {
-                index: i,
-                expected,
-                got: e.kind,
-                pcr: e.pcr,
-            });
-            continue;
-        }
-        if e.pcr != e.kind.pcr() {
-            failures.push(Failure::WrongEventPcr {
-                index: i,
-                event: e.kind,
-                expected: e.kind.pcr(),
-                got: e.pcr,
-            });
-        }
-        let accepted = golden.golden(e.kind);
-        if accepted.is_empty() {
-            failures.push(Failure::NoGoldenValue {
-                index: i,
-                event: e.kind,
-            });
-        } else if !accepted.contains(&e.digest) {
-            failures.push(Failure::EventMismatch {
-                index: i,
-                pcr: e.pcr,
-                event: e.kind,
-                description: e.description.clone(),
-                expected: accepted.to_vec(),
-                got: e.digest,
-            });
-        }
-    }
+    crate::verify::quote::check_sequence(
+        log,
+        &EventType::NODE_ORDER,
+        |k| golden.golden(k).to_vec(),
+        failures,
+    );
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@
 
 mod crypto;
 mod ekcert;
-mod quote;
+pub(crate) mod quote;
 
 use std::collections::BTreeMap;
 use std::fmt;

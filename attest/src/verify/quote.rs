@@ -153,22 +153,14 @@ pub(crate) fn check(
     (verdict, signature_ok.then_some(clock))
 }
 
-/// SHA-256 over the measured PCR values in selection order (TPM2_Quote's
-/// pcrDigest). A missing PCR makes the digest differ.
-fn composite(pcrs: &PcrValues) -> Vec<u8> {
-    let mut h = Sha256::new();
-    for p in MEASURED_PCRS {
-        match pcrs.get(&p) {
-            Some(v) => h.update(v.as_bytes()),
-            None => return Vec::new(),
-        }
-    }
-    h.finalize().to_vec()
-}
-
-/// The boot sequence of DESIGN.md §5, each digest a golden value of `manifest`.
-pub(crate) fn check_events(log: &EventLog, manifest: &Manifest, failures: &mut Vec<Failure>) {
-    let order = EventType::BOOT_ORDER;
+/// The log must be exactly `order`: each event in its place and its PCR, each
+/// digest one of `golden(kind)`. Shared by a VM's boot and a node's admission.
+pub(crate) fn check_sequence(
+    log: &EventLog,
+    order: &[EventType],
+    golden: impl Fn(EventType) -> Vec<Sha256Digest>,
+    failures: &mut Vec<Failure>,
+) {
     for i in 0..order.len().max(log.events.len()) {
         let expected = order.get(i).copied();
         let Some(e) = log.events.get(i) else {
@@ -193,23 +185,46 @@ pub(crate) fn check_events(log: &EventLog, manifest: &Manifest, failures: &mut V
                 got: e.pcr,
             });
         }
-        let golden = manifest.golden(e.kind);
-        if golden.is_empty() {
+        let accepted = golden(e.kind);
+        if accepted.is_empty() {
             failures.push(Failure::NoGoldenValue {
                 index: i,
                 event: e.kind,
             });
-        } else if !golden.contains(&e.digest) {
+        } else if !accepted.contains(&e.digest) {
             failures.push(Failure::EventMismatch {
                 index: i,
                 pcr: e.pcr,
                 event: e.kind,
                 description: e.description.clone(),
-                expected: golden,
+                expected: accepted,
                 got: e.digest,
             });
         }
     }
+}
+
+/// SHA-256 over the measured PCR values in selection order (TPM2_Quote's
+/// pcrDigest). A missing PCR makes the digest differ.
+fn composite(pcrs: &PcrValues) -> Vec<u8> {
+    let mut h = Sha256::new();
+    for p in MEASURED_PCRS {
+        match pcrs.get(&p) {
+            Some(v) => h.update(v.as_bytes()),
+            None => return Vec::new(),
+        }
+    }
+    h.finalize().to_vec()
+}
+
+/// The boot sequence of DESIGN.md §5, each digest a golden value of `manifest`.
+pub(crate) fn check_events(log: &EventLog, manifest: &Manifest, failures: &mut Vec<Failure>) {
+    check_sequence(
+        log,
+        &EventType::BOOT_ORDER,
+        |k| manifest.golden(k),
+        failures,
+    );
     // PCR 0 pairs binary and version: both must come from one accepted build.
     let bin = log.events.iter().find(|e| e.kind == EventType::VmmBinary);
     let ver = log.events.iter().find(|e| e.kind == EventType::VmmVersion);
