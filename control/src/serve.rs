@@ -448,6 +448,9 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
 
 Logs: RUST_LOG (e.g. RUST_LOG=info,cell0_control=debug).")]
 pub struct ServeArgs {
+    /// This host's node: name, capacity, VMM, jail.
+    #[command(flatten)]
+    pub host: crate::node::HostArgs,
     /// Data dir: Raft log and snapshots, VM run dirs, audit log.
     #[arg(long, env = "CELL0_DATA_DIR", default_value = "/var/lib/cell0")]
     pub data_dir: PathBuf,
@@ -502,49 +505,6 @@ pub struct ServeArgs {
     /// Raft log entries between snapshots (the log before a snapshot is purged).
     #[arg(long, default_value_t = crate::store::SNAPSHOT_EVERY)]
     pub snapshot_every: u64,
-    /// Node name (default: the host name).
-    #[arg(long)]
-    pub node_name: Option<String>,
-    /// The cell0-vmm executable (default: next to cell0d, else on PATH).
-    #[arg(long, env = "CELL0_VMM")]
-    pub vmm: Option<PathBuf>,
-    /// vCPUs this node offers (default: online CPUs).
-    #[arg(long)]
-    pub vcpus: Option<u32>,
-    /// Memory this node offers in MiB (default: physical memory).
-    #[arg(long)]
-    pub memory_mib: Option<u64>,
-    /// vCPU overcommit: placed vCPUs ≤ vcpus × ratio.
-    #[arg(long, default_value_t = 16.0)]
-    pub cpu_overcommit: f64,
-    /// Memory overcommit: placed memory ≤ memory × ratio.
-    #[arg(long, default_value_t = 1.5)]
-    pub memory_overcommit: f64,
-    /// First restart delay in ms (doubles up to --backoff-max-ms).
-    #[arg(long, default_value_t = 200)]
-    pub backoff_ms: u64,
-    /// Longest restart delay in ms.
-    #[arg(long, default_value_t = 30_000)]
-    pub backoff_max_ms: u64,
-    /// Health check interval in ms.
-    #[arg(long, default_value_t = 5_000)]
-    pub health_ms: u64,
-    /// Zone of this node.
-    #[arg(long, default_value = "local")]
-    pub zone: String,
-    /// Region of this node.
-    #[arg(long, default_value = "local")]
-    pub region: String,
-    /// The uid every VMM runs as inside its jail (not 0).
-    #[arg(long, default_value_t = crate::node::DEFAULT_VM_ID)]
-    pub vm_uid: u32,
-    /// The gid every VMM runs as inside its jail (not 0).
-    #[arg(long, default_value_t = crate::node::DEFAULT_VM_ID)]
-    pub vm_gid: u32,
-    /// Debugging only: launch VMMs without the jail (namespaces, cgroup,
-    /// unprivileged uid); logs a warning. The jail needs cell0d to run as root.
-    #[arg(long, conflicts_with_all = ["vm_uid", "vm_gid"])]
-    pub no_jail: bool,
     /// A node agent on another host (`cell0d node`) silent this long (ms) is
     /// marked suspect: it takes no new VMs.
     #[arg(long, default_value_t = 1500)]
@@ -592,7 +552,7 @@ pub(crate) fn phys_mib() -> u64 {
 
 /// Runs `cell0d serve` with its command-line arguments.
 pub async fn serve_main(a: ServeArgs) -> Result<(), ServeError> {
-    let vmm = a.vmm.unwrap_or_else(default_vmm);
+    let node = a.host.config(&a.data_dir);
     let tls = a
         .tls_dir
         .as_deref()
@@ -601,35 +561,11 @@ pub async fn serve_main(a: ServeArgs) -> Result<(), ServeError> {
     let admission = crate::node::admission::AdmissionSettings {
         tpm_ca: a.node_tpm_ca,
         cell0d: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
-        vmm: vmm.clone(),
+        vmm: node.vmm_bin.clone(),
         golden_cell0d: a.node_golden_cell0d,
         golden_vmm: a.node_golden_vmm,
         required: !a.allow_unattested_nodes,
         warm_up: a.join || !a.peers.is_empty(),
-    };
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get() as u32)
-        .unwrap_or(1);
-    let node = NodeConfig {
-        node_id: a.node_name.unwrap_or_else(host_name),
-        address: String::new(),
-        data_dir: a.data_dir.clone(),
-        vmm_bin: vmm,
-        capacity: crate::store::state::Resources {
-            vcpus: a.vcpus.unwrap_or(cpus),
-            memory_mib: a.memory_mib.unwrap_or_else(phys_mib),
-        },
-        cpu_overcommit: a.cpu_overcommit,
-        memory_overcommit: a.memory_overcommit,
-        backoff_initial: Duration::from_millis(a.backoff_ms),
-        backoff_max: Duration::from_millis(a.backoff_max_ms),
-        health_interval: Duration::from_millis(a.health_ms),
-        zone: a.zone,
-        region: a.region,
-        jail: (!a.no_jail).then_some(crate::node::VmJail {
-            uid: a.vm_uid,
-            gid: a.vm_gid,
-        }),
     };
     if a.node_id == 0 {
         return Err(ServeError::Usage(

@@ -136,6 +136,85 @@ pub struct NodeConfig {
     pub jail: Option<VmJail>,
 }
 
+/// This host's node on the command line of `cell0d serve` (the embedded
+/// node agent) and of `cell0d node` (an agent on another host).
+#[derive(clap::Args, Debug, Clone)]
+pub struct HostArgs {
+    /// Node name (default: the host name).
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// Zone of this node.
+    #[arg(long, default_value = "local")]
+    pub zone: String,
+    /// Region of this node.
+    #[arg(long, default_value = "local")]
+    pub region: String,
+    /// The cell0-vmm executable (default: next to cell0d, else on PATH).
+    #[arg(long, env = "CELL0_VMM")]
+    pub vmm: Option<PathBuf>,
+    /// vCPUs this node offers (default: online CPUs).
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Memory this node offers in MiB (default: physical memory).
+    #[arg(long)]
+    pub memory_mib: Option<u64>,
+    /// vCPU overcommit: placed vCPUs ≤ vcpus × ratio.
+    #[arg(long, default_value_t = 16.0)]
+    pub cpu_overcommit: f64,
+    /// Memory overcommit: placed memory ≤ memory × ratio.
+    #[arg(long, default_value_t = 1.5)]
+    pub memory_overcommit: f64,
+    /// First restart delay in ms (doubles up to --backoff-max-ms).
+    #[arg(long, default_value_t = 200)]
+    pub backoff_ms: u64,
+    /// Longest restart delay in ms.
+    #[arg(long, default_value_t = 30_000)]
+    pub backoff_max_ms: u64,
+    /// Health check interval in ms.
+    #[arg(long, default_value_t = 5_000)]
+    pub health_ms: u64,
+    /// The uid every VMM runs as inside its jail (not 0).
+    #[arg(long, default_value_t = DEFAULT_VM_ID)]
+    pub vm_uid: u32,
+    /// The gid every VMM runs as inside its jail (not 0).
+    #[arg(long, default_value_t = DEFAULT_VM_ID)]
+    pub vm_gid: u32,
+    /// Debugging only: launch VMMs without the jail (namespaces, cgroup,
+    /// unprivileged uid); logs a warning. The jail needs cell0d to run as root.
+    #[arg(long, conflicts_with_all = ["vm_uid", "vm_gid"])]
+    pub no_jail: bool,
+}
+
+impl HostArgs {
+    /// The node agent's settings, with its data dir.
+    pub fn config(self, data_dir: &Path) -> NodeConfig {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
+        NodeConfig {
+            node_id: self.node_name.unwrap_or_else(crate::serve::host_name),
+            address: String::new(),
+            data_dir: data_dir.to_path_buf(),
+            vmm_bin: self.vmm.unwrap_or_else(crate::serve::default_vmm),
+            capacity: Resources {
+                vcpus: self.vcpus.unwrap_or(cpus),
+                memory_mib: self.memory_mib.unwrap_or_else(crate::serve::phys_mib),
+            },
+            cpu_overcommit: self.cpu_overcommit,
+            memory_overcommit: self.memory_overcommit,
+            backoff_initial: Duration::from_millis(self.backoff_ms),
+            backoff_max: Duration::from_millis(self.backoff_max_ms),
+            health_interval: Duration::from_millis(self.health_ms),
+            zone: self.zone,
+            region: self.region,
+            jail: (!self.no_jail).then_some(VmJail {
+                uid: self.vm_uid,
+                gid: self.vm_gid,
+            }),
+        }
+    }
+}
+
 /// What `state.json` holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Persisted {

@@ -32,10 +32,9 @@ use cell0_proto::grpc::{
 use tonic::transport::Channel;
 
 use super::liveness::{REMOTE_LABEL, REMOTE_VALUE};
-use super::{Agent, NodeConfig, NodeError, Placements, VmJail};
+use super::{Agent, NodeConfig, NodeError, Placements};
 use crate::metrics::Metrics;
 use crate::store::VmRecord;
-use crate::store::state::Resources;
 
 /// `cell0d node`'s command line.
 #[derive(clap::Args, Debug)]
@@ -43,6 +42,9 @@ use crate::store::state::Resources;
   cell0d node --join 10.0.0.1:7070,10.0.0.2:7070 --node-name n1 --zone eu-1a --region eu \\
       --labels disk=nvme --data-dir /var/lib/cell0-node")]
 pub struct NodeArgs {
+    /// This host's node: name, capacity, VMM, jail.
+    #[command(flatten)]
+    pub host: super::HostArgs,
     /// Control-plane members to reach (any one is enough; the agent finds the leader).
     #[arg(long, value_name = "ADDR,...", value_delimiter = ',', required = true)]
     pub join: Vec<String>,
@@ -58,45 +60,12 @@ pub struct NodeArgs {
     /// software stack, not the host.
     #[arg(long)]
     pub attest: bool,
-    /// Node name (default: the host name).
-    #[arg(long)]
-    pub node_name: Option<String>,
-    /// Zone of this node.
-    #[arg(long, default_value = "local")]
-    pub zone: String,
-    /// Region of this node.
-    #[arg(long, default_value = "local")]
-    pub region: String,
     /// Labels VMs select nodes by: `k=v,...`.
     #[arg(long, value_name = "K=V,...", value_delimiter = ',')]
     pub labels: Vec<String>,
     /// Data dir: VM run dirs under `node/vms/`.
     #[arg(long, env = "CELL0_DATA_DIR", default_value = "/var/lib/cell0-node")]
     pub data_dir: PathBuf,
-    /// The cell0-vmm executable (default: next to cell0d, else on PATH).
-    #[arg(long, env = "CELL0_VMM")]
-    pub vmm: Option<PathBuf>,
-    /// vCPUs this node offers (default: online CPUs).
-    #[arg(long)]
-    pub vcpus: Option<u32>,
-    /// Memory this node offers in MiB (default: physical memory).
-    #[arg(long)]
-    pub memory_mib: Option<u64>,
-    /// vCPU overcommit: placed vCPUs ≤ vcpus × ratio.
-    #[arg(long, default_value_t = 16.0)]
-    pub cpu_overcommit: f64,
-    /// Memory overcommit: placed memory ≤ memory × ratio.
-    #[arg(long, default_value_t = 1.5)]
-    pub memory_overcommit: f64,
-    /// First restart delay in ms (doubles up to --backoff-max-ms).
-    #[arg(long, default_value_t = 200)]
-    pub backoff_ms: u64,
-    /// Longest restart delay in ms.
-    #[arg(long, default_value_t = 30_000)]
-    pub backoff_max_ms: u64,
-    /// Health check interval in ms.
-    #[arg(long, default_value_t = 5_000)]
-    pub health_ms: u64,
     /// Heartbeat interval in ms.
     #[arg(long, default_value_t = 500)]
     pub heartbeat_ms: u64,
@@ -105,15 +74,6 @@ pub struct NodeArgs {
     /// --node-down-ms (default 3000) minus the time a VMM takes to die. 0: never.
     #[arg(long, default_value_t = 2000)]
     pub lease_ms: u64,
-    /// The uid every VMM runs as inside its jail (not 0).
-    #[arg(long, default_value_t = super::DEFAULT_VM_ID)]
-    pub vm_uid: u32,
-    /// The gid every VMM runs as inside its jail (not 0).
-    #[arg(long, default_value_t = super::DEFAULT_VM_ID)]
-    pub vm_gid: u32,
-    /// Debugging only: launch VMMs without the jail.
-    #[arg(long, conflicts_with_all = ["vm_uid", "vm_gid"])]
-    pub no_jail: bool,
 }
 
 /// Parses `k=v` labels.
@@ -391,8 +351,9 @@ pub async fn node_main(a: NodeArgs) -> Result<(), NodeError> {
             "--join: name at least one member (HOST:PORT)".into(),
         ));
     }
-    let node_id = a.node_name.unwrap_or_else(crate::serve::host_name);
-    if !crate::spec::is_dns_label(&node_id) {
+    let cfg = a.host.clone().config(&a.data_dir);
+    let node_id = &cfg.node_id;
+    if !crate::spec::is_dns_label(node_id) {
         return Err(NodeError::Usage(format!(
             "--node-name {node_id:?} is not a name (1-63 of a-z 0-9 -)"
         )));
@@ -407,37 +368,13 @@ pub async fn node_main(a: NodeArgs) -> Result<(), NodeError> {
         )));
     }
     for (what, r) in [
-        ("--cpu-overcommit", a.cpu_overcommit),
-        ("--memory-overcommit", a.memory_overcommit),
+        ("--cpu-overcommit", a.host.cpu_overcommit),
+        ("--memory-overcommit", a.host.memory_overcommit),
     ] {
         if !r.is_finite() || r < 1.0 {
             return Err(NodeError::Usage(format!("{what} must be 1.0 or more")));
         }
     }
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get() as u32)
-        .unwrap_or(1);
-    let cfg = NodeConfig {
-        node_id,
-        address: String::new(),
-        data_dir: a.data_dir.clone(),
-        vmm_bin: a.vmm.unwrap_or_else(crate::serve::default_vmm),
-        capacity: Resources {
-            vcpus: a.vcpus.unwrap_or(cpus),
-            memory_mib: a.memory_mib.unwrap_or_else(crate::serve::phys_mib),
-        },
-        cpu_overcommit: a.cpu_overcommit,
-        memory_overcommit: a.memory_overcommit,
-        backoff_initial: Duration::from_millis(a.backoff_ms),
-        backoff_max: Duration::from_millis(a.backoff_max_ms),
-        health_interval: Duration::from_millis(a.health_ms),
-        zone: a.zone,
-        region: a.region,
-        jail: (!a.no_jail).then_some(VmJail {
-            uid: a.vm_uid,
-            gid: a.vm_gid,
-        }),
-    };
     std::fs::create_dir_all(&a.data_dir).map_err(|source| NodeError::Io {
         what: "create",
         path: a.data_dir.clone(),
