@@ -82,6 +82,32 @@ impl AuditLog {
     }
 }
 
+impl AuditLog {
+    /// Records the outcome of a call: its status code, and the message of an
+    /// error.
+    pub fn record_outcome<T>(
+        &self,
+        method: &str,
+        peer: Option<std::net::SocketAddr>,
+        target: &str,
+        r: &Result<T, tonic::Status>,
+        revision: u64,
+    ) {
+        let (code, message) = match r {
+            Ok(_) => (tonic::Code::Ok, ""),
+            Err(s) => (s.code(), s.message()),
+        };
+        self.record(&Entry {
+            method,
+            peer: peer.map(|p| p.to_string()),
+            target,
+            code,
+            message,
+            revision,
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

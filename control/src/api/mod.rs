@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Code, Request, Response, Status};
 
-use crate::audit::{AuditLog, Entry};
+use crate::audit::AuditLog;
 use crate::metrics::Metrics;
 use crate::node::Agent;
 use crate::node::liveness::{Liveness, REMOTE_LABEL, REMOTE_VALUE};
@@ -175,18 +175,7 @@ impl Api {
         r: &Result<T, Status>,
         revision: u64,
     ) {
-        let (code, msg) = match r {
-            Ok(_) => (Code::Ok, String::new()),
-            Err(s) => (s.code(), s.message().to_string()),
-        };
-        self.audit.record(&Entry {
-            method,
-            peer: peer.map(|p| p.to_string()),
-            target,
-            code,
-            message: &msg,
-            revision,
-        });
+        self.audit.record_outcome(method, peer, target, r, revision);
     }
 
     fn fresh_name(&self) -> String {

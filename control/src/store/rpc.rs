@@ -19,7 +19,7 @@ use tonic::{Code, Request, Response, Status};
 
 use super::network::{decode, encode};
 use super::{Applied, Command, NodeId, RaftStatus, Store, StoreError, TypeConfig};
-use crate::audit::{AuditLog, Entry};
+use crate::audit::AuditLog;
 use crate::metrics::Metrics;
 
 /// A request handed to the leader.
@@ -217,18 +217,10 @@ impl ClusterApi {
         r: Result<RaftStatus, StoreError>,
     ) -> Result<Response<grpc::ClusterStatus>, Status> {
         let r = r.map_err(status_of);
-        let (code, msg) = match &r {
-            Ok(_) => (Code::Ok, String::new()),
-            Err(s) => (s.code(), s.message().to_string()),
-        };
-        self.audit.record(&Entry {
-            method,
-            peer: peer.map(|p| p.to_string()),
-            target,
-            code,
-            message: &msg,
-            revision: r.as_ref().map_or(0, |s| s.last_applied),
-        });
+        let revision = r.as_ref().map_or(0, |s| s.last_applied);
+        self.audit
+            .record_outcome(method, peer, target, &r, revision);
+        let code = r.as_ref().map_or_else(Status::code, |_| Code::Ok);
         self.metrics.api(method, code);
         let (vms, nodes) = self.counts();
         r.map(|st| Response::new(to_proto(st, vms, nodes)))
