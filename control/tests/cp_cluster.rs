@@ -176,25 +176,16 @@ impl Member {
     }
 
     fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_cell0ctl"))
-            .arg("--endpoint")
-            .arg(&self.addr)
-            .args(args)
-            .output()
-            .unwrap()
+        cp_harness::cell0ctl(&self.addr, args)
     }
 
     fn ctl_ok(&self, args: &[&str]) -> String {
-        let o = self.ctl(args);
-        assert!(
-            o.status.success(),
-            "cell0ctl {args:?} against member {} failed ({}): {}\n--- its log:\n{}",
-            self.id,
-            o.status,
-            String::from_utf8_lossy(&o.stderr),
-            tail(&self.log(), 4000)
-        );
-        String::from_utf8(o.stdout).unwrap()
+        cp_harness::cell0ctl_ok(
+            &self.addr,
+            &format!("member {}", self.id),
+            || self.log(),
+            args,
+        )
     }
 
     async fn client(&self) -> Clients {

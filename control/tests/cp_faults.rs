@@ -18,7 +18,7 @@ mod net;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -160,26 +160,13 @@ impl Member {
         }
     }
 
-    fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_cell0ctl"))
-            .arg("--endpoint")
-            .arg(self.addr())
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
     fn ctl_ok(&self, args: &[&str]) -> String {
-        let o = self.ctl(args);
-        assert!(
-            o.status.success(),
-            "cell0ctl {args:?} against member {} failed ({}): {}\n--- its log:\n{}",
-            self.id,
-            o.status,
-            String::from_utf8_lossy(&o.stderr),
-            tail(&self.log(), 4000)
-        );
-        String::from_utf8(o.stdout).unwrap()
+        cp_harness::cell0ctl_ok(
+            &self.addr(),
+            &format!("member {}", self.id),
+            || self.log(),
+            args,
+        )
     }
 
     async fn client(&self) -> Clients {

@@ -116,26 +116,16 @@ impl Member {
     }
 
     fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_cell0ctl"))
-            .arg("--endpoint")
-            .arg(&self.addr)
-            .args(args)
-            .output()
-            .unwrap()
+        cp_harness::cell0ctl(&self.addr, args)
     }
 
     fn ctl_ok(&self, args: &[&str]) -> String {
-        let o = self.ctl(args);
-        assert!(
-            o.status.success(),
-            "cell0ctl {args:?} via member {} failed ({}): {}{}\n--- its log:\n{}",
-            self.id,
-            o.status,
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr),
-            tail(&self.log(), 3000)
-        );
-        String::from_utf8(o.stdout).unwrap()
+        cp_harness::cell0ctl_ok(
+            &self.addr,
+            &format!("member {}", self.id),
+            || self.log(),
+            args,
+        )
     }
 
     /// The node a VM is placed on, as the replicated record says.

@@ -142,25 +142,12 @@ impl Daemon {
 
     /// Runs cell0ctl against this daemon.
     pub fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_cell0ctl"))
-            .arg("--endpoint")
-            .arg(&self.grpc)
-            .args(args)
-            .output()
-            .unwrap()
+        cell0ctl(&self.grpc, args)
     }
 
     /// Runs cell0ctl, asserts success, returns stdout.
     pub fn ctl_ok(&self, args: &[&str]) -> String {
-        let o = self.ctl(args);
-        assert!(
-            o.status.success(),
-            "cell0ctl {args:?} failed ({}): {}\n--- cell0d log:\n{}",
-            o.status,
-            String::from_utf8_lossy(&o.stderr),
-            tail(&self.log(), 3000)
-        );
-        String::from_utf8(o.stdout).unwrap()
+        cell0ctl_ok(&self.grpc, "cell0d", || self.log(), args)
     }
 
     /// `cell0ctl ps -o json`.
@@ -340,4 +327,34 @@ pub fn spec(name: &str) -> cell0_proto::grpc::CreateVmRequest {
             ..Default::default()
         }),
     }
+}
+
+/// Runs `cell0ctl --endpoint ENDPOINT ARGS`.
+pub fn cell0ctl(endpoint: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cell0ctl"))
+        .arg("--endpoint")
+        .arg(endpoint)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// [`cell0ctl`], asserting success; returns stdout. A failure shows its
+/// output and the tail of `log` (read only then) of the daemon `who`.
+pub fn cell0ctl_ok(
+    endpoint: &str,
+    who: &str,
+    log: impl FnOnce() -> String,
+    args: &[&str],
+) -> String {
+    let o = cell0ctl(endpoint, args);
+    assert!(
+        o.status.success(),
+        "cell0ctl {args:?} via {who} failed ({}): {}{}\n--- its log:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+        tail(&log(), 4000)
+    );
+    String::from_utf8(o.stdout).unwrap()
 }
