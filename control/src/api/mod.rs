@@ -6,16 +6,13 @@
 // tonic handlers return `tonic::Status` (~176 bytes) by design.
 #![allow(clippy::result_large_err)]
 
-use std::io::{Read, Seek, SeekFrom};
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use cell0_proto::grpc::{self, node_service_server::NodeService, vm_service_server::VmService};
 use sha2::{Digest, Sha256};
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::StreamExt;
 use tonic::{Code, Request, Response, Status};
 
 use crate::audit::AuditLog;
@@ -26,14 +23,9 @@ use crate::spec::VmSpec;
 use crate::store::state::{NodeRecord, NodeState, Resources};
 use crate::store::{Command, Desired, Rejection, Store, StoreError, VmRecord};
 
-/// How long a command run by Exec may take before the agent kills it.
-const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
-/// The most stdout bytes an Exec answer carries.
-const EXEC_MAX_STDOUT: usize = 3 << 20;
-/// The most stderr bytes an Exec answer carries (before cell0's own notes).
-const EXEC_MAX_STDERR: usize = 512 << 10;
+mod proxy;
 
-type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+use crate::node::local_api::Stream_;
 
 /// The API state shared by the three services.
 #[derive(Clone)]
@@ -46,6 +38,11 @@ pub struct Api {
     liveness: Option<Arc<Liveness>>,
     /// Register needs a passed admission (unless `--allow-unattested-nodes`).
     admission: Option<crate::node::admission::AdmissionApi>,
+    /// Events of VMs on other nodes, for Watch: on the leader, the state
+    /// changes heartbeats report; elsewhere, the leader's, relayed.
+    events: tokio::sync::broadcast::Sender<grpc::VmEvent>,
+    /// The relay of the leader's events, started by the first Watch.
+    relay: Arc<std::sync::OnceLock<()>>,
 }
 
 fn store_status(e: StoreError) -> Status {
@@ -108,6 +105,8 @@ impl Api {
             names: Arc::new(AtomicU64::new(0)),
             liveness: None,
             admission: None,
+            events: tokio::sync::broadcast::channel(4096).0,
+            relay: Arc::default(),
         }
     }
 
@@ -118,30 +117,42 @@ impl Api {
         self
     }
 
+    /// The runtime status this member knows of VM `rec`: its own node
+    /// agent's, else the last heartbeat report of the VM's node (which the
+    /// leader holds).
+    fn known_status(&self, rec: &VmRecord) -> Option<grpc::VmStatus> {
+        self.agent.status(&rec.id).or_else(|| {
+            self.liveness
+                .as_ref()
+                .filter(|_| rec.lost.is_none())
+                .and_then(|l| l.status(&rec.id, &rec.node))
+        })
+    }
+
+    /// The status the replicated record gives: pending, or failed when lost.
+    fn record_status(rec: &VmRecord) -> grpc::VmStatus {
+        grpc::VmStatus {
+            state: if rec.lost.is_some() {
+                grpc::VmState::Failed as i32
+            } else {
+                grpc::VmState::Pending as i32
+            },
+            node: rec.node.clone(),
+            exit_code: -1,
+            vsock_cid: rec.cid,
+            message: rec.lost.clone().unwrap_or_default(),
+            ..Default::default()
+        }
+    }
+
     fn vm(&self, rec: &VmRecord) -> grpc::Vm {
-        // This member's node agent, else the last report of the node agent on
-        // another host (held by the leader), else what the record says.
         let status = self
-            .agent
-            .status(&rec.id)
-            .or_else(|| {
-                self.liveness
-                    .as_ref()
-                    .filter(|_| rec.lost.is_none())
-                    .and_then(|l| l.status(&rec.id, &rec.node))
-            })
-            .unwrap_or_else(|| grpc::VmStatus {
-                state: if rec.lost.is_some() {
-                    grpc::VmState::Failed as i32
-                } else {
-                    grpc::VmState::Pending as i32
-                },
-                node: rec.node.clone(),
-                exit_code: -1,
-                vsock_cid: rec.cid,
-                message: rec.lost.clone().unwrap_or_default(),
-                ..Default::default()
-            });
+            .known_status(rec)
+            .unwrap_or_else(|| Self::record_status(rec));
+        self.vm_with(rec, status)
+    }
+
+    fn vm_with(&self, rec: &VmRecord, status: grpc::VmStatus) -> grpc::Vm {
         grpc::Vm {
             id: rec.id.clone(),
             spec: Some(rec.spec.to_proto()),
@@ -257,9 +268,10 @@ impl VmService for Api {
         request: Request<grpc::GetVmRequest>,
     ) -> Result<Response<grpc::Vm>, Status> {
         let r = match self.store.linearize().await {
-            Ok(()) => self
-                .get_record(&request.get_ref().id)
-                .map(|rec| self.vm(&rec)),
+            Ok(()) => match self.get_record(&request.get_ref().id) {
+                Ok(rec) => Ok(self.vms(vec![rec]).await.remove(0)),
+                Err(e) => Err(e),
+            },
             Err(e) => Err(store_status(e)),
         };
         self.done("Get", &r);
@@ -284,7 +296,7 @@ impl VmService for Api {
                 .collect()
         });
         let r = Ok(grpc::ListVmsResponse {
-            vms: recs.iter().map(|r| self.vm(r)).collect(),
+            vms: self.vms(recs).await,
         });
         self.done("List", &r);
         r.map(Response::new)
@@ -331,6 +343,7 @@ impl VmService for Api {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let id = request.into_inner().id;
         let rx = self.agent.subscribe();
+        let remote = self.remote_events();
         let initial: Vec<VmRecord> = if id.is_empty() {
             self.store.read(|s| s.vms.values().cloned().collect())
         } else {
@@ -342,23 +355,37 @@ impl VmService for Api {
                 }
             }
         };
-        let first: Vec<grpc::VmEvent> = initial
-            .iter()
-            .map(|rec| {
-                let st = self.vm(rec).status.unwrap_or_default();
+        let first: Vec<grpc::VmEvent> = self
+            .vms(initial)
+            .await
+            .into_iter()
+            .map(|vm| {
+                let st = vm.status.unwrap_or_default();
                 grpc::VmEvent {
                     seq: 0,
                     time_ms: crate::now_ms(),
-                    vm_id: rec.id.clone(),
+                    vm_id: vm.id,
                     kind: "current".into(),
                     state: st.state,
                     message: st.message,
+                    node: st.node,
                 }
             })
             .collect();
         let filter = id.clone();
-        let live =
-            tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |ev| match ev {
+        // This node agent's events, and those of VMs on other nodes (from
+        // heartbeats on the leader, relayed from the leader elsewhere).
+        let me = self.agent.node_id().to_string();
+        let mine = me.clone();
+        let own = tokio_stream::wrappers::BroadcastStream::new(rx).map(move |ev| {
+            ev.map(|mut ev| {
+                ev.node = mine.clone();
+                ev
+            })
+        });
+        let others = tokio_stream::wrappers::BroadcastStream::new(remote)
+            .filter(move |ev| !matches!(ev, Ok(ev) if ev.node == me));
+        let live = own.merge(others).filter_map(move |ev| match ev {
                 Ok(ev) if filter.is_empty() || ev.vm_id == filter => Some(Ok(ev)),
                 Ok(_) => None,
                 Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
@@ -378,67 +405,16 @@ impl VmService for Api {
         &self,
         request: Request<grpc::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
-        let req = request.into_inner();
-        let r = self.get_record(&req.id);
+        let r = self.do_logs(request).await;
         self.done("Logs", &r);
-        let rec = r?;
-        let file = match grpc::LogSource::try_from(req.source) {
-            Ok(grpc::LogSource::Agent) => crate::router::guest::AGENT_LOG,
-            Ok(grpc::LogSource::Serial) => "serial.log",
-            Err(_) => {
-                return Err(Status::invalid_argument(format!(
-                    "source: {} is not a log source (0 serial, 1 agent)",
-                    req.source
-                )));
-            }
-        };
-        let path = self.agent.run_dir(&rec.id).join(file);
-        let agent = self.agent.clone();
-        let store = self.store.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        tokio::spawn(async move {
-            let mut off: u64 = 0;
-            if req.tail_bytes > 0 {
-                if let Ok(m) = std::fs::metadata(&path) {
-                    off = m.len().saturating_sub(req.tail_bytes);
-                }
-            }
-            loop {
-                let chunk = read_from(&path, &mut off);
-                if !chunk.is_empty() && tx.send(Ok(grpc::LogChunk { data: chunk })).await.is_err() {
-                    return;
-                }
-                if !req.follow {
-                    return;
-                }
-                let exists = store.read(|s| s.vms.contains_key(&rec.id));
-                let over = agent.runtime(&rec.id).is_none_or(|r| {
-                    matches!(
-                        grpc::VmState::try_from(r.state as i32),
-                        Ok(grpc::VmState::Exited | grpc::VmState::Failed | grpc::VmState::Stopped)
-                    )
-                });
-                if !exists || over {
-                    let rest = read_from(&path, &mut off);
-                    if !rest.is_empty() {
-                        let _ = tx.send(Ok(grpc::LogChunk { data: rest })).await;
-                    }
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        r.map(Response::new)
     }
 
     async fn exec(
         &self,
         request: Request<grpc::ExecRequest>,
     ) -> Result<Response<grpc::ExecResponse>, Status> {
-        let req = request.into_inner();
-        let r = self.do_exec(req).await;
+        let r = self.do_exec(request).await;
         self.done("Exec", &r);
         r.map(Response::new)
     }
@@ -447,170 +423,13 @@ impl VmService for Api {
         &self,
         request: Request<grpc::AttestRequest>,
     ) -> Result<Response<grpc::AttestResponse>, Status> {
-        let id = request.into_inner().id;
-        let r = self.do_attest(&id).await;
+        let r = self.do_attest(request).await;
         self.done("Attest", &r);
         r.map(Response::new)
     }
 }
 
-fn read_from(path: &std::path::Path, off: &mut u64) -> Vec<u8> {
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return Vec::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    if len < *off {
-        // The log was rotated by a restart: start over.
-        *off = 0;
-    }
-    if f.seek(SeekFrom::Start(*off)).is_err() {
-        return Vec::new();
-    }
-    let mut buf = Vec::new();
-    let _ = f.take(1 << 20).read_to_end(&mut buf);
-    *off += buf.len() as u64;
-    buf
-}
-
 impl Api {
-    /// Exec: `exec` of the VM's guest agent (`cell0-agent`) over SYPAS,
-    /// through the router. The nano guest has no agent: FAILED_PRECONDITION.
-    async fn do_exec(&self, req: grpc::ExecRequest) -> Result<grpc::ExecResponse, Status> {
-        use prost::Message;
-        let rec = self.get_record(&req.id)?;
-        if req.command.is_empty() || req.command[0].is_empty() {
-            return Err(Status::invalid_argument("command: must name a program"));
-        }
-        if rec.spec.is_nano() {
-            return Err(Status::failed_precondition(format!(
-                "VM {:?} runs the nano guest, which has no cell0 agent to run commands; \
-                 exec needs a Linux agent image (cell0-rootfs, docs/IMAGES.md)",
-                rec.id
-            )));
-        }
-        let Some(router) = self.agent.router() else {
-            return Err(Status::failed_precondition(
-                "this cell0d runs no SYPAS router, so it cannot reach guest agents",
-            ));
-        };
-        let call = cell0_agent::api::ExecRequest {
-            command: Some(cell0_agent::api::Command {
-                argv: req.command,
-                ..Default::default()
-            }),
-            stdin: Default::default(),
-            timeout_ms: EXEC_TIMEOUT.as_millis() as u32,
-        };
-        let reply = router
-            .call_vm_agent(
-                &rec.id,
-                cell0_agent::api::M_EXEC,
-                call.encode_to_vec().into(),
-                EXEC_TIMEOUT + Duration::from_secs(10),
-            )
-            .await
-            .map_err(|e| {
-                let msg = format!("exec in VM {:?}: {}", rec.id, e.message);
-                match e.error_code() {
-                    Some(cell0_proto::ErrorCode::AgentUnreachable) => Status::failed_precondition(
-                        format!("{msg} (is the VM running a cell0-agent image, and ready?)"),
-                    ),
-                    Some(cell0_proto::ErrorCode::BadRequest) => Status::invalid_argument(msg),
-                    Some(cell0_proto::ErrorCode::Timeout) => Status::deadline_exceeded(msg),
-                    _ => Status::unavailable(msg),
-                }
-            })?;
-        let r = cell0_agent::api::ExecReply::decode(reply.payload)
-            .map_err(|e| Status::internal(format!("the guest agent's exec reply: {e}")))?;
-        let st = r.status.unwrap_or_default();
-        let mut stderr = r.stderr.to_vec();
-        if r.timed_out {
-            stderr.extend_from_slice(
-                format!(
-                    "\ncell0: killed after {} s (exec timeout)\n",
-                    EXEC_TIMEOUT.as_secs()
-                )
-                .as_bytes(),
-            );
-        }
-        let mut stdout = r.stdout.to_vec();
-        // gRPC clients take 4 MiB messages by default: the answer stays below.
-        let cut = stdout.len() > EXEC_MAX_STDOUT || stderr.len() > EXEC_MAX_STDERR;
-        stdout.truncate(EXEC_MAX_STDOUT);
-        stderr.truncate(EXEC_MAX_STDERR);
-        if r.truncated || cut {
-            stderr.extend_from_slice(
-                format!(
-                    "\ncell0: output cut (at most {} bytes of stdout and {} of stderr come back)\n",
-                    EXEC_MAX_STDOUT, EXEC_MAX_STDERR
-                )
-                .as_bytes(),
-            );
-        }
-        Ok(grpc::ExecResponse {
-            // A signal shows as 128 + its number, as shells report it.
-            exit_code: if st.signal != 0 {
-                128 + st.signal
-            } else {
-                st.code
-            },
-            stdout,
-            stderr,
-        })
-    }
-
-    async fn do_attest(&self, id: &str) -> Result<grpc::AttestResponse, Status> {
-        let rec = self.get_record(id)?;
-        if !rec.spec.tpm {
-            return Err(Status::failed_precondition(format!(
-                "VM {id:?} was created without a vTPM; create it with tpm=true (cell0ctl run --tpm)"
-            )));
-        }
-        let rt = self
-            .agent
-            .runtime(id)
-            .ok_or_else(|| Status::unavailable(format!("VM {id:?} is not on this node yet")))?;
-        if rt.pid == 0 || rt.state != grpc::VmState::Running {
-            return Err(Status::failed_precondition(format!(
-                "VM {id:?} is not running (state {}); only a running VM can be attested",
-                crate::node::state_name(rt.state)
-            )));
-        }
-        let sock = self.agent.run_dir(id).join("api.sock");
-        let a = self
-            .agent
-            .attest
-            .attest(&crate::node::attest::Target {
-                id,
-                launch: rt.launch_seq,
-                sock: &sock,
-                spec: &rec.spec,
-                cid: rec.cid,
-                cmdline_extra: &rt.cmdline_extra,
-                vmm_bin: &self.agent.config().vmm_bin,
-            })
-            .await
-            .map_err(|e| {
-                let mut s = e.to_string();
-                let mut src = std::error::Error::source(&e);
-                while let Some(c) = src {
-                    s.push_str(": ");
-                    s.push_str(&c.to_string());
-                    src = c.source();
-                }
-                Status::internal(format!("attestation of {id:?} failed: {s}"))
-            })?;
-        Ok(grpc::AttestResponse {
-            trusted: a.verdict.is_trusted(),
-            verdict_json: serde_json::to_string(&a.verdict).unwrap_or_default(),
-            failures: a.verdict.failures().iter().map(|f| f.to_string()).collect(),
-            nonce: a.nonce.to_vec(),
-            ak_name: a.ak_name,
-            pcrs: a.pcrs.into_iter().collect(),
-            enrolled: a.enrolled,
-        })
-    }
-
     fn node_list(&self) -> Vec<grpc::Node> {
         self.store.read(|s| {
             s.nodes
@@ -807,6 +626,7 @@ impl Api {
                  pick another --node-name"
             )));
         }
+        self.report_changes(&id, &req.vms);
         l.heartbeat(&id, req.vms.into_iter().collect());
         let (json, has) = match placements {
             Some(Ok(j)) => (j, true),
@@ -936,6 +756,26 @@ impl NodeService for Api {
         self.audit("NodeUncordon", peer, &id, &r, rev);
         self.done("NodeUncordon", &r);
         r.map(|(_, node, _)| Response::new(node))
+    }
+
+    async fn vm_statuses(
+        &self,
+        request: Request<grpc::VmStatusesRequest>,
+    ) -> Result<Response<grpc::VmStatusesResponse>, Status> {
+        let r = self.do_vm_statuses(request);
+        self.done("VmStatuses", &r);
+        r.map(Response::new)
+    }
+
+    type WatchClusterStream = Stream_<grpc::VmEvent>;
+
+    async fn watch_cluster(
+        &self,
+        request: Request<grpc::WatchClusterRequest>,
+    ) -> Result<Response<Self::WatchClusterStream>, Status> {
+        let r = self.do_watch_cluster(request);
+        self.done::<()>("WatchCluster", &r.as_ref().map(|_| ()).map_err(Clone::clone));
+        r.map(Response::new)
     }
 }
 

@@ -21,6 +21,7 @@ pub mod admission;
 pub mod attest;
 pub mod golden;
 pub mod liveness;
+pub mod local_api;
 pub mod proc;
 pub mod remote;
 
@@ -583,6 +584,7 @@ impl Agent {
             kind: kind.to_string(),
             state: state as i32,
             message: message.into(),
+            node: self.cfg.node_id.clone(),
         };
         tracing::debug!(vm = id, kind, state = state_name(state), msg = %ev.message, "event");
         let _ = self.events.send(ev);

@@ -598,6 +598,12 @@ impl Store {
         self.shared.applied.subscribe()
     }
 
+    /// A channel to `addr` (another member, or a node agent's API) over this
+    /// member's TLS, if it has one; shared with Raft's connections to it.
+    pub fn channel(&self, addr: &str) -> Result<tonic::transport::Channel, network::WireError> {
+        self.net.channel(addr)
+    }
+
     /// This member's id.
     pub fn node_id(&self) -> NodeId {
         self.node_id

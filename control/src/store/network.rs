@@ -115,6 +115,14 @@ impl Network {
 
     /// A client for the member at `addr`.
     pub fn client(&self, addr: &str) -> Result<RaftServiceClient<Channel>, WireError> {
+        Ok(RaftServiceClient::new(self.channel(addr)?)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE))
+    }
+
+    /// The shared channel to `addr` (a member, or a node agent's API), with
+    /// this member's TLS when it has one.
+    pub fn channel(&self, addr: &str) -> Result<Channel, WireError> {
         let mut map = match self.channels.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -139,9 +147,7 @@ impl Network {
                 ch
             }
         };
-        Ok(RaftServiceClient::new(ch)
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE))
+        Ok(ch)
     }
 }
 
