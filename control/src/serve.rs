@@ -37,6 +37,7 @@ use tonic::server::NamedService;
 use crate::api::Api;
 use crate::audit::AuditLog;
 use crate::metrics::Metrics;
+use crate::node::remote::{Owner, Remote};
 use crate::node::{Agent, NodeConfig};
 use crate::store::network::MAX_MESSAGE;
 use crate::store::rpc::{ClusterApi, RaftRpc};
@@ -118,9 +119,14 @@ pub struct ServeConfig {
     pub snapshot_every: u64,
     /// The node agent's settings (its data dir is `data_dir`).
     pub node: NodeConfig,
-    /// Heartbeat deadlines of node agents on other hosts (watched while
-    /// this member leads).
+    /// Heartbeat deadlines of node agents on other hosts and of the
+    /// members' own nodes (watched while this member leads).
     pub node_deadlines: crate::node::liveness::Deadlines,
+    /// Heartbeat interval of this member's own node agent, in a
+    /// multi-member cluster.
+    pub heartbeat: Duration,
+    /// Its self-fencing lease (`None`: never).
+    pub lease: Option<Duration>,
 }
 
 pub(crate) fn lock_data_dir(dir: &Path) -> Result<std::fs::File, ServeError> {
@@ -364,16 +370,53 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         })?);
         let router_sock = cfg.data_dir.join("router.sock");
         router.listen_host(&router_sock).await?;
-        let agent = Agent::start(
+        // In a multi-member cluster this member's own node is watched like a
+        // `cell0d node` agent's: it heartbeats to the leader, which marks it
+        // down when it goes silent, and it fences itself when its lease ends.
+        // A member started alone (the one-member default) reads its
+        // placements from its own state and sends no heartbeats.
+        let clustered = !matches!(&cfg.bootstrap, Bootstrap::Init(p) if p.is_empty())
+            || store.status().members.len() > 1;
+        if !clustered {
+            let agent = Agent::start(
+                node_cfg,
+                store.clone(),
+                metrics.clone(),
+                Some(router.clone()),
+            )
+            .await?;
+            return Ok::<_, ServeError>((router, router_sock, agent, None));
+        }
+        if let Some(t) = &cfg.tls {
+            crate::node::remote::set_tls(t.client_config());
+        }
+        let mut remote = Remote::new(
+            node_cfg.clone(),
+            Owner::Member {
+                store: store.clone(),
+                id: cfg.raft_id,
+            },
+            vec![advertise.clone()],
+            cfg.heartbeat,
+            cfg.lease,
+        );
+        let (must_register, revision) = remote.start().await?;
+        let agent = Agent::start_remote(
             node_cfg,
-            store.clone(),
+            remote.placements(),
             metrics.clone(),
             Some(router.clone()),
         )
         .await?;
-        Ok::<_, ServeError>((router, router_sock, agent))
+        tracing::info!(node = %agent.node_id(), "this member's node heartbeats to the leader (watched)");
+        Ok((
+            router,
+            router_sock,
+            agent,
+            Some((remote, must_register, revision)),
+        ))
     };
-    let (router, router_sock, agent) = tokio::select! {
+    let (router, router_sock, agent, remote) = tokio::select! {
         r = started => r?,
         () = stopped() => {
             store.shutdown().await;
@@ -404,6 +447,17 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     };
     let _ = vm_gate.inner.set(VmServiceServer::new(api.clone()));
     let _ = node_gate.inner.set(NodeServiceServer::new(api));
+    // This member's own node heartbeats once the API serves (the leader may
+    // be this member).
+    let remote_task = remote.map(|(r, must_register, revision)| {
+        let agent = agent.clone();
+        let stop = stopped();
+        tokio::spawn(async move {
+            if let Err(e) = r.run(agent, must_register, revision, stop).await {
+                tracing::error!(error = %e, "this member's node agent stopped heartbeating; its node runs no VM");
+            }
+        })
+    });
     let addr_file = cfg.data_dir.join("cell0d.addr");
     let info = serde_json::json!({
         "grpc": grpc_addr.to_string(),
@@ -421,6 +475,9 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, data = %cfg.data_dir.display(), "cell0d serving");
     let r = server.await;
     agent_task.abort();
+    if let Some(t) = remote_task {
+        t.abort();
+    }
     liveness_task.abort();
     metrics_task.abort();
     router.shutdown().await;
@@ -513,6 +570,16 @@ pub struct ServeArgs {
     /// restartable VMs are placed elsewhere, the others marked lost.
     #[arg(long, default_value_t = 3000)]
     pub node_down_ms: u64,
+    /// In a multi-member cluster: this member's own node heartbeats to the
+    /// leader every this many ms (like `cell0d node`).
+    #[arg(long, default_value_t = 500)]
+    pub heartbeat_ms: u64,
+    /// In a multi-member cluster: self-fencing lease in ms of this member's
+    /// own node; with no acknowledged heartbeat for this long it terminates
+    /// its VMs. Keep it below --node-down-ms minus the time a VMM takes to
+    /// die. 0: never.
+    #[arg(long, default_value_t = 2000)]
+    pub lease_ms: u64,
 }
 
 pub(crate) fn default_vmm() -> PathBuf {
@@ -578,6 +645,15 @@ pub async fn serve_main(a: ServeArgs) -> Result<(), ServeError> {
             a.node_down_ms, a.node_suspect_ms
         )));
     }
+    crate::node::remote::check_timing(a.heartbeat_ms, a.lease_ms)?;
+    if a.lease_ms != 0 && a.lease_ms + 500 > a.node_down_ms {
+        tracing::warn!(
+            "--lease-ms {} ends after --node-down-ms {} minus 0.5 s: a node cut off from the \
+             leader may still run its VMs when they start elsewhere",
+            a.lease_ms,
+            a.node_down_ms
+        );
+    }
     let node_deadlines = crate::node::liveness::Deadlines {
         suspect: Duration::from_millis(a.node_suspect_ms),
         down: Duration::from_millis(a.node_down_ms),
@@ -606,6 +682,8 @@ pub async fn serve_main(a: ServeArgs) -> Result<(), ServeError> {
         snapshot_every: a.snapshot_every,
         node,
         node_deadlines,
+        heartbeat: Duration::from_millis(a.heartbeat_ms),
+        lease: (a.lease_ms > 0).then(|| Duration::from_millis(a.lease_ms)),
     })
     .await
 }

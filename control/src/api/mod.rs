@@ -569,9 +569,12 @@ impl Api {
     }
 
     /// One heartbeat of a node agent on another host (on the leader).
+    /// `member`: the member id a member's own agent sends (metadata
+    /// `cell0-member`); `None` from a `cell0d node` agent.
     async fn do_heartbeat(
         &self,
         req: grpc::HeartbeatRequest,
+        member: Option<u64>,
     ) -> Result<grpc::HeartbeatResponse, Status> {
         let Some(l) = &self.liveness else {
             return Err(Status::unimplemented(
@@ -609,22 +612,53 @@ impl Api {
             )));
         }
         let id = req.id;
-        let (remote, state, revision, placements) = self
+        let (owner, state, revision, placements, handoffs) = self
             .store
             .read(|s| {
                 let n = s.nodes.get(&id)?;
-                let remote = n.labels.get(REMOTE_LABEL).map(String::as_str) == Some(REMOTE_VALUE);
+                let owner = match n.labels.get(REMOTE_LABEL).map(String::as_str) {
+                    Some(REMOTE_VALUE) => Some(None),
+                    Some(crate::node::liveness::MEMBER_VALUE) => {
+                        crate::node::liveness::member_of(n).map(Some)
+                    }
+                    _ => None,
+                };
                 let mine: Vec<&VmRecord> = s.vms.values().filter(|v| v.node == id).collect();
                 let version = placement_version(&mine, n.state);
                 let json = (req.revision != version).then(|| serde_json::to_vec(&mine));
-                Some((remote, n.state, version, json))
+                // With the placements as they are now, the node reports what
+                // it still runs: the handoffs from it of VMs it no longer
+                // runs can end.
+                let handoffs: Vec<(String, u64)> = match req.revision == version {
+                    true => s
+                        .vms
+                        .values()
+                        .filter(|v| v.handoff.as_ref().is_some_and(|h| h.from == id))
+                        .filter(|v| !req.vms.contains_key(&v.id))
+                        .map(|v| (v.id.clone(), v.epoch))
+                        .collect(),
+                    false => Vec::new(),
+                };
+                Some((owner, n.state, version, json, handoffs))
             })
             .ok_or_else(|| Status::not_found(format!("no node named {id:?}; register it first")))?;
-        if !remote {
+        // A `cell0d node` agent heartbeats for a `remote` node, a member's
+        // own agent for its own node only.
+        if owner != Some(member) {
             return Err(Status::already_exists(format!(
                 "node {id:?} is the node of a control-plane member, not of a `cell0d node` agent; \
                  pick another --node-name"
             )));
+        }
+        if let Some(m) = member {
+            if !self.store.status().members.contains_key(&m) {
+                return Err(Status::permission_denied(format!(
+                    "member {m} was removed from the cluster: its node {id:?} takes no VMs"
+                )));
+            }
+        }
+        for (vm, epoch) in handoffs {
+            l.handoff_gone(&vm, epoch);
         }
         self.report_changes(&id, &req.vms);
         l.heartbeat(&id, req.vms.into_iter().collect());
@@ -641,6 +675,10 @@ impl Api {
         })
     }
 }
+
+/// The gRPC metadata a member's own node agent sends its member id in, with
+/// its heartbeats.
+pub const MEMBER_HEADER: &str = "cell0-member";
 
 /// A version of a node's placements: a hash of the (id, revision) of every VM
 /// placed on it and of the node's state. Nonzero, so that 0 asks for them.
@@ -687,7 +725,12 @@ impl NodeService for Api {
         &self,
         request: Request<grpc::HeartbeatRequest>,
     ) -> Result<Response<grpc::HeartbeatResponse>, Status> {
-        let r = self.do_heartbeat(request.into_inner()).await;
+        let member = request
+            .metadata()
+            .get(MEMBER_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let r = self.do_heartbeat(request.into_inner(), member).await;
         self.done("NodeHeartbeat", &r);
         r.map(Response::new)
     }

@@ -1,19 +1,26 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Failure detection on the Raft leader: the heartbeats of node agents on
-//! other hosts (`cell0d node`), and the deadlines that mark a silent node
-//! suspect and then down through Raft commands.
+//! other hosts (`cell0d node`) and of the members' own node agents in a
+//! multi-member cluster, and the deadlines that mark a silent node suspect
+//! and then down through Raft commands.
 //!
 //! Only the leader watches. It keeps the time it last heard each node in
 //! memory (heartbeats are not replicated); a member that becomes leader
 //! starts every node's clock at that moment, so a change of leader never
 //! marks a node down by itself. `SetNodeState { down }` re-places the node's
 //! restartable VMs with a new placement epoch and marks the others lost, in
-//! the same entry (`store/state.rs`). Only nodes registered through
-//! `NodeService.Register` (label [`REMOTE_LABEL`]) are watched: a member's
-//! embedded node agent lives and dies with its member.
+//! the same entry (`store/state.rs`). Only nodes with the label
+//! [`REMOTE_LABEL`] are watched: `remote` for a `cell0d node` agent
+//! (`NodeService.Register`), `member` for a member's own node. The node of a
+//! member started alone (the one-member default) has no label and lives and
+//! dies with its member. A member's node whose member was removed from the
+//! cluster is marked down.
 //!
 //! The leader also keeps the last VM status each node reported, for Get and
-//! List (runtime state stays on its node and is not replicated).
+//! List (runtime state stays on its node and is not replicated), and ends the
+//! handoff of a drained VM (`Command::ReleaseHandoff`) once its old node
+//! reported, with the placements that no longer name it, that it no longer
+//! runs it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -29,6 +36,38 @@ use crate::store::{Command, Store};
 pub const REMOTE_LABEL: &str = "cell0.io/agent";
 /// Its value.
 pub const REMOTE_VALUE: &str = "remote";
+/// [`REMOTE_LABEL`]'s value on a member's own node (multi-member cluster).
+pub const MEMBER_VALUE: &str = "member";
+/// The label of a member's own node that names the member's Raft id.
+pub const MEMBER_ID_LABEL: &str = "cell0.io/member";
+
+/// Whether the leader watches `n`'s heartbeats.
+pub fn watched(n: &crate::store::state::NodeRecord) -> bool {
+    n.labels.contains_key(REMOTE_LABEL)
+}
+
+/// The member whose own node `n` is, if it heartbeats as one.
+pub fn member_of(n: &crate::store::state::NodeRecord) -> Option<u64> {
+    if n.labels.get(REMOTE_LABEL).map(String::as_str) != Some(MEMBER_VALUE) {
+        return None;
+    }
+    n.labels.get(MEMBER_ID_LABEL)?.parse().ok()
+}
+
+/// The members' own nodes whose member is no longer in the cluster
+/// (`cell0ctl cluster remove`) and that are not down yet.
+fn retired(
+    state: &crate::store::state::ClusterState,
+    members: &std::collections::BTreeSet<u64>,
+) -> Vec<String> {
+    state
+        .nodes
+        .values()
+        .filter(|n| n.state != NodeState::Down)
+        .filter(|n| member_of(n).is_some_and(|m| !members.contains(&m)))
+        .map(|n| n.id.clone())
+        .collect()
+}
 
 /// Heartbeat deadlines.
 #[derive(Debug, Clone, Copy)]
@@ -58,6 +97,9 @@ struct Inner {
     states: HashMap<String, NodeState>,
     /// VM id → (node, status), as last reported.
     reports: HashMap<String, (String, grpc::VmStatus)>,
+    /// VM id → the placement epoch of a handoff whose old node reported the
+    /// VM gone: to release.
+    gone: HashMap<String, u64>,
 }
 
 /// The leader's view of node liveness.
@@ -93,6 +135,22 @@ impl Liveness {
         for (id, st) in vms {
             g.reports.insert(id, (node.to_string(), st));
         }
+    }
+
+    /// Records that the old node of VM `id`, in handoff under placement
+    /// `epoch`, reported it no longer runs it (with up-to-date placements).
+    pub fn handoff_gone(&self, id: &str, epoch: u64) {
+        lock(&self.inner).gone.insert(id.to_string(), epoch);
+    }
+
+    /// The handoffs to release among `pending` (VM id, epoch); forgets the
+    /// reports of handoffs no longer pending.
+    fn releases(&self, pending: &BTreeMap<String, u64>) -> Vec<(String, u64)> {
+        let mut g = lock(&self.inner);
+        g.gone.retain(|id, e| pending.get(id) == Some(e));
+        let mut out: Vec<(String, u64)> = g.gone.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        out.sort();
+        out
     }
 
     /// The status of VM `id` as `node` last reported it.
@@ -173,16 +231,34 @@ impl Liveness {
             tokio::time::sleep(tick).await;
             let st = store.status();
             let term = (st.state == "leader").then_some(st.term);
-            let nodes: BTreeMap<String, NodeState> = store.read(|s| {
-                s.nodes
+            let members: std::collections::BTreeSet<u64> = st.members.keys().copied().collect();
+            let (nodes, gone, pending) = store.read(|s| {
+                let nodes: BTreeMap<String, NodeState> = s
+                    .nodes
                     .values()
-                    .filter(|n| {
-                        n.labels.get(REMOTE_LABEL).map(String::as_str) == Some(REMOTE_VALUE)
-                    })
+                    .filter(|n| watched(n))
                     .map(|n| (n.id.clone(), n.state))
-                    .collect()
+                    .collect();
+                let pending: BTreeMap<String, u64> = s
+                    .vms
+                    .values()
+                    .filter(|v| v.handoff.is_some())
+                    .map(|v| (v.id.clone(), v.epoch))
+                    .collect();
+                (nodes, retired(s, &members), pending)
             });
-            for (id, state) in self.due(term, &nodes, Instant::now()) {
+            if term.is_some() {
+                self.release(&store, &pending).await;
+            }
+            let mut todo = self.due(term, &nodes, Instant::now());
+            if term.is_some() {
+                for id in gone {
+                    tracing::warn!(node = %id, "its member was removed from the cluster: marking the node down");
+                    todo.retain(|(n, _)| *n != id);
+                    todo.push((id, NodeState::Down));
+                }
+            }
+            for (id, state) in todo {
                 let silent = self.last_heard_ms(&id);
                 match store
                     .write(Command::SetNodeState {
@@ -212,6 +288,30 @@ impl Liveness {
                     Err(e) => {
                         tracing::warn!(node = %id, error = %e, state = state.as_str(), "cannot commit the node's state");
                     }
+                }
+            }
+        }
+    }
+}
+
+impl Liveness {
+    /// Commits the releases of the handoffs whose old node reported the VM
+    /// gone.
+    async fn release(&self, store: &Store, pending: &BTreeMap<String, u64>) {
+        for (id, epoch) in self.releases(pending) {
+            match store
+                .write(Command::ReleaseHandoff {
+                    id: id.clone(),
+                    epoch,
+                })
+                .await
+            {
+                Ok((index, _)) => {
+                    tracing::info!(vm = %id, epoch, index, "handoff released: the old node stopped the VM");
+                    lock(&self.inner).gone.remove(&id);
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %id, error = %e, "cannot commit the handoff's release")
                 }
             }
         }
@@ -287,5 +387,78 @@ mod tests {
         );
         assert!(l.status("a", "n1").is_some());
         assert!(l.status("a", "n2").is_none(), "moved: n1's report is stale");
+    }
+
+    fn node(
+        id: &str,
+        labels: &[(&str, &str)],
+        state: NodeState,
+    ) -> crate::store::state::NodeRecord {
+        crate::store::state::NodeRecord {
+            id: id.into(),
+            address: String::new(),
+            zone: "z".into(),
+            region: "r".into(),
+            capacity: Default::default(),
+            cpu_overcommit: 1.0,
+            memory_overcommit: 1.0,
+            state,
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            drained: false,
+        }
+    }
+
+    #[test]
+    fn members_nodes_are_watched_and_a_removed_members_node_is_retired() {
+        let agent = node("n1", &[(REMOTE_LABEL, REMOTE_VALUE)], NodeState::Ready);
+        let m1 = node(
+            "m1",
+            &[(REMOTE_LABEL, MEMBER_VALUE), (MEMBER_ID_LABEL, "1")],
+            NodeState::Ready,
+        );
+        let m2 = node(
+            "m2",
+            &[(REMOTE_LABEL, MEMBER_VALUE), (MEMBER_ID_LABEL, "2")],
+            NodeState::Suspect,
+        );
+        let m3 = node(
+            "m3",
+            &[(REMOTE_LABEL, MEMBER_VALUE), (MEMBER_ID_LABEL, "3")],
+            NodeState::Down,
+        );
+        // The one-member default: no label, not watched.
+        let solo = node("solo", &[], NodeState::Ready);
+        assert!(watched(&agent) && watched(&m1) && !watched(&solo));
+        assert_eq!((member_of(&agent), member_of(&m1)), (None, Some(1)));
+        let mut s = crate::store::state::ClusterState::default();
+        for n in [agent, m1, m2, m3, solo] {
+            s.nodes.insert(n.id.clone(), n);
+        }
+        let members = |ids: &[u64]| ids.iter().copied().collect();
+        assert!(retired(&s, &members(&[1, 2, 3])).is_empty());
+        // Member 2 removed: its node goes down; member 3's is down already.
+        assert_eq!(retired(&s, &members(&[1])), vec!["m2".to_string()]);
+    }
+
+    #[test]
+    fn a_handoff_is_released_once_its_old_node_reported_it_gone() {
+        let l = Liveness::new(Deadlines::default());
+        let mut pending = BTreeMap::from([("a".to_string(), 2), ("b".to_string(), 5)]);
+        assert!(l.releases(&pending).is_empty());
+        l.handoff_gone("a", 2);
+        // A report for an older epoch (moved again since) releases nothing.
+        l.handoff_gone("b", 4);
+        assert_eq!(l.releases(&pending), vec![("a".to_string(), 2)]);
+        assert!(
+            !lock(&l.inner).gone.contains_key("b"),
+            "stale report forgotten"
+        );
+        // Released (no longer pending): forgotten.
+        pending.remove("a");
+        assert!(l.releases(&pending).is_empty());
+        assert!(lock(&l.inner).gone.is_empty());
     }
 }

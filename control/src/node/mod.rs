@@ -355,6 +355,10 @@ pub struct Agent {
     wake: Notify,
     exits: mpsc::UnboundedSender<Exit>,
     exits_rx: Mutex<Option<mpsc::UnboundedReceiver<Exit>>>,
+    /// VM id → pid of the VMMs being stopped because their VM left this node:
+    /// heartbeats report them `stopping` until they are gone, so that the
+    /// leader ends a drain's handoff only then. Locked after `vms`.
+    leaving: Mutex<BTreeMap<String, i32>>,
     /// Attestation state (verifier, enrolled AKs).
     pub attest: attest::AttestState,
     router: Option<Arc<Router>>,
@@ -490,8 +494,9 @@ impl Agent {
         cfg: NodeConfig,
         placements: Arc<Placements>,
         metrics: Arc<Metrics>,
+        router: Option<Arc<Router>>,
     ) -> Result<Arc<Self>, NodeError> {
-        Self::start_with(cfg, Source::Remote(placements), metrics, None).await
+        Self::start_with(cfg, Source::Remote(placements), metrics, router).await
     }
 
     async fn start_with(
@@ -516,6 +521,7 @@ impl Agent {
             wake: Notify::new(),
             exits: tx,
             exits_rx: Mutex::new(Some(rx)),
+            leaving: Mutex::new(BTreeMap::new()),
             attest,
             router,
         });
@@ -663,12 +669,26 @@ impl Agent {
         self.wake.notify_one();
     }
 
-    /// The runtime status of every VM on this node, by id.
+    /// The runtime status of every VM on this node, by id, and of the VMMs
+    /// still being stopped after their VM left it (`stopping`).
     pub fn statuses(&self) -> std::collections::HashMap<String, grpc::VmStatus> {
         let ids: Vec<String> = lock(&self.vms).keys().cloned().collect();
-        ids.into_iter()
+        let mut out: std::collections::HashMap<String, grpc::VmStatus> = ids
+            .into_iter()
             .filter_map(|id| self.status(&id).map(|s| (id, s)))
-            .collect()
+            .collect();
+        // Read after the VMs: one that left meanwhile is in `leaving` by now.
+        for (id, pid) in lock(&self.leaving).iter() {
+            out.entry(id.clone()).or_insert_with(|| grpc::VmStatus {
+                state: VmState::Stopping as i32,
+                node: self.cfg.node_id.clone(),
+                pid: i64::from(*pid),
+                exit_code: -1,
+                message: "stopping: no longer placed on this node".into(),
+                ..Default::default()
+            });
+        }
+        out
     }
 
     /// Pids of the VMMs this agent runs now.
@@ -748,9 +768,12 @@ impl Agent {
                             // Wait (bounded) so that a jailed VMM's supervisor
                             // cleans up before its jail root goes with the run dir.
                             let dir = ent.path();
+                            lock(&self.leaving).insert(id.clone(), p.pid);
+                            let me = self.clone();
                             tokio::spawn(async move {
                                 terminate(&fd).await;
                                 let _ = std::fs::remove_dir_all(dir);
+                                lock(&me.leaving).remove(&id);
                             });
                             continue;
                         }
@@ -931,6 +954,13 @@ impl Agent {
                             rt.state = VmState::Pending;
                         }
                     }
+                    // A drained VM starts only once its old node stopped it.
+                    if let Some(m) = rec.handoff_message() {
+                        if rt.state == VmState::Pending && rt.message != m {
+                            self.set_state(id, rt, VmState::Pending, m);
+                        }
+                        continue;
+                    }
                     let due = match rt.state {
                         VmState::Pending => true,
                         VmState::Backoff => rt.next_restart.is_none_or(|t| t <= now),
@@ -1019,6 +1049,9 @@ impl Agent {
         let sock = self.run_dir(&id).join("api.sock");
         // A fenced node does not ask: it terminates at once.
         let fencing = self.fencing.load(Ordering::SeqCst);
+        if remove {
+            lock(&self.leaving).insert(id.clone(), fd.pid);
+        }
         tokio::spawn(async move {
             let asked = !fencing
                 && proc::api_call_async(&sock, json!({"op": "stop"}), Duration::from_secs(1))
@@ -1031,6 +1064,10 @@ impl Agent {
             if remove {
                 proc::reap(fd.pid);
                 me.remove_run_dir(&id);
+                let mut l = lock(&me.leaving);
+                if l.get(&id) == Some(&fd.pid) {
+                    l.remove(&id);
+                }
             }
         });
     }

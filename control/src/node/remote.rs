@@ -31,10 +31,11 @@ use cell0_proto::grpc::{
 };
 use tonic::transport::Channel;
 
-use super::liveness::{REMOTE_LABEL, REMOTE_VALUE};
+use super::liveness::{MEMBER_ID_LABEL, MEMBER_VALUE, REMOTE_LABEL, REMOTE_VALUE, member_of};
 use super::{Agent, NodeConfig, NodeError, Placements};
 use crate::metrics::Metrics;
-use crate::store::VmRecord;
+use crate::store::state::{NodeRecord, NodeState};
+use crate::store::{Command, Store, VmRecord};
 
 /// `cell0d node`'s command line.
 #[derive(clap::Args, Debug)]
@@ -53,6 +54,10 @@ pub struct NodeArgs {
     /// the node name.
     #[arg(long, env = "CELL0_TLS_DIR")]
     pub tls_dir: Option<PathBuf>,
+    /// Dial the members over plain TCP (members started with
+    /// --insecure-plaintext): no certificate is checked either way.
+    #[arg(long, conflicts_with = "tls_dir")]
+    pub insecure_plaintext: bool,
     /// Pass attestation before every registration (members need it unless
     /// started with --allow-unattested-nodes): a vTPM (swtpm, CA in
     /// $CELL0_TPM_CA_DIR) measures this cell0d and --vmm into PCR 0 and quotes
@@ -74,6 +79,15 @@ pub struct NodeArgs {
     /// --node-down-ms (default 3000) minus the time a VMM takes to die. 0: never.
     #[arg(long, default_value_t = 2000)]
     pub lease_ms: u64,
+    /// Serve this node's API on ADDR: Logs, Exec and Attest of its own VMs,
+    /// which members proxy their clients' calls to (over --tls-dir's mutual
+    /// TLS with this node's certificate, for members' certificates only).
+    /// Default: no API, and members answer that this node serves none.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// The address members reach --listen at (default: the bound address).
+    #[arg(long, value_name = "HOST:PORT", requires = "listen")]
+    pub advertise: Option<String>,
 }
 
 /// Parses `k=v` labels.
@@ -186,16 +200,36 @@ impl Conn {
     }
 }
 
-/// The node agent on another host.
-struct Remote {
+/// Whose node an agent runs, and how it registers.
+pub(crate) enum Owner {
+    /// `cell0d node`: `NodeService.Register` on any member (after passing
+    /// attestation with `--attest`).
+    Agent {
+        /// Labels VMs select the node by.
+        labels: BTreeMap<String, String>,
+        /// `--attest`: this node's vTPM with its binaries measured.
+        attester: Option<Arc<super::admission::NodeAttester>>,
+    },
+    /// A member's own node in a multi-member cluster: `PutNode` through the
+    /// member's own store (a member is trusted: it is a Raft voter), and
+    /// heartbeats that carry the member id.
+    Member {
+        /// The member's store.
+        store: Store,
+        /// The member's Raft id.
+        id: u64,
+    },
+}
+
+/// A node agent fed by heartbeat answers: `cell0d node`, or a member's own
+/// agent in a multi-member cluster.
+pub(crate) struct Remote {
     cfg: NodeConfig,
-    labels: BTreeMap<String, String>,
+    owner: Owner,
     conn: Conn,
     placements: Arc<Placements>,
     heartbeat: Duration,
     lease: Option<Duration>,
-    /// `--attest`: this node's vTPM with its binaries measured.
-    attester: Option<Arc<super::admission::NodeAttester>>,
 }
 
 /// What a heartbeat answered.
@@ -209,14 +243,47 @@ enum Beat {
     Unknown,
     /// No answer.
     Failed(String),
-    /// The name is not this agent's to use (a member's own node).
+    /// The name is not this agent's to use (a member's own node), or this
+    /// member was removed from the cluster.
     Refused(String),
 }
 
 impl Remote {
+    /// An agent of `cfg`'s node that reaches the control plane through the
+    /// members at `join`, heartbeating every `heartbeat`, fencing itself
+    /// after `lease` without an acknowledged heartbeat.
+    pub(crate) fn new(
+        cfg: NodeConfig,
+        owner: Owner,
+        join: Vec<String>,
+        heartbeat: Duration,
+        lease: Option<Duration>,
+    ) -> Self {
+        Self {
+            cfg,
+            owner,
+            conn: Conn {
+                join,
+                timeout: heartbeat.max(Duration::from_millis(500)),
+                leader: None,
+                next: 0,
+            },
+            placements: Arc::new(Placements::default()),
+            heartbeat,
+            lease,
+        }
+    }
+
+    /// The placements the agent runs (pass to [`Agent::start_remote`]).
+    pub(crate) fn placements(&self) -> Arc<Placements> {
+        self.placements.clone()
+    }
+
     fn node(&self) -> grpc::Node {
-        let mut labels: std::collections::HashMap<String, String> =
-            self.labels.clone().into_iter().collect();
+        let mut labels: std::collections::HashMap<String, String> = match &self.owner {
+            Owner::Agent { labels, .. } => labels.clone().into_iter().collect(),
+            Owner::Member { .. } => Default::default(),
+        };
         labels.insert(REMOTE_LABEL.into(), REMOTE_VALUE.into());
         grpc::Node {
             id: self.cfg.node_id.clone(),
@@ -235,8 +302,12 @@ impl Remote {
     }
 
     /// Registers the node. `Err(Some(_))`: refused for good (the name is a
-    /// member's own node); `Err(None)`: try again.
+    /// member's own node, or this member left the cluster); `Err(None)`: try
+    /// again.
     async fn register(&mut self) -> Result<(), Option<String>> {
+        if let Owner::Member { store, id } = &self.owner {
+            return register_member(&self.cfg, store, *id).await;
+        }
         let mut c = match self.conn.any().await {
             Ok(c) => c,
             Err(e) => {
@@ -244,7 +315,12 @@ impl Remote {
                 return Err(None);
             }
         };
-        if let Some(att) = self.attester.clone() {
+        if let Owner::Agent {
+            attester: Some(att),
+            ..
+        } = &self.owner
+        {
+            let att = att.clone();
             // Attest to the member that takes the registration.
             let addr = match &self.conn.leader {
                 Some((a, _)) => a.clone(),
@@ -291,11 +367,16 @@ impl Remote {
             Ok(c) => c,
             Err(e) => return Beat::Failed(e),
         };
-        let req = grpc::HeartbeatRequest {
+        let mut req = tonic::Request::new(grpc::HeartbeatRequest {
             id: self.cfg.node_id.clone(),
             revision,
             vms: agent.map(|a| a.statuses()).unwrap_or_default(),
-        };
+        });
+        if let Owner::Member { id, .. } = &self.owner {
+            if let Ok(v) = id.to_string().parse() {
+                req.metadata_mut().insert(crate::api::MEMBER_HEADER, v);
+            }
+        }
         match c.heartbeat(req).await {
             Ok(r) => {
                 let r = r.into_inner();
@@ -313,7 +394,14 @@ impl Remote {
                 }
             }
             Err(s) if s.code() == tonic::Code::NotFound => Beat::Unknown,
-            Err(s) if s.code() == tonic::Code::AlreadyExists => Beat::Refused(s.message().into()),
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::AlreadyExists | tonic::Code::PermissionDenied
+                ) =>
+            {
+                Beat::Refused(s.message().into())
+            }
             Err(s) => {
                 let hint = s
                     .metadata()
@@ -334,6 +422,222 @@ impl Remote {
         agent.set_fencing(true);
         self.placements.set(Vec::new());
     }
+
+    /// Before the agent adopts the VMMs left running: learns what is still
+    /// placed here. Unknown or down: nothing is (fencing); unreachable past
+    /// the lease: the same. Returns whether the node must register, and the
+    /// placements' revision.
+    pub(crate) async fn start(&mut self) -> Result<(bool, u64), NodeError> {
+        let t0 = Instant::now();
+        loop {
+            if let Owner::Member { store, .. } = &self.owner {
+                // The member's own state, once it has caught up with the
+                // leader (a linearizable read).
+                match store.linearize().await {
+                    Ok(()) => {
+                        let me = self.cfg.node_id.clone();
+                        let (state, vms) = store.read(|s| {
+                            let vms: Vec<VmRecord> =
+                                s.vms.values().filter(|v| v.node == me).cloned().collect();
+                            (s.nodes.get(&me).map(|n| n.state), vms)
+                        });
+                        let down = matches!(state, None | Some(NodeState::Down));
+                        if !down {
+                            self.placements.set(vms);
+                        }
+                        return Ok((down, 0));
+                    }
+                    Err(e) => {
+                        if self.lease.is_some_and(|l| t0.elapsed() > l) {
+                            tracing::warn!(error = %e, "no leader confirms this member's state: starting with no VM (fenced)");
+                            return Ok((true, 0));
+                        }
+                        tracing::info!(error = %e, "waiting for the control plane");
+                        tokio::time::sleep(self.heartbeat).await;
+                        continue;
+                    }
+                }
+            }
+            match self.beat(0, None).await {
+                Beat::Ok { state, placements } => {
+                    let down = state == "down";
+                    let mut revision = 0;
+                    if let Some((rev, vms)) = placements.filter(|_| !down) {
+                        self.placements.set(vms);
+                        revision = rev;
+                    }
+                    return Ok((down, revision));
+                }
+                Beat::Unknown => return Ok((true, 0)),
+                Beat::Refused(e) => {
+                    return Err(NodeError::Usage(format!("heartbeat refused: {e}")));
+                }
+                Beat::Failed(e) => {
+                    if self.lease.is_some_and(|l| t0.elapsed() > l) {
+                        tracing::warn!(error = %e, "the control plane is unreachable: starting with no VM (fenced)");
+                        return Ok((true, 0));
+                    }
+                    tracing::info!(error = %e, "waiting for the control plane");
+                    tokio::time::sleep(self.heartbeat).await;
+                }
+            }
+        }
+    }
+
+    /// Registers (unless `must_register` is false and registering again
+    /// fails for now), then heartbeats until `stop` resolves: the loop of
+    /// `cell0d node` and of a member's own agent. Returns an error when the
+    /// node is refused for good; its VMs are then fenced.
+    pub(crate) async fn run(
+        mut self,
+        agent: Arc<Agent>,
+        must_register: bool,
+        mut revision: u64,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<(), NodeError> {
+        tokio::pin!(stop);
+        let mut registered = !must_register;
+        if registered {
+            // Known and not down: registering again updates capacity and labels.
+            registered = match self.register().await {
+                Ok(()) => true,
+                Err(Some(e)) => {
+                    self.fence(&agent, &e);
+                    return Err(NodeError::Usage(e));
+                }
+                Err(None) => false,
+            };
+        }
+        tracing::info!(node = %self.cfg.node_id, "node agent heartbeating");
+        let mut last_ok = Instant::now();
+        let mut fenced_for_lease = false;
+        loop {
+            if !registered {
+                match self.register().await {
+                    Ok(()) => {
+                        registered = true;
+                        revision = 0;
+                    }
+                    Err(Some(e)) => {
+                        self.fence(&agent, &e);
+                        return Err(NodeError::Usage(e));
+                    }
+                    Err(None) => {}
+                }
+            }
+            let sent = Instant::now();
+            let mut failed = false;
+            match self.beat(revision, Some(&agent)).await {
+                Beat::Ok { state, placements } => {
+                    last_ok = sent;
+                    if state == "down" {
+                        // Marked down: its VMs run elsewhere now. Terminate
+                        // everything, then register again.
+                        self.fence(&agent, "the control plane marked this node down");
+                        registered = false;
+                        revision = 0;
+                    } else if let Some((rev, vms)) = placements {
+                        agent.set_fencing(false);
+                        fenced_for_lease = false;
+                        self.placements.set(vms);
+                        revision = rev;
+                    }
+                }
+                Beat::Refused(e) => {
+                    self.fence(&agent, &e);
+                    return Err(NodeError::Usage(format!("heartbeat refused: {e}")));
+                }
+                Beat::Unknown => {
+                    self.fence(&agent, "the control plane does not know this node");
+                    registered = false;
+                    revision = 0;
+                }
+                Beat::Failed(e) => {
+                    failed = true;
+                    tracing::debug!(error = %e, "heartbeat failed");
+                    if let Some(l) = self.lease {
+                        if last_ok.elapsed() > l && !fenced_for_lease {
+                            self.fence(
+                                &agent,
+                                &format!(
+                                    "no acknowledged heartbeat for {} ms (lease {} ms): {e}",
+                                    last_ok.elapsed().as_millis(),
+                                    l.as_millis()
+                                ),
+                            );
+                            fenced_for_lease = true;
+                            // Placements come again with the next answer.
+                            revision = 0;
+                        }
+                    }
+                }
+            }
+            // After a failure (a leader change, most often), try again soon:
+            // the lease runs.
+            let next = if failed {
+                self.heartbeat.min(Duration::from_millis(100))
+            } else {
+                self.heartbeat
+            };
+            let wait = next.saturating_sub(sent.elapsed());
+            tokio::select! {
+                () = &mut stop => return Ok(()),
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}
+
+/// Registers a member's own node through the member's store: watched
+/// (`cell0.io/agent=member`, with the member id), ready, capacity and zone
+/// as configured. A drain is kept (the state machine's rule).
+async fn register_member(cfg: &NodeConfig, store: &Store, id: u64) -> Result<(), Option<String>> {
+    let st = store.status();
+    if !st.members.contains_key(&id) {
+        return Err(Some(format!(
+            "member {id} is not in the cluster (removed with cell0ctl cluster remove?): its \
+             node {} takes no VMs",
+            cfg.node_id
+        )));
+    }
+    let other = store.read(|s| s.nodes.get(&cfg.node_id).and_then(member_of));
+    if let Some(o) = other.filter(|o| *o != id && st.members.contains_key(o)) {
+        return Err(Some(format!(
+            "node {:?} is member {o}'s own node; give this member another --node-name",
+            cfg.node_id
+        )));
+    }
+    let mut labels = BTreeMap::new();
+    labels.insert(REMOTE_LABEL.to_string(), MEMBER_VALUE.to_string());
+    labels.insert(MEMBER_ID_LABEL.to_string(), id.to_string());
+    let me = NodeRecord {
+        id: cfg.node_id.clone(),
+        address: cfg.address.clone(),
+        zone: cfg.zone.clone(),
+        region: cfg.region.clone(),
+        capacity: cfg.capacity,
+        cpu_overcommit: cfg.cpu_overcommit,
+        memory_overcommit: cfg.memory_overcommit,
+        state: NodeState::Ready,
+        labels,
+        drained: false,
+    };
+    match store.write(Command::PutNode { node: me }).await {
+        Ok(_) => {
+            tracing::info!(node = %cfg.node_id, member = id, "member's own node registered (watched)");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::info!(error = %e, "cannot register the member's node yet");
+            Err(None)
+        }
+    }
+}
+
+/// Sets the client TLS configuration the agent dials the members with (a
+/// member's own agent: its member certificate).
+pub(crate) fn set_tls(t: tonic::transport::ClientTlsConfig) {
+    let _ = TLS.set(t);
 }
 
 /// Runs `cell0d node` until SIGINT or SIGTERM (VMs keep running then, and are
@@ -358,15 +662,7 @@ pub async fn node_main(a: NodeArgs) -> Result<(), NodeError> {
             "--node-name {node_id:?} is not a name (1-63 of a-z 0-9 -)"
         )));
     }
-    if a.heartbeat_ms == 0 {
-        return Err(NodeError::Usage("--heartbeat-ms must be 1 or more".into()));
-    }
-    if a.lease_ms != 0 && a.lease_ms <= a.heartbeat_ms {
-        return Err(NodeError::Usage(format!(
-            "--lease-ms {} must be longer than --heartbeat-ms {} (or 0: no self-fencing)",
-            a.lease_ms, a.heartbeat_ms
-        )));
-    }
+    check_timing(a.heartbeat_ms, a.lease_ms)?;
     for (what, r) in [
         ("--cpu-overcommit", a.host.cpu_overcommit),
         ("--memory-overcommit", a.host.memory_overcommit),
@@ -382,10 +678,12 @@ pub async fn node_main(a: NodeArgs) -> Result<(), NodeError> {
     })?;
     let _lock =
         crate::serve::lock_data_dir(&a.data_dir).map_err(|e| NodeError::Usage(format!("{e}")))?;
+    crate::tls::node_transport(a.tls_dir.as_deref(), a.insecure_plaintext)
+        .map_err(|e| NodeError::Usage(e.to_string()))?;
     if let Some(dir) = &a.tls_dir {
         let t = crate::tls::TlsDir::load(dir)
             .map_err(|e| NodeError::Usage(format!("--tls-dir: {e}")))?;
-        let _ = TLS.set(t.client_config());
+        set_tls(t.client_config());
     }
     let attester = match a.attest {
         true => {
@@ -404,61 +702,27 @@ pub async fn node_main(a: NodeArgs) -> Result<(), NodeError> {
         }
         false => None,
     };
-    let heartbeat = Duration::from_millis(a.heartbeat_ms);
-    let mut r = Remote {
-        attester,
-        labels,
-        conn: Conn {
-            join,
-            timeout: heartbeat.max(Duration::from_millis(500)),
-            leader: None,
-            next: 0,
-        },
-        placements: Arc::new(Placements::default()),
-        heartbeat,
-        lease: (a.lease_ms > 0).then(|| Duration::from_millis(a.lease_ms)),
+    let mut r = Remote::new(
         cfg,
-    };
-
-    // Before adopting the VMMs left running: learn what is still placed here.
-    // Unknown or down: nothing is (fencing); unreachable past the lease: the
-    // same.
-    let t0 = Instant::now();
-    let mut revision = 0;
-    let must_register = loop {
-        match r.beat(0, None).await {
-            Beat::Ok { state, placements } => {
-                let down = state == "down";
-                if let Some((rev, vms)) = placements.filter(|_| !down) {
-                    r.placements.set(vms);
-                    revision = rev;
-                }
-                break down;
-            }
-            Beat::Unknown => break true,
-            Beat::Refused(e) => return Err(NodeError::Usage(format!("heartbeat refused: {e}"))),
-            Beat::Failed(e) => {
-                if r.lease.is_some_and(|l| t0.elapsed() > l) {
-                    tracing::warn!(error = %e, "the control plane is unreachable: starting with no VM (fenced)");
-                    break true;
-                }
-                tracing::info!(error = %e, "waiting for the control plane");
-                tokio::time::sleep(r.heartbeat).await;
-            }
-        }
-    };
+        Owner::Agent { labels, attester },
+        join,
+        Duration::from_millis(a.heartbeat_ms),
+        (a.lease_ms > 0).then(|| Duration::from_millis(a.lease_ms)),
+    );
+    let (must_register, revision) = r.start().await?;
     let metrics = Arc::new(Metrics::new());
-    let agent = Agent::start_remote(r.cfg.clone(), r.placements.clone(), metrics).await?;
-    let agent_task = tokio::spawn(agent.clone().run());
-    let mut registered = !must_register;
-    if registered {
-        // Known and not down: registering again updates capacity and labels.
-        registered = match r.register().await {
-            Ok(()) => true,
-            Err(Some(e)) => return Err(NodeError::Usage(e)),
-            Err(None) => false,
-        };
+    let agent = Agent::start_remote(r.cfg.clone(), r.placements(), metrics, None).await?;
+    // The node's API, registered as the node's address for members to proxy to.
+    match a.listen {
+        Some(l) => {
+            let bound = super::local_api::serve(l, a.tls_dir.as_deref(), agent.clone()).await?;
+            r.cfg.address = a.advertise.clone().unwrap_or_else(|| bound.to_string());
+        }
+        None => tracing::info!(
+            "no --listen: this node serves no API, so members cannot proxy Logs, Exec or Attest of its VMs"
+        ),
     }
+    let agent_task = tokio::spawn(agent.clone().run());
     tracing::info!(node = %r.cfg.node_id, "cell0d node running");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -467,86 +731,31 @@ pub async fn node_main(a: NodeArgs) -> Result<(), NodeError> {
             path: a.data_dir.clone(),
             source,
         })?;
-    let mut last_ok = Instant::now();
-    let mut fenced_for_lease = false;
-    loop {
-        if !registered {
-            match r.register().await {
-                Ok(()) => {
-                    registered = true;
-                    revision = 0;
-                }
-                Err(Some(e)) => {
-                    agent_task.abort();
-                    return Err(NodeError::Usage(e));
-                }
-                Err(None) => {}
-            }
-        }
-        let sent = Instant::now();
-        let mut failed = false;
-        match r.beat(revision, Some(&agent)).await {
-            Beat::Ok { state, placements } => {
-                last_ok = sent;
-                if state == "down" {
-                    // Marked down: its VMs run elsewhere now. Terminate
-                    // everything, then register again.
-                    r.fence(&agent, "the control plane marked this node down");
-                    registered = false;
-                    revision = 0;
-                } else if let Some((rev, vms)) = placements {
-                    agent.set_fencing(false);
-                    fenced_for_lease = false;
-                    r.placements.set(vms);
-                    revision = rev;
-                }
-            }
-            Beat::Refused(e) => {
-                r.fence(&agent, &e);
-                agent_task.abort();
-                return Err(NodeError::Usage(format!("heartbeat refused: {e}")));
-            }
-            Beat::Unknown => {
-                r.fence(&agent, "the control plane does not know this node");
-                registered = false;
-                revision = 0;
-            }
-            Beat::Failed(e) => {
-                failed = true;
-                tracing::debug!(error = %e, "heartbeat failed");
-                if let Some(l) = r.lease {
-                    if last_ok.elapsed() > l && !fenced_for_lease {
-                        r.fence(
-                            &agent,
-                            &format!(
-                                "no acknowledged heartbeat for {} ms (lease {} ms): {e}",
-                                last_ok.elapsed().as_millis(),
-                                l.as_millis()
-                            ),
-                        );
-                        fenced_for_lease = true;
-                        // Placements come again with the next answer.
-                        revision = 0;
-                    }
-                }
-            }
-        }
-        // After a failure (a leader change, most often), try again soon:
-        // the lease runs.
-        let next = if failed {
-            r.heartbeat.min(Duration::from_millis(100))
-        } else {
-            r.heartbeat
-        };
-        let wait = next.saturating_sub(sent.elapsed());
+    let stop = async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
-            _ = term.recv() => break,
-            () = tokio::time::sleep(wait) => {}
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
         }
+    };
+    let res = r.run(agent, must_register, revision, stop).await;
+    if res.is_ok() {
+        tracing::info!("shutting down; VMs keep running and are re-adopted at the next start");
     }
-    tracing::info!("shutting down; VMs keep running and are re-adopted at the next start");
     agent_task.abort();
+    res
+}
+
+/// Checks `--heartbeat-ms` and `--lease-ms` (of `cell0d node` and of
+/// `cell0d serve`'s own agent).
+pub fn check_timing(heartbeat_ms: u64, lease_ms: u64) -> Result<(), NodeError> {
+    if heartbeat_ms == 0 {
+        return Err(NodeError::Usage("--heartbeat-ms must be 1 or more".into()));
+    }
+    if lease_ms != 0 && lease_ms <= heartbeat_ms {
+        return Err(NodeError::Usage(format!(
+            "--lease-ms {lease_ms} must be longer than --heartbeat-ms {heartbeat_ms} (or 0: no self-fencing)"
+        )));
+    }
     Ok(())
 }
 

@@ -268,6 +268,34 @@ fn drain_moves_restartable_vms_and_reports_the_rest() {
 }
 
 #[test]
+fn a_vm_in_handoff_takes_room_on_its_new_node_only() {
+    let watched = |id: &str| {
+        let mut n = node(id, "z-1", 2, 4096);
+        n.labels.insert(
+            crate::node::liveness::REMOTE_LABEL.into(),
+            crate::node::liveness::REMOTE_VALUE.into(),
+        );
+        n
+    };
+    let mut s = cluster(vec![watched("a")]);
+    create(&mut s, spec("x", 2, 64)).unwrap();
+    s.apply(10, &Command::PutNode { node: watched("b") });
+    let ev = s
+        .apply(11, &Command::DrainNode { id: "a".into() })
+        .evacuation
+        .unwrap();
+    assert_eq!(ev.moved[0].to, "b");
+    let x = &s.vms["x"];
+    assert_eq!(x.handoff.as_ref().map(|h| h.from.as_str()), Some("a"));
+    // b is full with x although x does not run there yet; a counts nothing
+    // (its agent is stopping x), and it is drained anyway.
+    assert_eq!(s.allocated("b").0.vcpus, 2);
+    assert_eq!(s.allocated("a").0.vcpus, 0);
+    let e = create(&mut s, spec("y", 1, 64)).unwrap_err();
+    assert!(e.to_string().contains("1 drained, 1 lacks vCPUs"), "{e}");
+}
+
+#[test]
 fn single_node_drain_says_nowhere_else_fits() {
     let mut s = cluster(vec![node("only", "local", 4, 4096)]);
     create(&mut s, spec("a", 1, 64)).unwrap();
@@ -376,8 +404,9 @@ fn arb_node(i: usize) -> impl Strategy<Value = NodeRecord> {
         prop::bool::weighted(0.2),
         prop::bool::weighted(0.1),
         prop::bool::weighted(0.3),
+        prop::bool::ANY,
     )
-        .prop_map(move |(c, m, z, oc, drained, down, gpu)| {
+        .prop_map(move |(c, m, z, oc, drained, down, gpu, watched)| {
             let mut n = node(&format!("n{i:02}"), &format!("z-{z}"), c, m);
             n.cpu_overcommit = oc;
             n.drained = drained;
@@ -386,6 +415,13 @@ fn arb_node(i: usize) -> impl Strategy<Value = NodeRecord> {
             }
             if gpu {
                 n.labels = labels(&[("gpu", "yes")]);
+            }
+            if watched {
+                // A node that heartbeats: a drain of it is a handoff.
+                n.labels.insert(
+                    crate::node::liveness::REMOTE_LABEL.into(),
+                    crate::node::liveness::REMOTE_VALUE.into(),
+                );
             }
             n
         })
@@ -564,6 +600,17 @@ proptest! {
             let (used, _) = a.allocated(&n.id);
             let lim = limits(n);
             prop_assert!(used.vcpus <= lim.vcpus && used.memory_mib <= lim.memory_mib);
+        }
+        // A VM waits for a handoff only from a watched node that is not down
+        // (it may still run the VM there), never from its own node, and
+        // under an older epoch.
+        for v in a.vms.values() {
+            if let Some(h) = &v.handoff {
+                prop_assert_ne!(&h.from, &v.node);
+                prop_assert!(a.watched(&h.from), "{} waits for unwatched {}", v.id, h.from);
+                prop_assert_ne!(a.nodes[&h.from].state, NodeState::Down);
+                prop_assert!(h.epoch < v.epoch);
+            }
         }
         // The decision does not depend on the order the nodes were
         // registered in.

@@ -265,6 +265,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                 | Command::DrainNode { .. }
                                 | Command::UncordonNode { .. }
                                 | Command::SetNodeState { .. } => (String::new(), "node"),
+                                Command::ReleaseHandoff { id, .. } => (id.clone(), "handoff"),
                             };
                             events.push(StoreEvent {
                                 index: e.log_id.index,

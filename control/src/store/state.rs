@@ -63,6 +63,29 @@ pub struct VmRecord {
     /// then desired stopped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lost: Option<String>,
+    /// Set while a drained VM waits for its old node to stop it: the node
+    /// agent of [`VmRecord::node`] does not start it until the leader commits
+    /// [`Command::ReleaseHandoff`] (docs/CLUSTER.md, "Drain").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<Handoff>,
+}
+
+/// A drained VM's move that waits for the old node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handoff {
+    /// The node the VM moves from, which may still run it.
+    pub from: String,
+    /// The placement epoch it ran under there.
+    pub epoch: u64,
+}
+
+impl VmRecord {
+    /// What a VM waiting for its handoff is doing, for Get and List.
+    pub fn handoff_message(&self) -> Option<String> {
+        self.handoff
+            .as_ref()
+            .map(|h| format!("waiting for {} to stop it (handoff)", h.from))
+    }
 }
 
 /// Compute resources.
@@ -186,6 +209,7 @@ impl Command {
             Command::DrainNode { .. } => "drain-node",
             Command::UncordonNode { .. } => "uncordon-node",
             Command::SetNodeState { .. } => "set-node-state",
+            Command::ReleaseHandoff { .. } => "release-handoff",
         }
     }
 }
@@ -275,13 +299,36 @@ impl ClusterState {
         c
     }
 
-    /// Re-placed VMs get a new placement epoch.
-    fn bump_epochs(&mut self, ev: &sched::Evacuation) {
+    /// Re-placed VMs get a new placement epoch. With `handoff` (a drain of a
+    /// node that heartbeats, so the leader hears when it stopped the VM) each
+    /// one waits for its old node: [`VmRecord::handoff`]. A VM moved again
+    /// before its handoff ended keeps waiting for the node that may still run
+    /// it; one moved back there needs none.
+    fn moved(&mut self, ev: &sched::Evacuation, handoff: bool) {
         for m in &ev.moved {
             if let Some(vm) = self.vms.get_mut(&m.id) {
+                let old = vm.epoch;
                 vm.epoch += 1;
+                vm.handoff = match vm.handoff.take() {
+                    Some(h) if h.from == vm.node => None,
+                    Some(h) => Some(h),
+                    None if handoff => Some(Handoff {
+                        from: m.from.clone(),
+                        epoch: old,
+                    }),
+                    None => None,
+                };
             }
         }
+    }
+
+    /// Whether the leader hears `node`'s heartbeats (a `cell0d node` agent or
+    /// a member's own node in a multi-member cluster), so that a handoff from
+    /// it can end.
+    pub fn watched(&self, node: &str) -> bool {
+        self.nodes
+            .get(node)
+            .is_some_and(crate::node::liveness::watched)
     }
 
     /// The VMs with restart policy never that stayed on a node that went down
@@ -331,6 +378,7 @@ impl ClusterState {
                     cid,
                     epoch: 1,
                     lost: None,
+                    handoff: None,
                 };
                 self.vms.insert(vm.id.clone(), vm.clone());
                 Applied {
@@ -381,7 +429,8 @@ impl ClusterState {
                 };
                 n.drained = true;
                 let ev = sched::evacuate(self, id, index);
-                self.bump_epochs(&ev);
+                let handoff = self.watched(id);
+                self.moved(&ev, handoff);
                 Applied {
                     evacuation: Some(ev),
                     ..Applied::default()
@@ -401,13 +450,35 @@ impl ClusterState {
                 let was = n.state;
                 n.state = *state;
                 let evacuation = (*state == NodeState::Down && was != NodeState::Down).then(|| {
+                    // A down node fenced itself: the handoffs from it are over.
+                    for vm in self.vms.values_mut() {
+                        if vm.handoff.as_ref().is_some_and(|h| h.from == *id) {
+                            vm.handoff = None;
+                            vm.revision = index;
+                        }
+                    }
                     let ev = sched::evacuate(self, id, index);
-                    self.bump_epochs(&ev);
+                    self.moved(&ev, false);
                     self.mark_lost(id, &ev, index);
                     ev
                 });
                 Applied {
                     evacuation,
+                    ..Applied::default()
+                }
+            }
+            Command::ReleaseHandoff { id, epoch } => {
+                let Some(vm) = self.vms.get_mut(id) else {
+                    return reject(Rejection::NotFound { id: id.clone() });
+                };
+                // A stale release (moved again meanwhile, or released
+                // already) changes nothing.
+                if vm.epoch == *epoch && vm.handoff.is_some() {
+                    vm.handoff = None;
+                    vm.revision = index;
+                }
+                Applied {
+                    vm: Some(vm.clone()),
                     ..Applied::default()
                 }
             }
@@ -600,5 +671,189 @@ mod failure_tests {
             },
         );
         assert!(s.vms["b"].lost.is_none());
+    }
+
+    fn watched(id: &str) -> NodeRecord {
+        let mut n = node(id, 4, 4096, 1.0);
+        n.labels.insert(
+            crate::node::liveness::REMOTE_LABEL.into(),
+            crate::node::liveness::REMOTE_VALUE.into(),
+        );
+        n
+    }
+
+    #[test]
+    fn a_drain_of_a_watched_node_is_a_handoff_released_once() {
+        let mut s = ClusterState::default();
+        s.apply(
+            1,
+            &Command::PutNode {
+                node: watched("n1"),
+            },
+        );
+        s.apply(2, &create("a", grpc::RestartPolicy::Always));
+        s.apply(
+            3,
+            &Command::PutNode {
+                node: watched("n2"),
+            },
+        );
+        s.apply(4, &Command::DrainNode { id: "n1".into() });
+        let a = s.vms["a"].clone();
+        assert_eq!((a.node.as_str(), a.epoch, a.revision), ("n2", 2, 4));
+        assert_eq!(
+            a.handoff,
+            Some(Handoff {
+                from: "n1".into(),
+                epoch: 1
+            })
+        );
+        assert_eq!(
+            a.handoff_message().unwrap(),
+            "waiting for n1 to stop it (handoff)"
+        );
+        // A release for another epoch is stale: nothing changes.
+        let r = s.apply(
+            5,
+            &Command::ReleaseHandoff {
+                id: "a".into(),
+                epoch: 1,
+            },
+        );
+        assert!(r.rejected.is_none());
+        assert_eq!(s.vms["a"], a);
+        // The right one ends it, with a new revision (the agent learns it).
+        s.apply(
+            6,
+            &Command::ReleaseHandoff {
+                id: "a".into(),
+                epoch: 2,
+            },
+        );
+        assert_eq!(
+            (s.vms["a"].handoff.as_ref(), s.vms["a"].revision),
+            (None, 6)
+        );
+        // Again: no change.
+        s.apply(
+            7,
+            &Command::ReleaseHandoff {
+                id: "a".into(),
+                epoch: 2,
+            },
+        );
+        assert_eq!(s.vms["a"].revision, 6);
+        assert_eq!(
+            s.apply(
+                8,
+                &Command::ReleaseHandoff {
+                    id: "zz".into(),
+                    epoch: 1
+                }
+            )
+            .rejected,
+            Some(Rejection::NotFound { id: "zz".into() })
+        );
+    }
+
+    #[test]
+    fn a_handoff_ends_when_the_old_node_goes_down_and_survives_a_second_move() {
+        let mut s = ClusterState::default();
+        s.apply(
+            1,
+            &Command::PutNode {
+                node: watched("n1"),
+            },
+        );
+        s.apply(2, &create("a", grpc::RestartPolicy::Always));
+        s.apply(
+            3,
+            &Command::PutNode {
+                node: watched("n2"),
+            },
+        );
+        s.apply(4, &Command::DrainNode { id: "n1".into() });
+        // Moved on before n1 stopped it: it still waits for n1, not n2.
+        s.apply(
+            5,
+            &Command::PutNode {
+                node: watched("n3"),
+            },
+        );
+        s.apply(6, &Command::DrainNode { id: "n2".into() });
+        let a = &s.vms["a"];
+        assert_eq!((a.node.as_str(), a.epoch), ("n3", 3));
+        assert_eq!(a.handoff.as_ref().unwrap().from, "n1");
+        // n1 goes down (it fenced itself): the handoff is over.
+        s.apply(
+            7,
+            &Command::SetNodeState {
+                id: "n1".into(),
+                state: NodeState::Down,
+            },
+        );
+        assert_eq!(
+            (s.vms["a"].handoff.as_ref(), s.vms["a"].revision),
+            (None, 7)
+        );
+        // A node going down hands nothing off: its VMs move at once.
+        s.apply(8, &Command::UncordonNode { id: "n2".into() });
+        s.apply(
+            9,
+            &Command::SetNodeState {
+                id: "n3".into(),
+                state: NodeState::Down,
+            },
+        );
+        let a = &s.vms["a"];
+        assert_eq!(
+            (a.node.as_str(), a.epoch, a.handoff.as_ref()),
+            ("n2", 4, None)
+        );
+    }
+
+    #[test]
+    fn a_move_back_to_the_old_node_and_an_unwatched_node_need_no_handoff() {
+        let mut s = ClusterState::default();
+        s.apply(
+            1,
+            &Command::PutNode {
+                node: watched("n1"),
+            },
+        );
+        s.apply(2, &create("a", grpc::RestartPolicy::Always));
+        s.apply(
+            3,
+            &Command::PutNode {
+                node: watched("n2"),
+            },
+        );
+        s.apply(4, &Command::DrainNode { id: "n1".into() });
+        s.apply(5, &Command::UncordonNode { id: "n1".into() });
+        s.apply(6, &Command::DrainNode { id: "n2".into() });
+        let a = &s.vms["a"];
+        assert_eq!((a.node.as_str(), a.handoff.as_ref()), ("n1", None));
+        // A member's node in a one-member daemon sends no heartbeats: the
+        // leader could never hear it stop the VM, so nothing waits.
+        let mut t = ClusterState::default();
+        t.apply(
+            1,
+            &Command::PutNode {
+                node: node("m1", 4, 4096, 1.0),
+            },
+        );
+        t.apply(2, &create("b", grpc::RestartPolicy::Always));
+        t.apply(
+            3,
+            &Command::PutNode {
+                node: watched("n1"),
+            },
+        );
+        t.apply(4, &Command::DrainNode { id: "m1".into() });
+        let b = &t.vms["b"];
+        assert_eq!(
+            (b.node.as_str(), b.epoch, b.handoff.as_ref()),
+            ("n1", 2, None)
+        );
     }
 }

@@ -358,3 +358,19 @@ pub fn cell0ctl_ok(
     );
     String::from_utf8(o.stdout).unwrap()
 }
+
+/// A free port on 127.0.0.1 (bound, then released for a member to take).
+pub fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+/// Starts (or restarts) members at once: each waits for a leader, which needs
+/// a majority of them.
+pub fn spawn_all(ms: &mut [&mut Daemon]) {
+    std::thread::scope(|s| {
+        for m in ms.iter_mut() {
+            s.spawn(move || m.spawn());
+        }
+    });
+}

@@ -1,0 +1,460 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The members' own nodes in a multi-member cluster, and drains as handoffs
+//! (issue 7 items 3 and 4), with real processes: three `cell0d serve`
+//! members (`--init --peers`), each running real nano VMs through
+//! `cell0-vmm` on its own node `m1`..`m3`.
+//!
+//! - A member host dies (its cell0d and its VMMs SIGKILLed): the leader marks
+//!   its node suspect, then down; its restartable VMs run on the other
+//!   members' nodes (the time from the kill is printed), its `never` VM is
+//!   lost, and no VM ever has a live VMM on two hosts.
+//! - A drain is a handoff: at no sampled moment do two hosts run a VMM of
+//!   the same VM; `cell0ctl get` shows the wait; every VM ends on another
+//!   node (the handoff time is printed).
+//! - The leader and a follower show the same runtime status of a VM on a
+//!   third member's node.
+//! - A removed member's node is marked down and takes no VMs.
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+mod cp_harness;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use cp_harness::{Daemon, LONG_RUNNING, free_addr, proc_alive, spawn_all, tail};
+use serde_json::Value;
+
+fn state(v: &Value) -> &str {
+    v["status"]["state"].as_str().unwrap_or("")
+}
+
+fn node_of(v: &Value) -> &str {
+    v["status"]["node"].as_str().unwrap_or("")
+}
+
+struct Cluster {
+    /// Members 1, 2, 3 (index = id - 1); member i's node is `m{i+1}`.
+    ms: Vec<Daemon>,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let addrs: Vec<String> = (0..3).map(|_| free_addr()).collect();
+        let mut ms: Vec<Daemon> = (0..3)
+            .map(|i| {
+                let peers: Vec<String> = (0..3)
+                    .filter(|j| *j != i)
+                    .map(|j| format!("{}={}", j + 1, addrs[j]))
+                    .collect();
+                let mut args: Vec<String> = [
+                    "--node-id",
+                    &(i + 1).to_string(),
+                    "--node-name",
+                    &format!("m{}", i + 1),
+                    "--zone",
+                    &format!("z{}", i + 1),
+                    "--region",
+                    "r1",
+                    "--listen",
+                    &addrs[i],
+                    "--peers",
+                    &peers.join(","),
+                    "--vcpus",
+                    "4",
+                    "--memory-mib",
+                    "4096",
+                    "--cpu-overcommit",
+                    "100",
+                    "--health-ms",
+                    "3600000",
+                    "--node-suspect-ms",
+                    "1500",
+                    "--node-down-ms",
+                    "3000",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+                if i == 0 {
+                    args.push("--init".into());
+                }
+                Daemon {
+                    dir: tempfile::Builder::new()
+                        .prefix("c0m")
+                        .tempdir_in("/tmp")
+                        .unwrap(),
+                    child: None,
+                    grpc: String::new(),
+                    metrics: String::new(),
+                    args,
+                }
+            })
+            .collect();
+        spawn_all(&mut ms.iter_mut().collect::<Vec<_>>());
+        let c = Cluster { ms };
+        c.wait(60, "the three members' nodes watched and ready", || {
+            let ns = c.nodes();
+            (1..=3).all(|i| {
+                ns.iter().any(|n| {
+                    n["id"] == format!("m{i}")
+                        && n["state"] == "ready"
+                        && n["labels"]["cell0.io/agent"] == "member"
+                        && n["labels"]["cell0.io/member"] == i.to_string()
+                })
+            })
+        });
+        c
+    }
+
+    /// The leader's index, as a live member sees it.
+    fn leader(&self) -> Option<usize> {
+        for m in self.ms.iter().filter(|m| m.child.is_some()) {
+            let o = m.ctl(&["cluster", "status", "-o", "json"]);
+            if !o.status.success() {
+                continue;
+            }
+            let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+            let l = v["leader_id"].as_u64().unwrap_or(0) as usize;
+            if l > 0 && self.ms[l - 1].child.is_some() {
+                return Some(l - 1);
+            }
+        }
+        None
+    }
+
+    /// The leader: it holds every node's VM reports.
+    fn d(&self) -> &Daemon {
+        let t0 = Instant::now();
+        loop {
+            if let Some(l) = self.leader() {
+                return &self.ms[l];
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "no leader among the live members within 30 s\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn nodes(&self) -> Vec<Value> {
+        let v: Value =
+            serde_json::from_str(&self.d().ctl_ok(&["node", "list", "-o", "json"])).unwrap();
+        v.as_array().unwrap().clone()
+    }
+
+    fn node_state(&self, name: &str) -> String {
+        self.nodes()
+            .iter()
+            .find(|n| n["id"] == name)
+            .map(|n| n["state"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default()
+    }
+
+    fn logs(&self) -> String {
+        let mut s = String::new();
+        for (i, m) in self.ms.iter().enumerate() {
+            s.push_str(&format!(
+                "--- member {}:\n{}\n",
+                i + 1,
+                tail(&m.log(), 2500)
+            ));
+        }
+        s
+    }
+
+    fn wait(&self, secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+        let t0 = Instant::now();
+        while !f() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(secs),
+                "{what}: not within {secs} s\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// VM id → the members whose host runs a live VMM of it (one scan of
+    /// /proc: a VMM's command line names its run dir).
+    fn hosts(&self) -> BTreeMap<String, BTreeSet<usize>> {
+        let prefixes: Vec<String> = self
+            .ms
+            .iter()
+            .map(|m| format!("{}/node/vms/", m.data().display()))
+            .collect();
+        let mut out: BTreeMap<String, BTreeSet<usize>> = BTreeMap::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(c) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let c = String::from_utf8_lossy(&c);
+            for (i, p) in prefixes.iter().enumerate() {
+                if let Some(rest) = c.split(p.as_str()).nth(1) {
+                    let id = rest.split(['/', '\0']).next().unwrap_or("");
+                    if !id.is_empty() && proc_alive(pid) {
+                        out.entry(id.to_string()).or_default().insert(i);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Panics if a VM has a live VMM on two hosts.
+    fn no_doubles(&self) {
+        for (id, hs) in self.hosts() {
+            assert!(
+                hs.len() <= 1,
+                "VM {id} has live VMMs on members {hs:?}\n{}",
+                self.logs()
+            );
+        }
+    }
+
+    /// The host of member `i` dies: its cell0d and every VMM it started.
+    fn kill_host(&mut self, i: usize) {
+        self.ms[i].kill9();
+        let needle = format!("{}/node/vms/", self.ms[i].data().display());
+        for pid in cp_harness::procs_with(&needle) {
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+
+    fn run(&self, name: &str, extra: &[&str]) {
+        let mut a = vec![
+            "run",
+            "--name",
+            name,
+            "--cmdline",
+            LONG_RUNNING,
+            "--no-wait",
+        ];
+        a.extend_from_slice(extra);
+        self.d().ctl_ok(&a);
+    }
+}
+
+#[test]
+fn members_nodes_fail_over_drain_as_a_handoff_and_leave_with_their_member() {
+    require_vms!();
+    let mut c = Cluster::start();
+    let ids: Vec<String> = (0..6).map(|i| format!("v{i}")).collect();
+    for id in &ids {
+        c.run(id, &["--restart", "always", "--spread"]);
+    }
+    // The victim: a follower (the leader keeps watching). Its `never` VM.
+    let l = c.leader().unwrap();
+    let victim = (0..3).find(|i| *i != l).unwrap();
+    let vnode = format!("m{}", victim + 1);
+    c.run("plain", &["--zone", &format!("z{}", victim + 1)]);
+    let all: Vec<String> = ids.iter().cloned().chain(["plain".to_string()]).collect();
+    c.wait(90, "every VM running", || {
+        all.iter().all(|id| state(&c.d().get(id)) == "running")
+    });
+    for id in &all {
+        let v = c.d().get(id);
+        let n: usize = node_of(&v)[1..].parse().unwrap();
+        assert_eq!(
+            c.hosts().get(id).cloned().unwrap_or_default(),
+            BTreeSet::from([n - 1]),
+            "{id} runs on its node's host only: {v:#}"
+        );
+    }
+
+    // (a) The victim's host dies.
+    let on_victim: Vec<String> = ids
+        .iter()
+        .filter(|id| node_of(&c.d().get(id)) == vnode)
+        .cloned()
+        .collect();
+    assert!(!on_victim.is_empty(), "spread put VMs on {vnode}");
+    println!(
+        "member {} ({vnode}) runs {on_victim:?} and plain",
+        victim + 1
+    );
+    let t_kill = Instant::now();
+    c.kill_host(victim);
+    let mut saw_suspect = false;
+    let mut recovered = None;
+    c.wait(
+        60,
+        "the dead member's restartable VMs running elsewhere",
+        || {
+            c.no_doubles();
+            saw_suspect |= c.node_state(&vnode) == "suspect";
+            let done = on_victim.iter().all(|id| {
+                let v = c.d().get(id);
+                state(&v) == "running" && node_of(&v) != vnode
+            });
+            if done && recovered.is_none() {
+                recovered = Some(t_kill.elapsed());
+            }
+            done
+        },
+    );
+    println!(
+        "member host SIGKILLed -> its {} restartable VMs running on the other members' nodes in {} ms \
+         (suspect 1.5 s, down 3 s, heartbeat 0.5 s)",
+        on_victim.len(),
+        recovered.unwrap().as_millis()
+    );
+    assert_eq!(c.node_state(&vnode), "down");
+    assert!(saw_suspect, "{vnode} went through suspect before down");
+    let plain = c.d().get("plain");
+    assert_eq!(state(&plain), "failed", "{plain:#}");
+    assert!(
+        plain["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("lost: node {vnode} went down")),
+        "{plain:#}"
+    );
+    // The member comes back: its node registers again, ready and empty.
+    c.ms[victim].spawn();
+    c.wait(30, "the restarted member's node ready", || {
+        c.node_state(&vnode) == "ready"
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(
+        c.hosts().values().all(|h| !h.contains(&victim)),
+        "{vnode} runs nothing after coming back"
+    );
+    c.no_doubles();
+
+    // (b) A drain is a handoff. Drain the node that runs the most VMs,
+    // through a member that is not the leader.
+    let placed = |c: &Cluster| -> BTreeMap<String, String> {
+        ids.iter()
+            .map(|id| (id.clone(), node_of(&c.d().get(id)).to_string()))
+            .collect()
+    };
+    let before = placed(&c);
+    let mut count: BTreeMap<&str, usize> = BTreeMap::new();
+    for n in before.values() {
+        *count.entry(n).or_default() += 1;
+    }
+    let drained = count
+        .iter()
+        .max_by_key(|(n, k)| (**k, std::cmp::Reverse(**n)))
+        .map(|(n, _)| n.to_string())
+        .unwrap();
+    let moving: Vec<String> = before
+        .iter()
+        .filter(|(_, n)| **n == drained)
+        .map(|(id, _)| id.clone())
+        .collect();
+    let via = (0..3).find(|i| Some(*i) != c.leader()).unwrap();
+    let t_drain = Instant::now();
+    let out = c.ms[via].ctl_ok(&["node", "drain", &drained]);
+    println!("drain {drained} ({moving:?}):\n{out}");
+    let mut waited = BTreeSet::new();
+    let mut samples = 0u64;
+    let mut done_at = None;
+    c.wait(60, "every drained VM running on another node", || {
+        samples += 1;
+        c.no_doubles();
+        let mut done = true;
+        for id in &moving {
+            let v = c.d().get(id);
+            if v["status"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains(&format!("waiting for {drained} to stop it (handoff)"))
+            {
+                waited.insert(id.clone());
+            }
+            done &= state(&v) == "running" && node_of(&v) != drained;
+        }
+        if done && done_at.is_none() {
+            done_at = Some(t_drain.elapsed());
+        }
+        done
+    });
+    println!(
+        "drain handoff: {} VMs off {drained} -> running on other nodes in {} ms; {samples} samples, \
+         never two hosts with a VMM of one VM; get showed the handoff wait for {waited:?}",
+        moving.len(),
+        done_at.unwrap().as_millis()
+    );
+    assert!(
+        !waited.is_empty(),
+        "cell0ctl get never showed a drained VM waiting for its handoff"
+    );
+    let di: usize = drained[1..].parse::<usize>().unwrap() - 1;
+    c.wait(10, "the drained node runs no VMM", || {
+        c.hosts().values().all(|h| !h.contains(&di))
+    });
+    c.no_doubles();
+
+    // (c) The leader and a follower report the same runtime status of a VM
+    // on a third member's node.
+    let l = c.leader().unwrap();
+    let (vm, owner) = ids
+        .iter()
+        .map(|id| (id.clone(), node_of(&c.d().get(id)).to_string()))
+        .find(|(_, n)| *n != format!("m{}", l + 1))
+        .expect("a VM on a follower's node");
+    let oi: usize = owner[1..].parse::<usize>().unwrap() - 1;
+    let f = (0..3).find(|i| *i != l && *i != oi).unwrap();
+    let (a, b) = (c.ms[l].get(&vm), c.ms[f].get(&vm));
+    let key = |v: &Value| {
+        (
+            state(v).to_string(),
+            node_of(v).to_string(),
+            v["status"]["pid"].clone(),
+        )
+    };
+    println!(
+        "{vm} on {owner}: leader m{} says {:?}, follower m{} says {:?}",
+        l + 1,
+        key(&a),
+        f + 1,
+        key(&b)
+    );
+    assert_eq!(key(&a).0, "running", "{a:#}");
+    assert_eq!(key(&a), key(&b), "leader {a:#}\nfollower {b:#}");
+
+    // (d) A removed member's node is marked down and takes no VMs; its VMs
+    // run elsewhere.
+    let gone = (0..3).find(|i| *i != l).unwrap();
+    let gnode = format!("m{}", gone + 1);
+    c.d()
+        .ctl_ok(&["cluster", "remove", &(gone + 1).to_string()]);
+    c.wait(30, "the removed member's node down", || {
+        c.node_state(&gnode) == "down"
+    });
+    // Its heartbeats are refused now: it terminates its VMs.
+    c.wait(30, "the removed member's host runs no VMM", || {
+        c.no_doubles();
+        c.hosts().values().all(|h| !h.contains(&gone))
+    });
+    assert!(
+        c.ms[gone].log().contains("was removed from the cluster"),
+        "{}",
+        tail(&c.ms[gone].log(), 3000)
+    );
+    c.ms[gone].kill9();
+    c.run("after", &["--restart", "always", "--spread"]);
+    c.wait(60, "every VM running on the two members left", || {
+        ids.iter()
+            .chain(std::iter::once(&"after".to_string()))
+            .all(|id| {
+                let v = c.d().get(id);
+                state(&v) == "running" && node_of(&v) != gnode
+            })
+    });
+    c.no_doubles();
+    for id in ids
+        .iter()
+        .chain(["after".to_string(), "plain".to_string()].iter())
+    {
+        c.d().ctl_ok(&["rm", id]);
+    }
+    c.wait(30, "every VMM gone after rm", || c.hosts().is_empty());
+}
