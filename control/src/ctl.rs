@@ -130,6 +130,37 @@ pub struct Clients {
     pub cluster: ClusterServiceClient<Channel>,
 }
 
+/// Whether a client may dial `endpoint` as asked: over mutual TLS
+/// (`tls_dir`), over plain TCP to this host, or over plain TCP to another
+/// host only with `insecure_plaintext`.
+pub fn check_transport(
+    endpoint: &str,
+    tls_dir: Option<&std::path::Path>,
+    insecure_plaintext: bool,
+) -> Result<(), CtlError> {
+    if tls_dir.is_some() || insecure_plaintext || crate::tls::endpoint_is_loopback(endpoint) {
+        return Ok(());
+    }
+    Err(CtlError::Tls(crate::tls::TlsError::Usage(format!(
+        "{endpoint} is another host: give --tls-dir DIR (or CELL0_TLS_DIR) with a certificate of the cluster CA (cell0d issue-cert --ca-dir <member data dir>/pki --name NAME --role client --out DIR), or --insecure-plaintext for a cell0d served without TLS"
+    ))))
+}
+
+/// The JSON form of a revocation list.
+pub fn revocations_json(l: &grpc::RevocationList) -> Value {
+    Value::Array(
+        l.revocations
+            .iter()
+            .map(|r| {
+                json!({
+                    "serial": r.serial, "name": r.name, "reason": r.reason,
+                    "revoked_at_ms": r.revoked_at_ms, "revoked_by": r.revoked_by,
+                })
+            })
+            .collect(),
+    )
+}
+
 /// Connects to cell0d at `endpoint` (`http://HOST:PORT`, or `HOST:PORT`).
 pub async fn connect(endpoint: &str) -> Result<Clients, CtlError> {
     connect_tls(endpoint, None).await

@@ -42,7 +42,9 @@ enum Cmd {
     #[command(after_help = "Example (docs/CLUSTER.md, Security):
   cell0d init-ca --out /etc/cell0/ca
   cell0d issue-cert --ca /etc/cell0/ca --name m1 --role member --san 10.0.0.1 --out /etc/cell0/m1
-  cell0d serve --tls-dir /etc/cell0/m1 ...")]
+  cell0d serve --tls-dir /etc/cell0/m1 ...
+A member started with `serve --init` and no --tls-dir makes its own CA in
+<data-dir>/pki instead; issue certificates from it with --ca-dir <data-dir>/pki.")]
     InitCa {
         /// The CA dir (created; an existing CA is never overwritten).
         #[arg(long)]
@@ -55,8 +57,9 @@ enum Cmd {
     /// client's): writes OUT/ca.pem, OUT/cert.pem and OUT/key.pem, a TLS dir
     /// for `serve --tls-dir` and `cell0ctl --tls-dir`.
     IssueCert {
-        /// The CA dir of `cell0d init-ca`.
-        #[arg(long)]
+        /// The CA dir of `cell0d init-ca`, or `<data-dir>/pki` of the member
+        /// that created the cluster CA at `cell0d serve --init`.
+        #[arg(long, visible_alias = "ca-dir")]
         ca: PathBuf,
         /// The subject's name (CN): member, node or client name. A node is
         /// admitted only under its own name.

@@ -288,7 +288,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
             || cfg.bootstrap != Bootstrap::Init(BTreeMap::new()) =>
         {
             tracing::warn!(
-                "gRPC is plain TCP: anyone who reaches {} can send Raft messages and API calls; give the members --tls-dir (docs/CLUSTER.md, Security)",
+                "INSECURE: gRPC is plain TCP (--insecure-plaintext): anyone who reaches {} can send Raft messages and API calls, and no certificate is checked; give the members --tls-dir (docs/CLUSTER.md, Security)",
                 cfg.listen
             )
         }
@@ -304,24 +304,33 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         audit.clone(),
         metrics.clone(),
     );
+    // Over TLS every request is checked against the replicated revocation
+    // list and its certificate's role (tls::roles_for): only members may
+    // send Raft messages, a node only registers, heartbeats and is admitted.
+    let access = {
+        let store = store.clone();
+        crate::tls::Access::new(
+            move |serial| store.read(|s| s.revoked.get(serial).cloned()),
+            Some(audit.clone()),
+        )
+    };
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(reflection)
-        // Over TLS only members' certificates may send Raft messages.
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            RaftServiceServer::new(RaftRpc::new(store.clone()))
-                .max_decoding_message_size(MAX_MESSAGE)
-                .max_encoding_message_size(MAX_MESSAGE),
-            crate::tls::members_only,
-        ))
-        .add_service(ClusterServiceServer::new(ClusterApi::new(
-            store.clone(),
-            metrics.clone(),
-            audit.clone(),
+        .add_service(access.guard(reflection))
+        .add_service(
+            access.guard(
+                RaftServiceServer::new(RaftRpc::new(store.clone()))
+                    .max_decoding_message_size(MAX_MESSAGE)
+                    .max_encoding_message_size(MAX_MESSAGE),
+            ),
+        )
+        .add_service(access.guard(ClusterServiceServer::new(
+            ClusterApi::new(store.clone(), metrics.clone(), audit.clone())
+                .with_own_serial(cfg.tls.as_ref().map(|t| t.serial())),
         )))
-        .add_service(vm_gate.clone())
-        .add_service(node_gate.clone())
-        .add_service(AdmissionServiceServer::new(admission.clone()));
+        .add_service(access.guard(vm_gate.clone()))
+        .add_service(access.guard(node_gate.clone()))
+        .add_service(access.guard(AdmissionServiceServer::new(admission.clone())));
     // No Nagle on accepted connections: small gRPC replies (Raft
     // acknowledgements, forwarded writes) must not wait for the peer's
     // delayed ACK. With --tls-dir every connection must complete a TLS
@@ -526,8 +535,18 @@ pub struct ServeArgs {
     /// Mutual TLS: a dir with ca.pem (the cluster CA), cert.pem and key.pem
     /// (`cell0d issue-cert`). gRPC then requires a client certificate of the
     /// cluster CA, and this member dials the others with its own.
+    /// Without --tls-dir, `--init` on a fresh data dir creates the cluster CA
+    /// and this member's certificate in `<data-dir>/pki` and serves mutual TLS
+    /// with them (later starts reuse them); --join and --peers members need
+    /// --tls-dir. A one-member control plane on loopback stays plain TCP.
     #[arg(long, env = "CELL0_TLS_DIR")]
     pub tls_dir: Option<PathBuf>,
+    /// Serve plain TCP where mutual TLS is otherwise required (--init,
+    /// --join, --peers, or a non-loopback --listen/--advertise): anyone who
+    /// reaches the port can send Raft messages and API calls. For tests and
+    /// isolated networks only.
+    #[arg(long, conflicts_with = "tls_dir")]
+    pub insecure_plaintext: bool,
     /// Node admission: PEM bundle of the CAs that certify node TPMs (default:
     /// this host's swtpm local CA, $CELL0_TPM_CA_DIR or /var/lib/cell0/tpm-ca).
     #[arg(long)]
@@ -620,11 +639,6 @@ pub(crate) fn phys_mib() -> u64 {
 /// Runs `cell0d serve` with its command-line arguments.
 pub async fn serve_main(a: ServeArgs) -> Result<(), ServeError> {
     let node = a.host.config(&a.data_dir);
-    let tls = a
-        .tls_dir
-        .as_deref()
-        .map(crate::tls::TlsDir::load)
-        .transpose()?;
     let admission = crate::node::admission::AdmissionSettings {
         tpm_ca: a.node_tpm_ca,
         cell0d: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
@@ -669,6 +683,22 @@ pub async fn serve_main(a: ServeArgs) -> Result<(), ServeError> {
         Bootstrap::Join
     } else {
         Bootstrap::Init(peers)
+    };
+    // Mutual TLS: --tls-dir, the CA this data dir created at --init, or a
+    // new one; plain TCP only on loopback alone or with --insecure-plaintext.
+    let tls = match crate::tls::serve_tls(&crate::tls::ServeTlsFlags {
+        data_dir: &a.data_dir,
+        tls_dir: a.tls_dir.as_deref(),
+        insecure_plaintext: a.insecure_plaintext,
+        init_alone: matches!(&bootstrap, Bootstrap::Init(p) if p.is_empty()),
+        clustered: a.init || a.join || !a.peers.is_empty(),
+        peers: !a.peers.is_empty(),
+        listen: a.listen,
+        advertise: a.advertise.as_deref(),
+        member_id: a.node_id,
+    })? {
+        crate::tls::ServeTls::Tls(t) => Some(t),
+        crate::tls::ServeTls::Plain => None,
     };
     run(ServeConfig {
         data_dir: a.data_dir,

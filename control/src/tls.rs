@@ -457,6 +457,14 @@ impl TlsDir {
         &self.name
     }
 
+    /// This party's certificate serial ([`cert_serial`]).
+    pub fn serial(&self) -> String {
+        self.chain
+            .first()
+            .and_then(|c| cert_serial(c))
+            .unwrap_or_default()
+    }
+
     /// This party's role (its certificate's OU), if it has one.
     pub fn role(&self) -> Option<Role> {
         self.chain.first().and_then(|c| subject_role(c))
@@ -655,6 +663,488 @@ pub fn require_role<T>(
 pub fn members_only(req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
     require_role(&req, &[Role::Member], "Raft (RaftService)")?;
     Ok(req)
+}
+
+/// The dir under a member's data dir where `cell0d serve --init` keeps the
+/// cluster CA it created (`ca.pem`, `ca.key`) and its own certificate
+/// (`cert.pem`, `key.pem`): both a CA dir for `issue-cert --ca-dir` and a TLS
+/// dir.
+pub const PKI_DIR: &str = "pki";
+
+/// The serial number of a certificate (DER) as lowercase hex without
+/// leading zero bytes, the form the revocation list keeps.
+pub fn cert_serial(der: &[u8]) -> Option<String> {
+    use x509_cert::der::Decode as _;
+    let c = x509_cert::Certificate::from_der(der).ok()?;
+    Some(serial_hex(c.tbs_certificate.serial_number.as_bytes()))
+}
+
+fn serial_hex(bytes: &[u8]) -> String {
+    let first = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len());
+    match &bytes[first..] {
+        [] => "00".into(),
+        b => hex::encode(b),
+    }
+}
+
+/// A serial as an operator types it (`0x`, `:` separators, either case,
+/// as `openssl x509 -serial` prints it) in the form [`cert_serial`] gives.
+pub fn normalize_serial(s: &str) -> Result<String, TlsError> {
+    let t = s.trim();
+    let t = t
+        .strip_prefix("serial=")
+        .or_else(|| t.strip_prefix("0x"))
+        .unwrap_or(t);
+    let mut h: String = t.chars().filter(|c| *c != ':').collect();
+    if h.len() % 2 == 1 {
+        h.insert(0, '0');
+    }
+    match hex::decode(&h) {
+        Ok(b) if !b.is_empty() && b.iter().skip_while(|x| **x == 0).count() <= 20 => {
+            Ok(serial_hex(&b))
+        }
+        _ => Err(TlsError::Usage(format!(
+            "--serial {s:?} is not a certificate serial (hex, at most 20 bytes, as `openssl x509 -noout -serial` prints it)"
+        ))),
+    }
+}
+
+/// Who a certificate names: its CN, role (OU) and serial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertId {
+    /// Subject CN.
+    pub name: String,
+    /// Role, if it has one.
+    pub role: Option<Role>,
+    /// Serial ([`cert_serial`]).
+    pub serial: String,
+}
+
+impl CertId {
+    /// The identity of a certificate (DER).
+    pub fn of(der: &[u8]) -> Option<CertId> {
+        Some(CertId {
+            serial: cert_serial(der)?,
+            name: subject_cn(der).unwrap_or_default(),
+            role: subject_role(der),
+        })
+    }
+
+    /// The first certificate of a PEM file (`cell0ctl cluster revoke --cert`).
+    pub fn of_pem_file(path: &Path) -> Result<CertId, TlsError> {
+        let pem = read(path, "give the certificate (cert.pem) to revoke")?;
+        let der = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::Pem {
+            path: path.to_path_buf(),
+            what: "certificate",
+            reason: e.to_string(),
+        })?;
+        CertId::of(&der).ok_or_else(|| TlsError::Pem {
+            path: path.to_path_buf(),
+            what: "certificate",
+            reason: "it does not parse as X.509".into(),
+        })
+    }
+
+    fn role_name(&self) -> String {
+        self.role.map_or("no cell0 role (OU)".to_string(), |r| {
+            format!("a {} certificate", r.name())
+        })
+    }
+}
+
+/// A revoked certificate, kept in the replicated state.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Revocation {
+    /// Serial ([`cert_serial`]).
+    pub serial: String,
+    /// Its CN, when the operator gave the certificate (else empty).
+    #[serde(default)]
+    pub name: String,
+    /// Why.
+    #[serde(default)]
+    pub reason: String,
+    /// When (Unix ms, chosen by the member that proposed it).
+    pub revoked_at_ms: u64,
+    /// The certificate (CN) or peer address that asked.
+    #[serde(default)]
+    pub revoked_by: String,
+}
+
+/// The client certificate of a request served over TLS.
+pub fn peer_cert<T>(req: &tonic::Request<T>) -> Option<CertId> {
+    let certs = req.peer_certs()?;
+    CertId::of(certs.first()?)
+}
+
+/// The request header with which a member's own node agent says which
+/// member sends its heartbeat (`api::MEMBER_HEADER`).
+const MEMBER_HEADER: &str = "cell0-member";
+
+/// With mutual TLS, a `node` certificate may act only for the node its CN
+/// names (heartbeats), and only a `member` certificate may speak for a
+/// member (the member header); members' and clients' certificates are not
+/// bound to a node.
+pub fn require_own_node<T>(req: &tonic::Request<T>, node: &str) -> Result<(), tonic::Status> {
+    let cert = peer_cert(req);
+    if let Some(c) = &cert {
+        if req.metadata().get(MEMBER_HEADER).is_some() && c.role != Some(Role::Member) {
+            return Err(tonic::Status::permission_denied(format!(
+                "node {node} refused: only a member certificate may send a member's heartbeat; {:?} has {}",
+                c.name,
+                c.role_name()
+            )));
+        }
+    }
+    match cert {
+        Some(c) if c.role == Some(Role::Node) && c.name != node => {
+            Err(tonic::Status::permission_denied(format!(
+                "node {node} refused: the client certificate names {:?}; a node certificate acts only for its own node",
+                c.name
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The roles that may call `method` of `service` (a gRPC service's full
+/// name) over mutual TLS:
+///
+/// - `RaftService`: members only (Raft, forwarding between members);
+/// - `AdmissionService`: nodes only (the handler checks the name too);
+/// - `NodeService.Register` and `.Heartbeat`, `ClusterService.Status` (a
+///   node agent finds the leader with it) and reflection: any role;
+/// - everything else (the VM API, node listing and drains, membership
+///   changes, revocation): members and clients, not nodes.
+pub fn roles_for(service: &str, method: &str) -> &'static [Role] {
+    const ALL: &[Role] = &[Role::Member, Role::Node, Role::Client];
+    const MEMBER_CLIENT: &[Role] = &[Role::Member, Role::Client];
+    let short = service.rsplit('.').next().unwrap_or(service);
+    match (short, method) {
+        ("RaftService", _) => &[Role::Member],
+        ("AdmissionService", _) => &[Role::Node],
+        ("NodeService", "Register" | "Heartbeat") | ("ClusterService", "Status") => ALL,
+        ("ServerReflection", _) => ALL,
+        _ => MEMBER_CLIENT,
+    }
+}
+
+/// What [`Guard`] checks on every request over mutual TLS: the role of the
+/// client certificate ([`roles_for`]) and the replicated revocation list.
+/// Refusals are logged and written to the audit log.
+#[derive(Clone)]
+pub struct Access {
+    revoked: Arc<dyn Fn(&str) -> Option<Revocation> + Send + Sync>,
+    audit: Option<Arc<crate::audit::AuditLog>>,
+}
+
+impl Access {
+    /// `revoked(serial)` answers the revocation of a serial, if any.
+    pub fn new(
+        revoked: impl Fn(&str) -> Option<Revocation> + Send + Sync + 'static,
+        audit: Option<Arc<crate::audit::AuditLog>>,
+    ) -> Self {
+        Self {
+            revoked: Arc::new(revoked),
+            audit,
+        }
+    }
+
+    /// Wraps a service.
+    pub fn guard<S>(&self, inner: S) -> Guard<S> {
+        Guard {
+            inner,
+            access: self.clone(),
+        }
+    }
+
+    /// PERMISSION_DENIED when the request's certificate is revoked or its
+    /// role may not call `path` (`/package.Service/Method`); over plain TCP
+    /// there is nothing to check.
+    pub fn check<B>(&self, req: &tonic::codegen::http::Request<B>) -> Result<(), tonic::Status> {
+        use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+        let Some(info) = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>() else {
+            return Ok(());
+        };
+        let peer = info.get_ref().remote_addr();
+        let path = req.uri().path().trim_start_matches('/');
+        let (service, method) = path.split_once('/').unwrap_or((path, ""));
+        let short = service.rsplit('.').next().unwrap_or(service);
+        let Some(id) = info
+            .peer_certs()
+            .and_then(|c| c.first().and_then(|c| CertId::of(c)))
+        else {
+            // The verifier requires a certificate; this is not reached.
+            return Err(self.refuse(
+                short,
+                method,
+                peer,
+                "?",
+                "the connection has no usable client certificate".into(),
+            ));
+        };
+        if let Some(r) = (self.revoked)(&id.serial) {
+            let why = if r.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", r.reason)
+            };
+            return Err(self.refuse(
+                short,
+                method,
+                peer,
+                &id.name,
+                format!(
+                    "the client certificate {:?} (serial {}) is revoked{why}; it may no longer call {short}.{method}",
+                    id.name, id.serial
+                ),
+            ));
+        }
+        let allowed = roles_for(service, method);
+        if id.role.is_some_and(|r| allowed.contains(&r)) {
+            return Ok(());
+        }
+        let want: Vec<&str> = allowed.iter().map(|r| r.name()).collect();
+        Err(self.refuse(
+            short,
+            method,
+            peer,
+            &id.name,
+            format!(
+                "{short}.{method} needs a {} certificate; {:?} has {}",
+                want.join(" or "),
+                id.name,
+                id.role_name()
+            ),
+        ))
+    }
+
+    fn refuse(
+        &self,
+        service: &str,
+        method: &str,
+        peer: Option<SocketAddr>,
+        name: &str,
+        msg: String,
+    ) -> tonic::Status {
+        tracing::warn!(peer = ?peer, "refused a gRPC request: {msg}");
+        let s = tonic::Status::permission_denied(msg);
+        if let Some(a) = &self.audit {
+            a.record_outcome::<()>(
+                &format!("{service}.{method}"),
+                peer,
+                &format!("cert/{name}"),
+                &Err(s.clone()),
+                0,
+            );
+        }
+        s
+    }
+}
+
+/// A gRPC service behind [`Access::check`]: a refused request never reaches
+/// it.
+#[derive(Clone)]
+pub struct Guard<S> {
+    inner: S,
+    access: Access,
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for Guard<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for Guard<S>
+where
+    S: tonic::codegen::Service<
+            tonic::codegen::http::Request<tonic::body::Body>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        match self.access.check(&req) {
+            Ok(()) => Box::pin(self.inner.call(req)),
+            Err(s) => Box::pin(async move { Ok(s.into_http()) }),
+        }
+    }
+}
+
+/// How `cell0d serve` speaks gRPC, from its flags and data dir.
+#[derive(Debug)]
+pub enum ServeTls {
+    /// Mutual TLS with this TLS dir (`--tls-dir`, or `<data-dir>/pki`).
+    Tls(TlsDir),
+    /// Plain TCP.
+    Plain,
+}
+
+/// What [`serve_tls`] decides from.
+#[derive(Debug, Clone)]
+pub struct ServeTlsFlags<'a> {
+    /// The data dir.
+    pub data_dir: &'a Path,
+    /// `--tls-dir`.
+    pub tls_dir: Option<&'a Path>,
+    /// `--insecure-plaintext`.
+    pub insecure_plaintext: bool,
+    /// Whether this member initializes a new cluster on a fresh data dir
+    /// with no other initial member (`--init`, or neither --join nor --peers).
+    pub init_alone: bool,
+    /// Whether the member is part of (or starting) a multi-member cluster:
+    /// `--init`, `--join` or `--peers` given.
+    pub clustered: bool,
+    /// `--peers` given.
+    pub peers: bool,
+    /// `--listen`.
+    pub listen: SocketAddr,
+    /// `--advertise`.
+    pub advertise: Option<&'a str>,
+    /// This member's Raft id (the certificate's name is `member-<id>`).
+    pub member_id: u64,
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost") || h.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The host of `HOST:PORT` (an IPv6 literal in brackets too).
+fn host_of(addr: &str) -> &str {
+    let a = addr.split_once("://").map_or(addr, |(_, r)| r);
+    match a.rsplit_once(':') {
+        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => {
+            h.trim_start_matches('[').trim_end_matches(']')
+        }
+        _ => a,
+    }
+}
+
+/// Whether a client dialling `endpoint` (`HOST:PORT` or a URI) stays on this
+/// host.
+pub fn endpoint_is_loopback(endpoint: &str) -> bool {
+    is_loopback_host(host_of(endpoint))
+}
+
+/// How `cell0d serve` speaks gRPC:
+///
+/// 1. `--tls-dir`: mutual TLS with it.
+/// 2. A `<data-dir>/pki` made at an earlier start: mutual TLS with it.
+/// 3. `--insecure-plaintext`: plain TCP (the caller warns).
+/// 4. A one-member control plane on loopback (the embedded daemon, no
+///    --init/--join/--peers): plain TCP, as only this host reaches it.
+/// 5. `--init` (or the default one-member init) on a fresh data dir: a new
+///    cluster CA and this member's certificate in `<data-dir>/pki`.
+/// 6. Anything else (--join, --peers, an existing data dir): an error that
+///    says what to do.
+pub fn serve_tls(f: &ServeTlsFlags<'_>) -> Result<ServeTls, TlsError> {
+    let pki = f.data_dir.join(PKI_DIR);
+    if let Some(d) = f.tls_dir {
+        return Ok(ServeTls::Tls(TlsDir::load(d)?));
+    }
+    if pki.join(CERT).exists() {
+        if f.insecure_plaintext {
+            return Err(TlsError::Usage(format!(
+                "--insecure-plaintext: this data dir has the cluster CA and certificate this member serves mutual TLS with ({}); drop --insecure-plaintext",
+                pki.display()
+            )));
+        }
+        return Ok(ServeTls::Tls(TlsDir::load(&pki)?));
+    }
+    if f.insecure_plaintext {
+        return Ok(ServeTls::Plain);
+    }
+    let local = f.listen.ip().is_loopback() && f.advertise.is_none_or(endpoint_is_loopback);
+    if local && !f.clustered {
+        return Ok(ServeTls::Plain);
+    }
+    let fresh = !f.data_dir.join("raft").exists();
+    if f.init_alone && fresh {
+        return init_member_pki(f, &pki).map(ServeTls::Tls);
+    }
+    let what = if f.peers {
+        "a cluster initialized from --peers needs one cluster CA for all its members: run `cell0d init-ca --out CA_DIR` once, then for each member `cell0d issue-cert --ca-dir CA_DIR --name mN --role member --san HOST --out DIR` and start it with --tls-dir DIR"
+    } else if f.init_alone {
+        "this data dir already holds a cluster that was served over plain TCP: start it with --insecure-plaintext as before, or issue it a certificate (`cell0d init-ca`, `cell0d issue-cert --role member`) and give --tls-dir"
+    } else {
+        "a member that joins a cluster needs a certificate of that cluster's CA: on the host of the member that created it, run `cell0d issue-cert --ca-dir <its data dir>/pki --name mN --role member --san HOST --out DIR`, copy DIR here and give --tls-dir DIR"
+    };
+    Err(TlsError::Usage(format!(
+        "gRPC on {} without TLS material: {what}. To run without TLS anyway (anyone who reaches the port can send Raft messages and API calls), pass --insecure-plaintext",
+        f.listen
+    )))
+}
+
+/// `cell0d node`: mutual TLS (`--tls-dir`) or, said out loud,
+/// `--insecure-plaintext`; neither is an error that says what to do.
+pub fn node_transport(tls_dir: Option<&Path>, insecure_plaintext: bool) -> Result<(), TlsError> {
+    match (tls_dir, insecure_plaintext) {
+        (Some(_), _) => Ok(()),
+        (None, true) => {
+            tracing::warn!(
+                "INSECURE: --insecure-plaintext: this node agent dials the members over plain TCP; anyone on the path can read and change its registration, heartbeats and placements"
+            );
+            Ok(())
+        }
+        (None, false) => Err(TlsError::Usage(
+            "a node agent dials the members over mutual TLS: give --tls-dir DIR with a node certificate of the cluster CA (on the host of the member that created the CA: cell0d issue-cert --ca-dir <its data dir>/pki --name NODE_NAME --role node --out DIR), or --insecure-plaintext for members served without TLS".into(),
+        )),
+    }
+}
+
+fn init_member_pki(f: &ServeTlsFlags<'_>, pki: &Path) -> Result<TlsDir, TlsError> {
+    let mut sans: Vec<String> = Vec::new();
+    let mut push = |s: String| {
+        if !s.is_empty() && !sans.contains(&s) {
+            sans.push(s);
+        }
+    };
+    if let Some(a) = f.advertise {
+        push(host_of(a).to_string());
+    }
+    if !f.listen.ip().is_unspecified() {
+        push(f.listen.ip().to_string());
+    }
+    push("127.0.0.1".into());
+    push("localhost".into());
+    // Private dir: ca.key lives here.
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(pki)
+            .map_err(io(pki))?;
+    }
+    init_ca(pki, CA_DAYS)?;
+    let name = format!("member-{}", f.member_id);
+    issue_cert(
+        pki,
+        &CertRequest::new(&name, Role::Member, &sans, CERT_DAYS),
+        pki,
+    )?;
+    let t = TlsDir::load(pki)?;
+    tracing::info!(
+        pki = %pki.display(),
+        sans = %sans.join(","),
+        "created the cluster CA and this member's certificate ({name}); issue certificates for other members, nodes and clients with: cell0d issue-cert --ca-dir {} --name NAME --role member|node|client [--san HOST] --out DIR (a member's --san: the host others dial it at). Keep ca.key secret; cell0ctl --tls-dir {} works from this host",
+        pki.display(),
+        pki.display()
+    );
+    Ok(t)
 }
 
 #[cfg(test)]

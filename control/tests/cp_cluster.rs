@@ -104,6 +104,7 @@ impl Member {
             .args(["--listen", &listen, "--metrics", "127.0.0.1:0"])
             .args(["--node-id", &self.id.to_string()])
             .args(["--node-name", &format!("m{}", self.id)])
+            .arg("--insecure-plaintext")
             .args(ARGS)
             .args(&self.extra)
             .env("RUST_LOG", "info")

@@ -108,6 +108,7 @@ impl Member {
             .arg(&data)
             .args(["--listen", "0.0.0.0:7070", "--metrics", "127.0.0.1:0"])
             .args(["--advertise", &Net::raft_addr(self.id)])
+            .arg("--insecure-plaintext")
             .args(["--node-id", &self.id.to_string()])
             .args(["--node-name", &format!("m{}", self.id)])
             .args(ARGS)

@@ -37,6 +37,7 @@ impl Node {
         let vmm = cp_harness::vmm().unwrap();
         let args: Vec<String> = [
             "node",
+            "--insecure-plaintext",
             "--join",
             join,
             "--node-name",
@@ -218,6 +219,7 @@ impl Cluster {
                     // Admission by attestation is cp_tls's; here the nodes
                     // are trusted so the test is about placement and failure.
                     "--allow-unattested-nodes",
+                    "--insecure-plaintext",
                 ]
                 .iter()
                 .map(|s| s.to_string())
@@ -362,6 +364,7 @@ fn node_agents_on_other_hosts_recover_a_lost_host_and_fence() {
     let mut taken = Command::new(env!("CARGO_BIN_EXE_cell0d"))
         .args([
             "node",
+            "--insecure-plaintext",
             "--join",
             &c.d().grpc,
             "--node-name",

@@ -72,6 +72,7 @@ impl Member {
             .args(["--node-id", &id.to_string()])
             .args(["--node-name", &format!("m{id}")])
             .args(["--zone", zone, "--region", "r1"])
+            .arg("--insecure-plaintext")
             .args(ARGS)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

@@ -110,17 +110,36 @@ impl Member {
     }
 
     fn start(base: &Path, id: u64, extra: &[&str], env: &[(&str, &Path)]) -> Member {
-        let log = std::fs::File::create(base.join(format!("m{id}.log"))).unwrap();
+        let tls = base.join(format!("m{id}")).with_extension("tls");
+        Member::start_with(base, id, Some(&tls), "127.0.0.1:0", extra, env)
+    }
+
+    /// A member with `tls_dir` (`None`: no --tls-dir, as `serve --init`
+    /// that makes its own CA) on `listen`.
+    fn start_with(
+        base: &Path,
+        id: u64,
+        tls_dir: Option<&Path>,
+        listen: &str,
+        extra: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Member {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(base.join(format!("m{id}.log")))
+            .unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cell0d"));
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(base.join(format!("m{id}")))
-            .args(["--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+            .args(["--listen", listen, "--metrics", "127.0.0.1:0"])
             .args(["--node-id", &id.to_string()])
-            .args(["--node-name", &format!("m{id}")])
-            .arg("--tls-dir")
-            .arg(base.join(format!("m{id}")).with_extension("tls"))
-            .args(ARGS)
+            .args(["--node-name", &format!("m{id}")]);
+        if let Some(t) = tls_dir {
+            cmd.arg("--tls-dir").arg(t);
+        }
+        cmd.args(ARGS)
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -136,6 +155,7 @@ impl Member {
             addr: String::new(),
         };
         let t0 = Instant::now();
+        let _ = std::fs::remove_file(m.data().join("cell0d.addr"));
         loop {
             if let Ok(t) = std::fs::read_to_string(m.data().join("cell0d.member")) {
                 if let Ok(v) = serde_json::from_str::<Value>(&t) {
@@ -748,4 +768,429 @@ async fn cell0d_node_attests_before_it_registers() {
     let log = evil.log();
     assert!(log.contains("node-vmm"), "{}", tail(&log, 3000));
     assert!(good.log().contains("attestation passed"), "{}", good.log());
+}
+
+fn issue(ca_dir: &Path, name: &str, role: &str, out: &Path) {
+    ok(cell0d(&[
+        "issue-cert",
+        "--ca-dir",
+        ca_dir.to_str().unwrap(),
+        "--name",
+        name,
+        "--role",
+        role,
+        "--san",
+        "127.0.0.1",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+}
+
+fn denied<T: std::fmt::Debug>(r: Result<T, tonic::Status>, needle: &str) -> String {
+    let e = r.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains(needle), "{}", e.message());
+    e.message().to_string()
+}
+
+/// Polls until `f` gives true (bounded: 30 s).
+async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let t0 = Instant::now();
+    while !f().await {
+        assert!(t0.elapsed() < Duration::from_secs(30), "never: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Whether a VM list through `c` is refused as revoked.
+async fn revoked(c: &mut Clients) -> bool {
+    match c.vm.list(grpc::ListVmsRequest::default()).await {
+        Err(e) => e.code() == tonic::Code::PermissionDenied && e.message().contains("is revoked"),
+        Ok(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_makes_the_cluster_ca_roles_are_enforced_and_revocation_is_replicated() {
+    let _g = SERIAL.lock().await;
+    let d = tempdir();
+    let base = d.path();
+    // `serve --init` without --tls-dir: the member makes the cluster CA and
+    // its own certificate under <data-dir>/pki and serves mutual TLS.
+    let m1 = Member::start_with(base, 1, None, "127.0.0.1:0", &["--init"], &[]);
+    m1.wait_api();
+    let pki = m1.data().join("pki");
+    for f in ["ca.pem", "ca.key", "cert.pem", "key.pem"] {
+        assert!(pki.join(f).is_file(), "{f} missing in {}", pki.display());
+    }
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(pki.join("ca.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "ca.key mode {mode:o}");
+    }
+    let ca_pem = std::fs::read_to_string(pki.join("ca.pem")).unwrap();
+    let log = m1.log();
+    assert!(
+        log.contains("created the cluster CA") && log.contains("cell0d issue-cert --ca-dir"),
+        "{}",
+        tail(&log, 3000)
+    );
+
+    // A plain-TCP client is refused.
+    let o = m1.ctl(None, &["cluster", "status"]);
+    assert_eq!(o.status.code(), Some(5), "{o:?}");
+    println!("plain TCP: {}", String::from_utf8_lossy(&o.stderr));
+
+    // Certificates from `cell0d issue-cert --ca-dir <data-dir>/pki`.
+    for (n, role) in [
+        ("admin", "client"),
+        ("ops", "client"),
+        ("n1", "node"),
+        ("m2", "member"),
+        ("m3", "member"),
+    ] {
+        let out = if role == "member" {
+            base.join(format!("{n}.tls"))
+        } else {
+            base.join(n)
+        };
+        issue(&pki, n, role, &out);
+    }
+    let (admin, ops, n1) = (base.join("admin"), base.join("ops"), base.join("n1"));
+    let o = m1.ctl(Some(&admin), &["cluster", "status", "-o", "json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // Two more members with certificates of that CA.
+    let m2 = Member::start(base, 2, &["--join"], &[]);
+    let m3 = Member::start(base, 3, &["--join"], &[]);
+    for (id, m) in [(2, &m2), (3, &m3)] {
+        let o = m1.ctl(Some(&admin), &["cluster", "add", &id.to_string(), &m.addr]);
+        assert!(
+            o.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            tail(&m1.log(), 3000)
+        );
+    }
+    m2.wait_api();
+    m3.wait_api();
+    let mut a1 = m1.client(&admin).await;
+    a1.vm.create(spec("v1")).await.unwrap();
+
+    // A node certificate: node registration and heartbeats (its own),
+    // cluster status (to find the leader); not the VM API, not node
+    // listing, not membership, not revocation.
+    let mut nc = m1.client(&n1).await;
+    let msg = denied(
+        nc.vm.list(grpc::ListVmsRequest::default()).await,
+        "VmService.List needs a member or client certificate",
+    );
+    assert!(msg.contains("\"n1\" has a node certificate"), "{msg}");
+    denied(
+        nc.cluster
+            .add_member(grpc::AddMemberRequest {
+                id: 9,
+                address: "127.0.0.1:1".into(),
+            })
+            .await,
+        "ClusterService.AddMember needs a member or client certificate",
+    );
+    denied(
+        nc.cluster
+            .remove_member(grpc::RemoveMemberRequest { id: 3 })
+            .await,
+        "ClusterService.RemoveMember",
+    );
+    denied(
+        nc.cluster
+            .revoke_cert(grpc::RevokeCertRequest {
+                serial: "01".into(),
+                ..Default::default()
+            })
+            .await,
+        "ClusterService.RevokeCert",
+    );
+    denied(
+        nc.node.list(grpc::ListNodesRequest {}).await,
+        "NodeService.List",
+    );
+    nc.cluster
+        .status(grpc::ClusterStatusRequest {})
+        .await
+        .unwrap();
+    denied(
+        nc.node
+            .heartbeat(grpc::HeartbeatRequest {
+                id: "someone-else".into(),
+                ..Default::default()
+            })
+            .await,
+        "the client certificate names \"n1\"",
+    );
+    // cell0ctl with the node certificate says so too.
+    let o = m2.ctl(Some(&n1), &["ps"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("needs a member or client certificate"),
+        "{o:?}"
+    );
+    // The refusals are in the member's log and audit log.
+    assert!(m1.log().contains("refused a gRPC request: VmService.List"));
+    let audit = audit_lines(&m1);
+    assert!(
+        audit.iter().any(|l| l["method"] == "VmService.List"
+            && l["target"] == "cert/n1"
+            && l["code"] == "PermissionDenied"),
+        "{audit:#?}"
+    );
+
+    // Revocation: `ops` revokes `admin` through a follower; the leader
+    // commits it and every member refuses admin's next request, on its
+    // open connection too, while `ops` goes on.
+    let mut a2 = m2.client(&admin).await;
+    let mut a3 = m3.client(&admin).await;
+    assert!(!revoked(&mut a2).await && !revoked(&mut a3).await);
+    let follower = [&m1, &m2, &m3]
+        .into_iter()
+        .find(|m| {
+            let o = m.ctl(Some(&ops), &["cluster", "status", "-o", "json"]);
+            let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+            v["leader_id"] != v["node_id"]
+        })
+        .unwrap();
+    let admin_cert = admin.join("cert.pem");
+    let o = follower.ctl(
+        Some(&ops),
+        &[
+            "cluster",
+            "revoke",
+            "--cert",
+            admin_cert.to_str().unwrap(),
+            "--reason",
+            "laptop lost",
+            "-o",
+            "json",
+        ],
+    );
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        tail(&follower.log(), 3000)
+    );
+    let list: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let serial = TlsDir::load(&admin).unwrap().serial();
+    assert_eq!(list[0]["serial"], serial.as_str(), "{list:#}");
+    assert_eq!(list[0]["name"], "admin");
+    assert_eq!(list[0]["revoked_by"], "ops");
+    assert_eq!(list[0]["reason"], "laptop lost");
+    for c in [&mut a1, &mut a2, &mut a3] {
+        eventually("admin refused", || {
+            let mut c = c.clone();
+            async move { revoked(&mut c).await }
+        })
+        .await;
+    }
+    let msg = denied(
+        a1.vm.create(spec("v2")).await,
+        &format!("(serial {serial}) is revoked: laptop lost"),
+    );
+    println!("revoked: {msg}");
+    let o = m3.ctl(Some(&admin), &["ps"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("is revoked"));
+    // Another client goes on.
+    let mut oc = m1.client(&ops).await;
+    assert_eq!(names(&mut oc).await, ["v1"]);
+    assert!(
+        audit_lines(&m1)
+            .iter()
+            .any(|l| l["method"] == "RevokeCert" && l["code"] == "Ok")
+            || audit_lines(follower)
+                .iter()
+                .any(|l| l["method"] == "RevokeCert" && l["code"] == "Ok")
+    );
+    assert!(
+        audit_lines(&m1).iter().any(|l| l["target"] == "cert/admin"
+            && l["message"].as_str().unwrap_or("").contains("revoked")),
+        "the refusal is audited"
+    );
+
+    // A member refuses to revoke its own certificate, and a client its own.
+    let own = pki.join("cert.pem");
+    let o = m1.ctl(
+        Some(&ops),
+        &["cluster", "revoke", "--cert", own.to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(11), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("member 1 itself"));
+    let o = m1.ctl(
+        Some(&ops),
+        &[
+            "cluster",
+            "revoke",
+            "--cert",
+            ops.join("cert.pem").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(11), "{o:?}");
+    let o = m1.ctl(Some(&ops), &["cluster", "revoke", "--serial", "xyz"]);
+    assert_eq!(o.status.code(), Some(4), "{o:?}");
+
+    // Restart every member: the CA in m1's pki is reused, and the
+    // revocation is still there, on every member.
+    drop((a1, a2, a3, oc, nc));
+    let mut ms = vec![m1, m2, m3];
+    for m in &mut ms {
+        let mut c = m.child.take().unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+    let m1 = Member::start_with(base, 1, None, &ms[0].addr, &["--init"], &[]);
+    let m2 = Member::start_with(base, 2, Some(&base.join("m2.tls")), &ms[1].addr, &[], &[]);
+    let m3 = Member::start_with(base, 3, Some(&base.join("m3.tls")), &ms[2].addr, &[], &[]);
+    drop(ms);
+    assert_eq!(
+        std::fs::read_to_string(pki.join("ca.pem")).unwrap(),
+        ca_pem,
+        "a restart reuses the CA"
+    );
+    m1.wait_api();
+    m2.wait_api();
+    m3.wait_api();
+    for m in [&m1, &m2, &m3] {
+        let mut c = m.client(&admin).await;
+        eventually("admin refused after restart", || {
+            let mut c = c.clone();
+            async move { revoked(&mut c).await }
+        })
+        .await;
+        let o = m.ctl(Some(&ops), &["cluster", "revocations", "-o", "json"]);
+        assert!(o.status.success(), "{o:?}");
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v[0]["serial"], serial.as_str(), "{v:#}");
+        let mut oc = m.client(&ops).await;
+        assert_eq!(names(&mut oc).await, ["v1"]);
+        let _ = &mut c;
+    }
+    let table = m2.ctl_ok_table(&ops);
+    assert!(
+        table.contains("admin") && table.contains("laptop lost"),
+        "{table}"
+    );
+}
+
+impl Member {
+    fn ctl_ok_table(&self, tls: &Path) -> String {
+        let o = self.ctl(Some(tls), &["cluster", "revocations"]);
+        assert!(o.status.success(), "{o:?}");
+        String::from_utf8(o.stdout).unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_and_nodes_without_tls_material_refuse_to_start() {
+    let _g = SERIAL.lock().await;
+    let d = tempdir();
+    let base = d.path();
+    let serve = |name: &str, extra: &[&str]| {
+        let data = base.join(name);
+        let mut args = vec![
+            "serve",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+            "--node-id",
+            "2",
+        ];
+        args.extend_from_slice(ARGS);
+        args.extend_from_slice(extra);
+        let o = Command::new(env!("CARGO_BIN_EXE_cell0d"))
+            .args(&args)
+            .env_remove("CELL0_TLS_DIR")
+            .output()
+            .unwrap();
+        (o, data)
+    };
+    // A joining member needs a certificate of the cluster's CA.
+    let (o, data) = serve("join", &["--join"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    println!("--join: {err}");
+    assert!(
+        err.contains("without TLS material")
+            && err.contains("cell0d issue-cert --ca-dir")
+            && err.contains("--insecure-plaintext"),
+        "{err}"
+    );
+    assert!(!data.join("pki").exists());
+    // Static --peers init: one CA for all, made with init-ca.
+    let (o, _) = serve("peers", &["--init", "--peers", "1=127.0.0.1:1"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("cell0d init-ca") && err.contains("--insecure-plaintext"),
+        "{err}"
+    );
+    // --insecure-plaintext with a --tls-dir is a contradiction.
+    let (o, _) = serve(
+        "both",
+        &["--join", "--insecure-plaintext", "--tls-dir", "/x"],
+    );
+    assert!(!o.status.success());
+    // A node agent too.
+    let o = cell0d(&[
+        "node",
+        "--join",
+        "127.0.0.1:1",
+        "--node-name",
+        "n1",
+        "--data-dir",
+        base.join("node").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--tls-dir") && err.contains("--insecure-plaintext"),
+        "{err}"
+    );
+    // cell0ctl to another host over plain TCP: only when told so.
+    let o = Command::new(env!("CARGO_BIN_EXE_cell0ctl"))
+        .args(["--endpoint", "10.255.255.1:7070", "cluster", "status"])
+        .env_remove("CELL0_TLS_DIR")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--insecure-plaintext"));
+
+    // --insecure-plaintext starts, saying so; the one-member loopback
+    // default stays plain TCP and makes no CA.
+    let m = Member::start_with(
+        base,
+        4,
+        None,
+        "127.0.0.1:0",
+        &["--join", "--insecure-plaintext"],
+        &[],
+    );
+    assert!(m.log().contains("INSECURE"), "{}", m.log());
+    let o = m.ctl(None, &["cluster", "status", "-o", "json"]);
+    assert!(o.status.success(), "{o:?}");
+    assert!(!m.data().join("pki").exists());
+    drop(m);
+    let m = Member::start_with(base, 5, None, "127.0.0.1:0", &[], &[]);
+    m.wait_api();
+    assert!(!m.data().join("pki").exists());
+    let o = m.ctl(None, &["ps"]);
+    assert!(o.status.success(), "{o:?}");
 }

@@ -725,6 +725,8 @@ impl NodeService for Api {
         &self,
         request: Request<grpc::HeartbeatRequest>,
     ) -> Result<Response<grpc::HeartbeatResponse>, Status> {
+        // Over TLS a node certificate heartbeats only for its own node.
+        crate::tls::require_own_node(&request, &request.get_ref().id)?;
         let member = request
             .metadata()
             .get(MEMBER_HEADER)

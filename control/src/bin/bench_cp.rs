@@ -455,7 +455,7 @@ async fn bench_cluster(a: &Args, n: u64) -> anyhow::Result<serde_json::Value> {
         if a.tls {
             vec!["--tls-dir".into(), tls_of(&format!("m{id}"))]
         } else {
-            Vec::new()
+            vec!["--insecure-plaintext".into()]
         }
     };
     let client_tls = a.tls.then(|| PathBuf::from(tls_of("bench")));

@@ -55,6 +55,10 @@ struct Cli {
     /// issue-cert`), for a cell0d served with --tls-dir.
     #[arg(long, global = true, env = "CELL0_TLS_DIR")]
     tls_dir: Option<std::path::PathBuf>,
+    /// Dial another host over plain TCP (a cell0d served with
+    /// --insecure-plaintext). Plain TCP to 127.0.0.1 needs no flag.
+    #[arg(long, global = true, conflicts_with = "tls_dir")]
+    insecure_plaintext: bool,
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value = "table")]
     output: Output,
@@ -195,6 +199,24 @@ enum ClusterCmd {
         /// Member id.
         id: u64,
     },
+    /// Revoke a certificate of the cluster CA (committed through Raft): every
+    /// member refuses requests made with it from its next request on.
+    #[command(after_help = "Examples:
+  cell0ctl --tls-dir ~/.cell0/tls cluster revoke --cert /etc/cell0/n1/cert.pem --reason 'host retired'
+  cell0ctl --tls-dir ~/.cell0/tls cluster revoke --serial 3a:f2:09:...")]
+    Revoke {
+        /// The serial (hex, as `openssl x509 -noout -serial` prints it).
+        #[arg(long, required_unless_present = "cert", conflicts_with = "cert")]
+        serial: Option<String>,
+        /// The certificate (PEM) to revoke: its serial, with its name.
+        #[arg(long)]
+        cert: Option<std::path::PathBuf>,
+        /// Why (kept with it).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// List the revoked certificates.
+    Revocations,
 }
 
 #[derive(clap::Args, Debug)]
@@ -420,6 +442,67 @@ async fn run(c: &mut Clients, out: Output, a: RunArgs) -> Result<(), CtlError> {
     Ok(())
 }
 
+/// `cluster revoke` and `cluster revocations`: the revocation list after
+/// the change.
+async fn revocations(c: &mut Clients, out: Output, cmd: ClusterCmd) -> Result<(), CtlError> {
+    let l = match cmd {
+        ClusterCmd::Revoke {
+            serial,
+            cert,
+            reason,
+        } => {
+            let (serial, name) = match (serial, cert) {
+                (_, Some(p)) => {
+                    let id = cell0_control::tls::CertId::of_pem_file(&p)?;
+                    (id.serial, id.name)
+                }
+                (Some(s), None) => (s, String::new()),
+                (None, None) => {
+                    return Err(CtlError::Tls(cell0_control::tls::TlsError::Usage(
+                        "cluster revoke: give --serial HEX or --cert PATH".into(),
+                    )));
+                }
+            };
+            c.cluster
+                .revoke_cert(grpc::RevokeCertRequest {
+                    serial,
+                    name,
+                    reason,
+                })
+                .await?
+        }
+        _ => {
+            c.cluster
+                .list_revocations(grpc::ListRevocationsRequest {})
+                .await?
+        }
+    }
+    .into_inner();
+    match out {
+        Output::Table => {
+            let rows: Vec<Vec<String>> = l
+                .revocations
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.serial.clone(),
+                        r.name.clone(),
+                        ctl::age(r.revoked_at_ms),
+                        r.revoked_by.clone(),
+                        r.reason.clone(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                ctl::table(&["SERIAL", "NAME", "AGE", "BY", "REASON"], &rows)
+            );
+        }
+        o => print_value(o, &ctl::revocations_json(&l)),
+    }
+    Ok(())
+}
+
 async fn dispatch(cli: Cli) -> Result<(), CtlError> {
     let out = cli.output;
     match cli.cmd {
@@ -438,6 +521,11 @@ async fn dispatch(cli: Cli) -> Result<(), CtlError> {
         }
         _ => {}
     }
+    ctl::check_transport(
+        &cli.endpoint,
+        cli.tls_dir.as_deref(),
+        cli.insecure_plaintext,
+    )?;
     let mut c = ctl::connect_tls(&cli.endpoint, cli.tls_dir.as_deref()).await?;
     match cli.cmd {
         Cmd::Run(a) => run(&mut c, out, *a).await?,
@@ -729,6 +817,9 @@ async fn dispatch(cli: Cli) -> Result<(), CtlError> {
                     c.cluster
                         .remove_member(grpc::RemoveMemberRequest { id })
                         .await?
+                }
+                cmd @ (ClusterCmd::Revoke { .. } | ClusterCmd::Revocations) => {
+                    return revocations(&mut c, out, cmd).await;
                 }
             }
             .into_inner();

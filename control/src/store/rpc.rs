@@ -161,6 +161,9 @@ pub struct ClusterApi {
     store: Store,
     metrics: Arc<Metrics>,
     audit: Arc<AuditLog>,
+    /// This member's own certificate serial (mutual TLS), which it refuses
+    /// to revoke.
+    own_serial: Option<String>,
 }
 
 /// The gRPC status for a store error of a cluster call.
@@ -201,7 +204,80 @@ impl ClusterApi {
             store,
             metrics,
             audit,
+            own_serial: None,
         }
+    }
+
+    /// Over mutual TLS: this member's certificate serial, which
+    /// `RevokeCert` refuses.
+    pub fn with_own_serial(mut self, serial: Option<String>) -> Self {
+        self.own_serial = serial;
+        self
+    }
+
+    fn revocations(&self) -> grpc::RevocationList {
+        self.store.read(|s| grpc::RevocationList {
+            revocations: s
+                .revoked
+                .values()
+                .map(|r| grpc::Revocation {
+                    serial: r.serial.clone(),
+                    name: r.name.clone(),
+                    reason: r.reason.clone(),
+                    revoked_at_ms: r.revoked_at_ms,
+                    revoked_by: r.revoked_by.clone(),
+                })
+                .collect(),
+        })
+    }
+
+    async fn revoke(
+        &self,
+        caller: Option<crate::tls::CertId>,
+        peer: Option<SocketAddr>,
+        req: grpc::RevokeCertRequest,
+    ) -> Result<(u64, grpc::RevocationList), Status> {
+        let serial = crate::tls::normalize_serial(&req.serial)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if self.own_serial.as_deref() == Some(serial.as_str()) {
+            return Err(Status::failed_precondition(format!(
+                "serial {serial} is the certificate of member {} itself, which would cut it off from the other members; remove the member first (cluster remove), then revoke its certificate through another member",
+                self.store.node_id()
+            )));
+        }
+        if let Some(c) = caller.as_ref().filter(|c| c.serial == serial) {
+            return Err(Status::failed_precondition(format!(
+                "serial {serial} is the certificate of this request ({:?}); revoke it with another certificate",
+                c.name
+            )));
+        }
+        if req.name.len() > 256 || req.reason.len() > 1024 {
+            return Err(Status::invalid_argument(
+                "name (256) or reason (1024 bytes) is too long",
+            ));
+        }
+        let revocation = crate::tls::Revocation {
+            serial,
+            name: req.name,
+            reason: req.reason,
+            revoked_at_ms: crate::now_ms(),
+            revoked_by: caller.map_or_else(
+                || peer.map(|p| p.to_string()).unwrap_or_default(),
+                |c| c.name,
+            ),
+        };
+        let (index, _) = self
+            .store
+            .write(Command::RevokeCert { revocation })
+            .await
+            .map_err(|e| Status::unavailable(format!("the revocation was not committed: {e}")))?;
+        // On a follower the leader applied it first: read it back here.
+        self.store.linearize().await.map_err(|e| {
+            Status::unavailable(format!(
+                "the revocation is committed (index {index}) but this member cannot read it back yet: {e}"
+            ))
+        })?;
+        Ok((index, self.revocations()))
     }
 
     fn counts(&self) -> (u64, u64) {
@@ -257,5 +333,42 @@ impl ClusterService for ClusterApi {
         let id = request.into_inner().id;
         let r = self.store.remove_member(id).await;
         self.finish("RemoveMember", peer, &format!("member-{id}"), r)
+    }
+
+    async fn revoke_cert(
+        &self,
+        request: Request<grpc::RevokeCertRequest>,
+    ) -> Result<Response<grpc::RevocationList>, Status> {
+        let peer = request.remote_addr();
+        let caller = crate::tls::peer_cert(&request);
+        let req = request.into_inner();
+        let target = format!("cert/{}", req.serial.trim());
+        let r = self.revoke(caller, peer, req).await;
+        let index = r.as_ref().map_or(0, |(i, _)| *i);
+        self.audit
+            .record_outcome("RevokeCert", peer, &target, &r, index);
+        let code = r.as_ref().map_or_else(Status::code, |_| Code::Ok);
+        self.metrics.api("RevokeCert", code);
+        if r.is_ok() {
+            tracing::warn!(%target, "certificate revoked: every member refuses it from now on");
+        }
+        r.map(|(_, l)| Response::new(l))
+    }
+
+    async fn list_revocations(
+        &self,
+        _r: Request<grpc::ListRevocationsRequest>,
+    ) -> Result<Response<grpc::RevocationList>, Status> {
+        let r = match self.store.linearize().await {
+            Ok(()) => Ok(self.revocations()),
+            Err(e) => Err(Status::unavailable(format!(
+                "cannot read the revocation list: {e}"
+            ))),
+        };
+        self.metrics.api(
+            "ListRevocations",
+            r.as_ref().map_or_else(Status::code, |_| Code::Ok),
+        );
+        r.map(Response::new)
     }
 }

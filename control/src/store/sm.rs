@@ -261,6 +261,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                 Command::CreateVm { spec, .. } => (spec.name.clone(), "created"),
                                 Command::SetDesired { id, .. } => (id.clone(), "desired"),
                                 Command::DeleteVm { id } => (id.clone(), "deleted"),
+                                Command::RevokeCert { .. } => (String::new(), "revoke-cert"),
                                 Command::PutNode { .. }
                                 | Command::DrainNode { .. }
                                 | Command::UncordonNode { .. }

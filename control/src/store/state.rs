@@ -155,6 +155,11 @@ pub struct NodeRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Command {
+    /// Revokes a certificate of the cluster CA (docs/CLUSTER.md, Security).
+    RevokeCert {
+        /// The revocation.
+        revocation: crate::tls::Revocation,
+    },
     /// Creates and places a VM (`node` and `cid` are chosen on apply).
     CreateVm {
         /// The spec.
@@ -202,6 +207,7 @@ impl Command {
     /// A short name for metrics and the audit log.
     pub fn name(&self) -> &'static str {
         match self {
+            Command::RevokeCert { .. } => "revoke-cert",
             Command::CreateVm { .. } => "create-vm",
             Command::SetDesired { .. } => "set-desired",
             Command::DeleteVm { .. } => "delete-vm",
@@ -272,6 +278,9 @@ pub struct ClusterState {
     pub nodes: BTreeMap<String, NodeRecord>,
     /// Next vsock CID to try.
     pub next_cid: u32,
+    /// Revoked certificates of the cluster CA, by serial.
+    #[serde(default)]
+    pub revoked: BTreeMap<String, crate::tls::Revocation>,
 }
 
 impl ClusterState {
@@ -354,6 +363,11 @@ impl ClusterState {
             ..Applied::default()
         };
         match cmd {
+            Command::RevokeCert { revocation } => {
+                let r = revocation.clone();
+                self.revoked.entry(r.serial.clone()).or_insert(r);
+                Applied::default()
+            }
             Command::CreateVm {
                 spec,
                 created_at_ms,

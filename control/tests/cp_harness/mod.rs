@@ -334,6 +334,8 @@ pub fn cell0ctl(endpoint: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_cell0ctl"))
         .arg("--endpoint")
         .arg(endpoint)
+        // The cluster tests' members serve plain TCP, some on other addresses.
+        .arg("--insecure-plaintext")
         .args(args)
         .output()
         .unwrap()
