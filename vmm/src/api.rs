@@ -9,6 +9,7 @@
 //! |---|---|---|
 //! | `describe` | — | `vm`: config and state |
 //! | `stop` | — | — (the VM then stops; `cell0-vmm` exits 0) |
+//! | `lease` | `deadline_ns` (`CLOCK_MONOTONIC` ns) | `renewal` (`extended`, `unchanged`, `revoked`), `deadline_ns`; errors `bad_request`, `out_of_range`, `lease_expired`, `no_lease` (see [`crate::lease`]) |
 //! | `quote` | `nonce` (hex, 32 bytes) | see docs/ATTESTATION.md (needs `--tpm`) |
 //!
 //! The API runs on its own thread so a slow request (a TPM quote) never stalls

@@ -102,6 +102,18 @@ pub enum ConfigError {
     /// A `--disk` value that is not `PATH`, `PATH,ro` or `PATH,rw`.
     #[error("--disk takes PATH, PATH,ro or PATH,rw; got {0:?}")]
     DiskOption(String),
+    /// A lease out of range.
+    #[error("--lease-ms must be between 1 and {max}, got {0}", max = crate::lease::MAX_LEASE_MS)]
+    Lease(u64),
+}
+
+/// The VM's lease (`--lease-ms`, see [`crate::lease`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseConfig {
+    /// Its length at launch, in ms.
+    pub ms: u64,
+    /// When it ends unless renewed: VMM start + `ms` (`CLOCK_MONOTONIC` ns).
+    pub deadline_ns: u64,
 }
 
 /// A VM to launch.
@@ -131,6 +143,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// Whether the guest gets a virtio-rng device.
     pub rng: bool,
+    /// The lease that fences the VM unless renewed (none: it runs until it stops).
+    pub lease: Option<LeaseConfig>,
 }
 
 impl VmConfig {
@@ -163,7 +177,21 @@ impl VmConfig {
             shm_mib: 0,
             disks: Vec::new(),
             rng: false,
+            lease: None,
         })
+    }
+
+    /// Sets the lease: `ms` from `start_ns` (`CLOCK_MONOTONIC`); `None`: no lease.
+    pub fn with_lease(mut self, ms: Option<u64>, start_ns: u64) -> Result<Self, ConfigError> {
+        self.lease = match ms {
+            None => None,
+            Some(ms) if (1..=crate::lease::MAX_LEASE_MS).contains(&ms) => Some(LeaseConfig {
+                ms,
+                deadline_ns: start_ns.saturating_add(ms * 1_000_000),
+            }),
+            Some(ms) => return Err(ConfigError::Lease(ms)),
+        };
+        Ok(self)
     }
 
     /// Sets the shared-memory window size.
@@ -195,6 +223,7 @@ impl VmConfig {
                 "path": d.path.display().to_string(), "read_only": d.read_only
             })).collect::<Vec<_>>(),
             "rng": self.rng,
+            "lease_ms": self.lease.map(|l| l.ms),
         })
     }
 
@@ -279,6 +308,17 @@ mod tests {
             c.with_vsock(Some("/x".into()), None),
             Err(ConfigError::VsockHalf)
         );
+    }
+
+    #[test]
+    fn lease_options() {
+        let c = cfg(1, 16).unwrap();
+        assert_eq!(c.clone().with_lease(None, 5).unwrap().lease, None);
+        let l = c.clone().with_lease(Some(2000), 7).unwrap().lease.unwrap();
+        assert_eq!(l.deadline_ns, 7 + 2_000_000_000);
+        assert_eq!(c.clone().with_lease(Some(0), 7), Err(ConfigError::Lease(0)));
+        let over = crate::lease::MAX_LEASE_MS + 1;
+        assert_eq!(c.with_lease(Some(over), 7), Err(ConfigError::Lease(over)));
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub enum StopReason {
     PowerOff,
     /// A `stop` request on the API socket.
     Stopped,
+    /// The VM's lease (`--lease-ms`) ended without a renewal: it is fenced.
+    LeaseExpired,
     /// The guest halted with no way to wake up (only seen without an in-kernel irqchip).
     Halted,
     /// KVM_EXIT_SHUTDOWN: a triple fault, i.e. a guest crash.
@@ -58,6 +60,7 @@ impl std::fmt::Display for StopReason {
             Self::PowerOff => write!(f, "guest powered off"),
             Self::Halted => write!(f, "guest halted"),
             Self::Stopped => write!(f, "stopped through the API socket"),
+            Self::LeaseExpired => write!(f, "lease expired: fenced"),
             Self::TripleFault => write!(f, "guest crashed: triple fault (KVM_EXIT_SHUTDOWN)"),
             Self::GuestPanic => write!(f, "guest crashed: it reported a panic"),
             Self::FailEntry { reason, cpu } => {
@@ -292,6 +295,7 @@ mod tests {
         assert!(StopReason::PowerOff.is_clean());
         assert!(!StopReason::TripleFault.is_clean());
         assert!(!StopReason::InternalError.is_clean());
+        assert!(!StopReason::LeaseExpired.is_clean());
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod config;
 pub mod device_manager;
 pub mod exit;
 pub mod jail;
+pub mod lease;
 pub mod legacy;
 pub mod nano;
 pub mod seccomp;

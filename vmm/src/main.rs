@@ -2,14 +2,17 @@
 //! `cell0-vmm`: runs one micro-VM in the foreground.
 //!
 //! Exit status: 0 when the guest resets or powers off, 2 when the guest
-//! crashes, 1 on any VMM error (with a one-line reason on stderr).
+//! crashes, 3 when the VM's lease (`--lease-ms`) ended and it was fenced, 1
+//! on any VMM error (with a one-line reason on stderr).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use cell0_vmm::config::{DiskConfig, KernelSource, SerialOutput, VmConfig};
+use cell0_vmm::exit::StopReason;
 use cell0_vmm::jail::{JailArgs, Jailed};
+use cell0_vmm::lease::EXIT_LEASE_EXPIRED;
 use cell0_vmm::seccomp;
 use cell0_vmm::tpm::TpmConfig;
 use cell0_vmm::vm::Vm;
@@ -79,7 +82,7 @@ struct LaunchArgs {
     /// over the API socket (0: none).
     #[arg(long, default_value_t = 0)]
     shm_mib: u64,
-    /// Per-VM API socket (JSON lines: describe, stop, and with --tpm ak, activate, quote).
+    /// Per-VM API socket (JSON lines: describe, stop, lease, and with --tpm ak, activate, quote).
     #[arg(long)]
     api_sock: Option<PathBuf>,
     /// Measured boot: start a swtpm vTPM for this VM and extend PCRs 0/4/8/9/11/12
@@ -102,6 +105,12 @@ struct LaunchArgs {
     /// Give the guest a virtio-rng device (entropy from the host's getrandom).
     #[arg(long)]
     rng: bool,
+    /// Fence the VM unless its lease is renewed: it ends this many ms after the
+    /// VMM starts; `{"op":"lease","deadline_ns":D}` on --api-sock moves it to
+    /// D (CLOCK_MONOTONIC ns). When it ends the guest stops and cell0-vmm
+    /// exits 3 (1-3600000).
+    #[arg(long, value_name = "MS")]
+    lease_ms: Option<u64>,
     /// Debugging only: run without the per-thread seccomp filters (logs a warning).
     #[arg(long)]
     no_seccomp: bool,
@@ -127,7 +136,7 @@ fn init_logging(level: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+fn run(cli: Cli, start_ns: u64) -> anyhow::Result<ExitCode> {
     init_logging(&cli.log_level)?;
     tracing::info!(
         elapsed_us = cell0_vmm::since_start_us(),
@@ -152,6 +161,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 command,
                 disks,
                 rng,
+                lease_ms,
                 no_seccomp,
                 jail,
             } = *a;
@@ -167,7 +177,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let kernel = kernel.map_or(KernelSource::Nano, KernelSource::Path);
             let cfg = VmConfig::new(kernel, initrd, cmdline, vcpus, memory_mib, serial)?
                 .with_vsock(vsock_uds, cid)?
-                .with_shm(shm_mib)?;
+                .with_shm(shm_mib)?
+                .with_lease(lease_ms, start_ns)?;
             let tpm = match (tpm, run_dir) {
                 (true, Some(run_dir)) => Some(TpmConfig {
                     run_dir,
@@ -198,6 +209,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let reason = Vm::build_with_vtpm(&cfg, vtpm)?.run()?;
             if reason.is_clean() {
                 Ok(ExitCode::SUCCESS)
+            } else if reason == StopReason::LeaseExpired {
+                eprintln!("cell0-vmm: {reason}");
+                Ok(ExitCode::from(EXIT_LEASE_EXPIRED))
             } else {
                 eprintln!("cell0-vmm: {reason}");
                 Ok(ExitCode::from(EXIT_GUEST_CRASH))
@@ -213,6 +227,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn main() -> ExitCode {
     cell0_vmm::mark_start();
+    // The lease (--lease-ms) counts from here.
+    let start_ns = cell0_vmm::lease::monotonic_ns();
     // A usage error exits 1 like every other VMM error; 2 means the guest crashed.
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -225,7 +241,7 @@ fn main() -> ExitCode {
             };
         }
     };
-    match run(cli) {
+    match run(cli, start_ns) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("cell0-vmm: error: {e:#}");

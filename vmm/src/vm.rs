@@ -28,6 +28,7 @@ use crate::boot::{self, BootError};
 use crate::config::{DEFAULT_CMDLINE, KernelSource, SerialOutput, VmConfig};
 use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::exit::{ExitCounters, ExitSignal, StopReason};
+use crate::lease::{Lease, LeaseApi, LeaseWatchdog, NoLeaseApi};
 use crate::legacy::{
     I8042, I8042_PORT, I8042_PORT_LEN, SERIAL_PORT, SERIAL_PORT_LEN, SerialDevice,
 };
@@ -351,6 +352,16 @@ impl Vm {
         }
 
         let mut extensions: Vec<Box<dyn ApiExtension>> = Vec::new();
+        match &cfg.lease {
+            Some(l) => {
+                let lease = Arc::new(Lease::new(l.deadline_ns, exit.clone()));
+                let watchdog = LeaseWatchdog::new(lease.clone())
+                    .map_err(os_err("create the lease timerfd"))?;
+                events.add_subscriber(Arc::new(Mutex::new(watchdog)));
+                extensions.push(Box::new(LeaseApi(lease)));
+            }
+            None => extensions.push(Box::new(NoLeaseApi)),
+        }
         if let Some(w) = &shm {
             measured_devices.push(DeviceSpec::new("shm", Some(w.gpa), None));
             let file = w

@@ -1,0 +1,181 @@
+// SPDX-License-Identifier: Apache-2.0
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+//! The VM's lease (`cell0-vmm launch --lease-ms`): a real nano VM (sypas-serve,
+//! which runs until stopped) is fenced when nobody renews its lease, lives on
+//! while renewals come over its API socket, and refuses bad renewals with a
+//! typed error that changes nothing.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use cell0_tests::{BgVm, api_request, require_kvm, wait_for_path};
+use serde_json::{Value, json};
+
+/// `cell0-vmm`'s exit status when its lease ended (docs: vmm/src/lease.rs).
+const EXIT_LEASE_EXPIRED: i32 = 3;
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(r, 0);
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+struct LeasedVm {
+    vm: BgVm,
+    api: PathBuf,
+    spawned: Instant,
+    _dir: tempfile::TempDir,
+}
+
+/// A serving nano VM with its API socket, and `--lease-ms` when given.
+fn start(lease_ms: Option<u64>) -> LeasedVm {
+    let dir = tempfile::tempdir().unwrap();
+    let api = dir.path().join("api.sock");
+    let uds = dir.path().join("v.sock");
+    let lease = lease_ms.map(|m| m.to_string());
+    let mut args = vec![
+        "--vsock-uds",
+        uds.to_str().unwrap(),
+        "--cid",
+        "3",
+        "--cmdline",
+        "cell0.test=sypas-serve cell0.port=5000",
+        "--api-sock",
+        api.to_str().unwrap(),
+    ];
+    if let Some(l) = &lease {
+        args.extend(["--lease-ms", l.as_str()]);
+    }
+    let spawned = Instant::now();
+    let vm = BgVm::spawn(&args);
+    assert!(
+        wait_for_path(&api, Duration::from_secs(20)),
+        "the VMM never opened its API socket"
+    );
+    LeasedVm {
+        vm,
+        api,
+        spawned,
+        _dir: dir,
+    }
+}
+
+fn lease(api: &std::path::Path, deadline_ns: Value) -> Value {
+    api_request(api, &json!({"op": "lease", "deadline_ns": deadline_ns}))
+}
+
+#[test]
+fn an_unrenewed_lease_fences_the_vm_with_its_own_exit_status() {
+    require_kvm!();
+    let v = start(Some(800));
+    let d = api_request(&v.api, &json!({"op": "describe"}));
+    assert_eq!(d["vm"]["lease_ms"], 800, "{d}");
+    let spawned = v.spawned;
+    let r = v.vm.wait(Duration::from_secs(60));
+    let lived = spawned.elapsed();
+    assert_eq!(r.code, Some(EXIT_LEASE_EXPIRED), "{r:#?}");
+    assert!(r.stderr.contains("lease expired: fenced"), "{}", r.stderr);
+    assert!(
+        r.serial.contains("sypas-serve: listening"),
+        "the guest ran: {}",
+        r.serial
+    );
+    // The lease counts from the VMM's start, after the spawn: it cannot end sooner.
+    assert!(lived >= Duration::from_millis(800), "ended after {lived:?}");
+    println!(
+        "lease 800 ms, not renewed: the VMM exited {} ms after its spawn",
+        lived.as_millis()
+    );
+}
+
+#[test]
+fn renewals_keep_the_vm_alive_past_several_lease_periods() {
+    require_kvm!();
+    const LEASE_MS: u64 = 1_000;
+    let mut v = start(Some(LEASE_MS));
+    let t0 = Instant::now();
+    let mut renewals = 0;
+    // Five lease periods, renewed every 100 ms for a lease from now.
+    while t0.elapsed() < Duration::from_millis(5 * LEASE_MS) {
+        let deadline = monotonic_ns() + LEASE_MS * 1_000_000;
+        let r = lease(&v.api, json!(deadline));
+        assert_eq!(r["ok"], true, "{r}");
+        assert_eq!(r["renewal"], "extended", "{r}");
+        assert_eq!(r["deadline_ns"], deadline, "{r}");
+        renewals += 1;
+        assert!(v.vm.running(), "the VMM ended although renewed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(v.vm.running());
+    // A deadline earlier than the current one changes nothing.
+    let current = lease(&v.api, json!(monotonic_ns() + LEASE_MS * 1_000_000))["deadline_ns"]
+        .as_u64()
+        .unwrap();
+    let r = lease(&v.api, json!(monotonic_ns() + 50_000_000));
+    assert_eq!(r["renewal"], "unchanged", "{r}");
+    assert_eq!(r["deadline_ns"], current, "{r}");
+    // Renewals stop: the lease ends and the VM with it.
+    let r = v.vm.wait(Duration::from_secs(60));
+    assert_eq!(r.code, Some(EXIT_LEASE_EXPIRED), "{r:#?}");
+    assert!(r.stderr.contains("lease expired: fenced"), "{}", r.stderr);
+    println!(
+        "{renewals} renewals kept a {LEASE_MS} ms lease for {} ms",
+        t0.elapsed().as_millis()
+    );
+}
+
+#[test]
+fn bad_lease_requests_get_typed_errors_and_change_nothing() {
+    require_kvm!();
+    let mut v = start(Some(120_000));
+    // A deadline in the future but before the current one: unchanged; tells the deadline.
+    let before = lease(&v.api, json!(monotonic_ns() + 1_000_000));
+    assert_eq!(before["renewal"], "unchanged", "{before}");
+    let deadline = before["deadline_ns"].as_u64().unwrap();
+    let far = monotonic_ns() + 2 * 3_600_000 * 1_000_000;
+    for (req, code) in [
+        (json!({"op": "lease"}), "bad_request"),
+        (json!({"op": "lease", "deadline_ns": -1}), "bad_request"),
+        (json!({"op": "lease", "deadline_ns": 1.5e18}), "bad_request"),
+        (json!({"op": "lease", "deadline_ns": "soon"}), "bad_request"),
+        (json!({"op": "lease", "deadline_ns": null}), "bad_request"),
+        (json!({"op": "lease", "deadline_ns": far}), "out_of_range"),
+    ] {
+        let r = api_request(&v.api, &req);
+        assert_eq!(r["ok"], false, "{req}: {r}");
+        assert_eq!(r["error"]["code"], code, "{req}: {r}");
+        assert!(
+            !r["error"]["message"].as_str().unwrap().is_empty(),
+            "{req}: {r}"
+        );
+    }
+    let after = lease(&v.api, json!(monotonic_ns() + 1_000_000));
+    assert_eq!(after["deadline_ns"], deadline, "{after}");
+    assert!(v.vm.running(), "a bad request ended the VM");
+
+    // A deadline that has passed revokes the lease: the VM ends at once.
+    let r = lease(&v.api, json!(1));
+    assert_eq!(r["renewal"], "revoked", "{r}");
+    let r = v.vm.wait(Duration::from_secs(30));
+    assert_eq!(r.code, Some(EXIT_LEASE_EXPIRED), "{r:#?}");
+    assert!(r.stderr.contains("lease expired: fenced"), "{}", r.stderr);
+}
+
+#[test]
+fn without_lease_ms_there_is_no_lease_and_nothing_changes() {
+    require_kvm!();
+    let mut v = start(None);
+    let r = lease(&v.api, json!(1));
+    assert_eq!(r["error"]["code"], "no_lease", "{r}");
+    let d = api_request(&v.api, &json!({"op": "describe"}));
+    assert_eq!(d["vm"]["lease_ms"], Value::Null, "{d}");
+    assert!(v.vm.running(), "a lease op ended an unleased VM");
+    assert_eq!(api_request(&v.api, &json!({"op": "stop"}))["ok"], true);
+    let r = v.vm.wait(Duration::from_secs(30));
+    assert_eq!(r.code, Some(0), "{r:#?}");
+}
