@@ -828,12 +828,15 @@ pub fn roles_for(service: &str, method: &str) -> &'static [Role] {
     }
 }
 
+/// Answers the revocation of a serial, if any.
+type RevokedFn = dyn Fn(&str) -> Option<Revocation> + Send + Sync;
+
 /// What [`Guard`] checks on every request over mutual TLS: the role of the
 /// client certificate ([`roles_for`]) and the replicated revocation list.
 /// Refusals are logged and written to the audit log.
 #[derive(Clone)]
 pub struct Access {
-    revoked: Arc<dyn Fn(&str) -> Option<Revocation> + Send + Sync>,
+    revoked: Arc<RevokedFn>,
     audit: Option<Arc<crate::audit::AuditLog>>,
 }
 
@@ -1198,5 +1201,124 @@ mod tests {
             .to_string();
         assert!(e.contains("is missing") && e.contains("issue-cert"), "{e}");
         assert!(issue_cert(&ca, &CertRequest::new("a,b", Role::Client, &[], 1), &old).is_err());
+    }
+
+    #[test]
+    fn serials_roles_and_endpoints() {
+        assert_eq!(normalize_serial("0A:fF:01").unwrap(), "0aff01");
+        assert_eq!(normalize_serial("serial=00ABC").unwrap(), "0abc");
+        assert_eq!(normalize_serial("0x1").unwrap(), "01");
+        for bad in ["", "xyz", "0x", &"ab".repeat(21)] {
+            assert!(normalize_serial(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(serial_hex(&[0, 0x80, 1]), "8001");
+        let d = tempfile::tempdir().unwrap();
+        init_ca(&d.path().join("ca"), 1).unwrap();
+        issue_cert(
+            &d.path().join("ca"),
+            &CertRequest::new("c", Role::Client, &[], 1),
+            &d.path().join("c"),
+        )
+        .unwrap();
+        let t = TlsDir::load(&d.path().join("c")).unwrap();
+        let id = CertId::of_pem_file(&d.path().join("c").join(CERT)).unwrap();
+        assert_eq!((id.name.as_str(), id.role), ("c", Some(Role::Client)));
+        assert_eq!(id.serial, t.serial());
+        assert_eq!(normalize_serial(&id.serial).unwrap(), id.serial);
+
+        let svc = "cell0.control.v1.";
+        assert_eq!(
+            roles_for(&format!("{svc}RaftService"), "Vote"),
+            [Role::Member]
+        );
+        assert!(!roles_for(&format!("{svc}VmService"), "List").contains(&Role::Node));
+        assert!(roles_for(&format!("{svc}NodeService"), "Heartbeat").contains(&Role::Node));
+        assert!(!roles_for(&format!("{svc}NodeService"), "Drain").contains(&Role::Node));
+        assert!(roles_for(&format!("{svc}ClusterService"), "Status").contains(&Role::Node));
+        assert!(!roles_for(&format!("{svc}ClusterService"), "AddMember").contains(&Role::Node));
+        assert_eq!(
+            roles_for(&format!("{svc}AdmissionService"), "Admit"),
+            [Role::Node]
+        );
+
+        for (e, local) in [
+            ("127.0.0.1:7070", true),
+            ("http://localhost:1", true),
+            ("[::1]:7070", true),
+            ("https://10.0.0.1:7070", false),
+            ("m1.example:7070", false),
+        ] {
+            assert_eq!(endpoint_is_loopback(e), local, "{e}");
+        }
+    }
+
+    #[test]
+    fn serve_tls_start_up_rule() {
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path().join("m1");
+        let flags = |init_alone, clustered, peers, listen: &str| ServeTlsFlags {
+            data_dir: &data,
+            tls_dir: None,
+            insecure_plaintext: false,
+            init_alone,
+            clustered,
+            peers,
+            listen: listen.parse().unwrap(),
+            advertise: None,
+            member_id: 1,
+        };
+        // The one-member daemon on loopback: plain, no CA.
+        let f = flags(true, false, false, "127.0.0.1:0");
+        assert!(matches!(serve_tls(&f).unwrap(), ServeTls::Plain));
+        assert!(!data.join(PKI_DIR).exists());
+        // ... unless it is dialled from elsewhere.
+        let f = ServeTlsFlags {
+            advertise: Some("10.0.0.1:7070"),
+            ..flags(true, false, false, "127.0.0.1:0")
+        };
+        let ServeTls::Tls(t) = serve_tls(&f).unwrap() else {
+            panic!("plain")
+        };
+        assert_eq!((t.name(), t.role()), ("member-1", Some(Role::Member)));
+        let ca = std::fs::read_to_string(data.join(PKI_DIR).join(CA_CERT)).unwrap();
+        // A later start reuses it, and refuses to go plain.
+        let f = flags(false, true, false, "127.0.0.1:0");
+        assert!(matches!(serve_tls(&f).unwrap(), ServeTls::Tls(_)));
+        assert_eq!(
+            std::fs::read_to_string(data.join(PKI_DIR).join(CA_CERT)).unwrap(),
+            ca
+        );
+        let f = ServeTlsFlags {
+            insecure_plaintext: true,
+            ..flags(true, true, false, "127.0.0.1:0")
+        };
+        assert!(
+            serve_tls(&f)
+                .unwrap_err()
+                .to_string()
+                .contains("drop --insecure-plaintext")
+        );
+
+        // Join and --peers without material: refused, saying what to do.
+        let data2 = d.path().join("m2");
+        let mut f = flags(false, true, false, "127.0.0.1:0");
+        f.data_dir = &data2;
+        let e = serve_tls(&f).unwrap_err().to_string();
+        assert!(
+            e.contains("issue-cert --ca-dir") && e.contains("--insecure-plaintext"),
+            "{e}"
+        );
+        f.peers = true;
+        let e = serve_tls(&f).unwrap_err().to_string();
+        assert!(e.contains("cell0d init-ca"), "{e}");
+        f.insecure_plaintext = true;
+        assert!(matches!(serve_tls(&f).unwrap(), ServeTls::Plain));
+        assert!(!data2.join(PKI_DIR).exists());
+        // An existing plain data dir is not switched to TLS behind its back.
+        std::fs::create_dir_all(data2.join("raft")).unwrap();
+        let mut f = flags(true, true, false, "0.0.0.0:7070");
+        f.data_dir = &data2;
+        let e = serve_tls(&f).unwrap_err().to_string();
+        assert!(e.contains("served over plain TCP"), "{e}");
     }
 }
