@@ -71,6 +71,8 @@ impl Cluster {
                     "1500",
                     "--node-down-ms",
                     "3000",
+                    // Mutual TLS is cp_tls's; this test is about nodes.
+                    "--insecure-plaintext",
                 ]
                 .iter()
                 .map(|s| s.to_string())
@@ -216,6 +218,41 @@ impl Cluster {
         }
     }
 
+    /// Runs `f` while a second thread checks every 10 ms that no VM has a
+    /// live VMM on two hosts; returns what `f` gave and how many samples
+    /// were taken. Panics with the first double seen.
+    fn sampled<T>(&self, f: impl FnOnce() -> T) -> (T, u64) {
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let (r, (n, bad)) = std::thread::scope(|sc| {
+            let h = sc.spawn(|| {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    n += 1;
+                    if let Some((id, hs)) = self.hosts().into_iter().find(|(_, h)| h.len() > 1) {
+                        return (n, Some(format!("VM {id} has live VMMs on members {hs:?}")));
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                (n, None)
+            });
+            // Stops the sampler also when `f` panics.
+            struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+            impl Drop for Stop<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+            let g = Stop(&stop);
+            let r = f();
+            drop(g);
+            (r, h.join().unwrap())
+        });
+        if let Some(b) = bad {
+            panic!("{b}\n{}", self.logs());
+        }
+        (r, n)
+    }
+
     /// The host of member `i` dies: its cell0d and every VMM it started.
     fn kill_host(&mut self, i: usize) {
         self.ms[i].kill9();
@@ -282,25 +319,26 @@ fn members_nodes_fail_over_drain_as_a_handoff_and_leave_with_their_member() {
     c.kill_host(victim);
     let mut saw_suspect = false;
     let mut recovered = None;
-    c.wait(
-        60,
-        "the dead member's restartable VMs running elsewhere",
-        || {
-            c.no_doubles();
-            saw_suspect |= c.node_state(&vnode) == "suspect";
-            let done = on_victim.iter().all(|id| {
-                let v = c.d().get(id);
-                state(&v) == "running" && node_of(&v) != vnode
-            });
-            if done && recovered.is_none() {
-                recovered = Some(t_kill.elapsed());
-            }
-            done
-        },
-    );
+    let ((), samples) = c.sampled(|| {
+        c.wait(
+            60,
+            "the dead member's restartable VMs running elsewhere",
+            || {
+                saw_suspect |= c.node_state(&vnode) == "suspect";
+                let done = on_victim.iter().all(|id| {
+                    let v = c.d().get(id);
+                    state(&v) == "running" && node_of(&v) != vnode
+                });
+                if done && recovered.is_none() {
+                    recovered = Some(t_kill.elapsed());
+                }
+                done
+            },
+        )
+    });
     println!(
         "member host SIGKILLed -> its {} restartable VMs running on the other members' nodes in {} ms \
-         (suspect 1.5 s, down 3 s, heartbeat 0.5 s)",
+         (suspect 1.5 s, down 3 s, heartbeat 0.5 s); {samples} process samples, no VM on two hosts",
         on_victim.len(),
         recovered.unwrap().as_millis()
     );
@@ -354,30 +392,29 @@ fn members_nodes_fail_over_drain_as_a_handoff_and_leave_with_their_member() {
     let out = c.ms[via].ctl_ok(&["node", "drain", &drained]);
     println!("drain {drained} ({moving:?}):\n{out}");
     let mut waited = BTreeSet::new();
-    let mut samples = 0u64;
     let mut done_at = None;
-    c.wait(60, "every drained VM running on another node", || {
-        samples += 1;
-        c.no_doubles();
-        let mut done = true;
-        for id in &moving {
-            let v = c.d().get(id);
-            if v["status"]["message"]
-                .as_str()
-                .unwrap_or("")
-                .contains(&format!("waiting for {drained} to stop it (handoff)"))
-            {
-                waited.insert(id.clone());
+    let ((), samples) = c.sampled(|| {
+        c.wait(60, "every drained VM running on another node", || {
+            let mut done = true;
+            for id in &moving {
+                let v = c.d().get(id);
+                if v["status"]["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains(&format!("waiting for {drained} to stop it (handoff)"))
+                {
+                    waited.insert(id.clone());
+                }
+                done &= state(&v) == "running" && node_of(&v) != drained;
             }
-            done &= state(&v) == "running" && node_of(&v) != drained;
-        }
-        if done && done_at.is_none() {
-            done_at = Some(t_drain.elapsed());
-        }
-        done
+            if done && done_at.is_none() {
+                done_at = Some(t_drain.elapsed());
+            }
+            done
+        })
     });
     println!(
-        "drain handoff: {} VMs off {drained} -> running on other nodes in {} ms; {samples} samples, \
+        "drain handoff: {} VMs off {drained} -> running on other nodes in {} ms; {samples} process samples, \
          never two hosts with a VMM of one VM; get showed the handoff wait for {waited:?}",
         moving.len(),
         done_at.unwrap().as_millis()

@@ -140,7 +140,11 @@ impl Api {
             node: rec.node.clone(),
             exit_code: -1,
             vsock_cid: rec.cid,
-            message: rec.lost.clone().unwrap_or_default(),
+            message: rec
+                .lost
+                .clone()
+                .or_else(|| rec.handoff_message())
+                .unwrap_or_default(),
             ..Default::default()
         }
     }
