@@ -390,14 +390,12 @@ impl VmService for Api {
         let others = tokio_stream::wrappers::BroadcastStream::new(remote)
             .filter(move |ev| !matches!(ev, Ok(ev) if ev.node == me));
         let live = own.merge(others).filter_map(move |ev| match ev {
-                Ok(ev) if filter.is_empty() || ev.vm_id == filter => Some(Ok(ev)),
-                Ok(_) => None,
-                Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
-                    Some(Err(Status::data_loss(format!(
-                        "the watcher fell {n} events behind; watch again"
-                    ))))
-                }
-            });
+            Ok(ev) if filter.is_empty() || ev.vm_id == filter => Some(Ok(ev)),
+            Ok(_) => None,
+            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => Some(Err(
+                Status::data_loss(format!("the watcher fell {n} events behind; watch again")),
+            )),
+        });
         let s = tokio_stream::iter(first.into_iter().map(Ok)).chain(live);
         self.done::<()>("Watch", &Ok(()));
         Ok(Response::new(Box::pin(s)))
@@ -823,7 +821,10 @@ impl NodeService for Api {
         request: Request<grpc::WatchClusterRequest>,
     ) -> Result<Response<Self::WatchClusterStream>, Status> {
         let r = self.do_watch_cluster(request);
-        self.done::<()>("WatchCluster", &r.as_ref().map(|_| ()).map_err(Clone::clone));
+        self.done::<()>(
+            "WatchCluster",
+            &r.as_ref().map(|_| ()).map_err(Clone::clone),
+        );
         r.map(Response::new)
     }
 }

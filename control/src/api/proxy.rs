@@ -66,7 +66,10 @@ fn from_node(node: &str, addr: &str, s: Status) -> Status {
     } else if s.code() == tonic::Code::DeadlineExceeded && detail.contains("Timeout expired") {
         Status::deadline_exceeded(format!("node {node:?} at {addr} did not answer in time"))
     } else {
-        Status::new(s.code(), format!("node {node:?} at {addr}: {}", s.message()))
+        Status::new(
+            s.code(),
+            format!("node {node:?} at {addr}: {}", s.message()),
+        )
     }
 }
 
@@ -119,7 +122,11 @@ impl Api {
         })
     }
 
-    fn node_client(&self, node: &str, addr: &str) -> Result<VmServiceClient<tonic::transport::Channel>, Status> {
+    fn node_client(
+        &self,
+        node: &str,
+        addr: &str,
+    ) -> Result<VmServiceClient<tonic::transport::Channel>, Status> {
         let ch = self.store.channel(addr).map_err(|e| {
             Status::failed_precondition(format!("node {node:?} has a bad API address: {e}"))
         })?;
@@ -253,8 +260,7 @@ impl Api {
         let ch = self.store.channel(&addr).map_err(|e| e.to_string())?;
         let mut req = Request::new(grpc::VmStatusesRequest { ids });
         req.set_timeout(STATUS_WAIT);
-        match tokio::time::timeout(STATUS_WAIT, NodeServiceClient::new(ch).vm_statuses(req)).await
-        {
+        match tokio::time::timeout(STATUS_WAIT, NodeServiceClient::new(ch).vm_statuses(req)).await {
             Ok(Ok(r)) => Ok(r.into_inner().vms),
             Ok(Err(s)) => Err(format!(
                 "member {} at {addr}: {}",
@@ -290,9 +296,9 @@ impl Api {
         crate::tls::require_role(&request, &[crate::tls::Role::Member], "VmStatuses")?;
         let term = self.require_leader("VmStatuses")?;
         let ids = request.into_inner().ids;
-        let recs: Vec<VmRecord> =
-            self.store
-                .read(|s| ids.iter().filter_map(|id| s.vms.get(id).cloned()).collect());
+        let recs: Vec<VmRecord> = self
+            .store
+            .read(|s| ids.iter().filter_map(|id| s.vms.get(id).cloned()).collect());
         let vms = recs
             .iter()
             .filter_map(|r| self.known_status(r).map(|st| (r.id.clone(), st)))
@@ -333,21 +339,18 @@ impl Api {
         self.require_leader("WatchCluster")?;
         let me = self.agent.node_id().to_string();
         let mine = me.clone();
-        let own = tokio_stream::wrappers::BroadcastStream::new(self.agent.subscribe()).map(
-            move |ev| {
+        let own =
+            tokio_stream::wrappers::BroadcastStream::new(self.agent.subscribe()).map(move |ev| {
                 ev.map(|mut ev| {
                     ev.node = mine.clone();
                     ev
                 })
-            },
-        );
+            });
         // A member's own agent may heartbeat too: its events come once.
         let reported = tokio_stream::wrappers::BroadcastStream::new(self.events.subscribe())
             .filter(move |ev| !matches!(ev, Ok(ev) if ev.node == me));
         let s = own.merge(reported).map(|ev| {
-            ev.map_err(|e| {
-                Status::data_loss(format!("the relay fell behind ({e}); watch again"))
-            })
+            ev.map_err(|e| Status::data_loss(format!("the relay fell behind ({e}); watch again")))
         });
         Ok(Box::pin(s))
     }

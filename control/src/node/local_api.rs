@@ -298,7 +298,10 @@ impl NodeApi {
 
 #[tonic::async_trait]
 impl VmService for NodeApi {
-    async fn create(&self, _r: Request<grpc::CreateVmRequest>) -> Result<Response<grpc::Vm>, Status> {
+    async fn create(
+        &self,
+        _r: Request<grpc::CreateVmRequest>,
+    ) -> Result<Response<grpc::Vm>, Status> {
         Err(self.members_only("Create"))
     }
 
@@ -357,7 +360,9 @@ impl VmService for NodeApi {
         self.check(&request, "Exec")?;
         let req = request.into_inner();
         let rec = self.record(&req.id)?;
-        exec(&self.agent, &rec, req.command).await.map(Response::new)
+        exec(&self.agent, &rec, req.command)
+            .await
+            .map(Response::new)
     }
 
     async fn attest(
