@@ -201,6 +201,15 @@ pub enum Command {
         /// New state.
         state: NodeState,
     },
+    /// Ends a drained VM's handoff: its old node no longer runs it (the
+    /// leader saw that node report it gone), so its new node may start it.
+    /// Applies only while the VM is still under `epoch` with a handoff.
+    ReleaseHandoff {
+        /// VM id.
+        id: String,
+        /// The VM's placement epoch the release is for (its new one).
+        epoch: u64,
+    },
 }
 
 impl Command {
