@@ -409,7 +409,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
             cfg.heartbeat,
             cfg.lease,
         );
-        let (must_register, revision) = remote.start().await?;
+        let (_, revision) = remote.start().await?;
         let agent = Agent::start_remote(
             node_cfg,
             remote.placements(),
@@ -417,12 +417,14 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
             Some(router.clone()),
         )
         .await?;
+        // Registered before the API serves, as the one-member default is.
+        remote.register_first().await?;
         tracing::info!(node = %agent.node_id(), "this member's node heartbeats to the leader (watched)");
         Ok((
             router,
             router_sock,
             agent,
-            Some((remote, must_register, revision)),
+            Some((remote, revision)),
         ))
     };
     let (router, router_sock, agent, remote) = tokio::select! {
@@ -458,11 +460,11 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     let _ = node_gate.inner.set(NodeServiceServer::new(api));
     // This member's own node heartbeats once the API serves (the leader may
     // be this member).
-    let remote_task = remote.map(|(r, must_register, revision)| {
+    let remote_task = remote.map(|(r, revision)| {
         let agent = agent.clone();
         let stop = stopped();
         tokio::spawn(async move {
-            if let Err(e) = r.run(agent, must_register, revision, stop).await {
+            if let Err(e) = r.run(agent, true, revision, stop).await {
                 tracing::error!(error = %e, "this member's node agent stopped heartbeating; its node runs no VM");
             }
         })

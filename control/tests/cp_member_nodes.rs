@@ -463,9 +463,8 @@ fn members_nodes_fail_over_drain_as_a_handoff_and_leave_with_their_member() {
     let gnode = format!("m{}", gone + 1);
     c.d()
         .ctl_ok(&["cluster", "remove", &(gone + 1).to_string()]);
-    c.wait(30, "the removed member's node down", || {
-        c.node_state(&gnode) == "down"
-    });
+    // Marked down in the same call.
+    assert_eq!(c.node_state(&gnode), "down", "{}", c.logs());
     // Its heartbeats are refused now: it terminates its VMs.
     c.wait(30, "the removed member's host runs no VMM", || {
         c.no_doubles();

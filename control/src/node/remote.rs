@@ -484,30 +484,30 @@ impl Remote {
         }
     }
 
-    /// Registers (unless `must_register` is false and registering again
-    /// fails for now), then heartbeats until `stop` resolves: the loop of
-    /// `cell0d node` and of a member's own agent. Returns an error when the
-    /// node is refused for good; its VMs are then fenced.
+    /// Registers the node, trying again every heartbeat interval until it
+    /// is registered or refused for good.
+    pub(crate) async fn register_first(&mut self) -> Result<(), NodeError> {
+        loop {
+            match self.register().await {
+                Ok(()) => return Ok(()),
+                Err(Some(e)) => return Err(NodeError::Usage(e)),
+                Err(None) => tokio::time::sleep(self.heartbeat).await,
+            }
+        }
+    }
+
+    /// Heartbeats until `stop` resolves, registering first unless
+    /// `registered`: the loop of `cell0d node` and of a member's own agent.
+    /// Returns an error when the node is refused for good; its VMs are then
+    /// fenced.
     pub(crate) async fn run(
         mut self,
         agent: Arc<Agent>,
-        must_register: bool,
+        mut registered: bool,
         mut revision: u64,
         stop: impl std::future::Future<Output = ()>,
     ) -> Result<(), NodeError> {
         tokio::pin!(stop);
-        let mut registered = !must_register;
-        if registered {
-            // Known and not down: registering again updates capacity and labels.
-            registered = match self.register().await {
-                Ok(()) => true,
-                Err(Some(e)) => {
-                    self.fence(&agent, &e);
-                    return Err(NodeError::Usage(e));
-                }
-                Err(None) => false,
-            };
-        }
         tracing::info!(node = %self.cfg.node_id, "node agent heartbeating");
         let mut last_ok = Instant::now();
         let mut fenced_for_lease = false;
@@ -622,6 +622,10 @@ async fn register_member(cfg: &NodeConfig, store: &Store, id: u64) -> Result<(),
         labels,
         drained: false,
     };
+    // Registered as it is (a restart): no Raft entry.
+    if store.read(|s| s.nodes.get(&me.id) == Some(&me)) {
+        return Ok(());
+    }
     match store.write(Command::PutNode { node: me }).await {
         Ok(_) => {
             tracing::info!(node = %cfg.node_id, member = id, "member's own node registered (watched)");
@@ -737,7 +741,18 @@ pub async fn node_main(a: NodeArgs) -> Result<(), NodeError> {
             _ = term.recv() => {}
         }
     };
-    let res = r.run(agent, must_register, revision, stop).await;
+    // Known and not down: registering again updates capacity and labels.
+    let registered = !must_register
+        && match r.register().await {
+            Ok(()) => true,
+            Err(Some(e)) => {
+                r.fence(&agent, &e);
+                agent_task.abort();
+                return Err(NodeError::Usage(e));
+            }
+            Err(None) => false,
+        };
+    let res = r.run(agent, registered, revision, stop).await;
     if res.is_ok() {
         tracing::info!("shutting down; VMs keep running and are re-adopted at the next start");
     }

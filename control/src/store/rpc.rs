@@ -332,6 +332,27 @@ impl ClusterService for ClusterApi {
         let peer = request.remote_addr();
         let id = request.into_inner().id;
         let r = self.store.remove_member(id).await;
+        if r.is_ok() {
+            // Its own node takes no more VMs: down, its VMs placed elsewhere
+            // (the leader's monitor does the same if this write fails).
+            let nodes: Vec<String> = self.store.read(|s| {
+                s.nodes
+                    .values()
+                    .filter(|n| n.state != super::state::NodeState::Down)
+                    .filter(|n| crate::node::liveness::member_of(n) == Some(id))
+                    .map(|n| n.id.clone())
+                    .collect()
+            });
+            for node in nodes {
+                let down = super::state::Command::SetNodeState {
+                    id: node.clone(),
+                    state: super::state::NodeState::Down,
+                };
+                if let Err(e) = self.store.write(down).await {
+                    tracing::warn!(%node, member = id, error = %e, "cannot mark the removed member's node down");
+                }
+            }
+        }
         self.finish("RemoveMember", peer, &format!("member-{id}"), r)
     }
 
