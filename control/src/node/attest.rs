@@ -155,8 +155,17 @@ impl AttestState {
             g.verifier = Some(Verifier::new(&pem)?);
         }
         if g.vmm.is_none() {
+            // Hashing a large binary takes seconds: not on a runtime worker,
+            // where it would hold up the heartbeats (and the VMs' leases).
+            let bin = vmm_bin.to_path_buf();
+            let binary = tokio::task::spawn_blocking(move || cell0_attest::hash_file(&bin))
+                .await
+                .map_err(|e| cell0_attest::measure::MeasureError::Io {
+                    path: vmm_bin.to_path_buf(),
+                    source: std::io::Error::other(e.to_string()),
+                })??;
             g.vmm = Some(VmmIdentity {
-                binary: cell0_attest::hash_file(vmm_bin)?,
+                binary,
                 version: env!("CARGO_PKG_VERSION").to_string(),
             });
         }

@@ -1,0 +1,414 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Node-local calls through any member (docs/CLUSTER.md, "Node-local
+//! calls"), with real processes: three `cell0d serve` members and two
+//! `cell0d node` agents running real nano VMs, `na` with `--listen` (its
+//! API) and `nb` without.
+//!
+//! - Get and ps on every member, followers included, show `running` for a VM
+//!   on a `cell0d node` host (followers ask the leader).
+//! - Logs (also `--follow`, until the VM stops) and Attest through a
+//!   follower give what the node's own API gives, and the serial log on the
+//!   node; Exec on a nano VM gives the node's FAILED_PRECONDITION.
+//! - A VM on another member's own node: its logs come through any member.
+//! - Watch on a follower and on the leader sees a remote VM stop.
+//! - Refusals: a node without `--listen` (the member says so), a VM the
+//!   node API does not run, a node API call that only members serve, and a
+//!   node that is gone (UNAVAILABLE with its address).
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+mod cp_harness;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cp_harness::{Daemon, LONG_RUNNING, cell0ctl, cell0ctl_ok, free_addr, procs_with, tail};
+use serde_json::Value;
+
+/// A `cell0d node` agent process.
+struct Agent {
+    name: String,
+    dir: PathBuf,
+    child: Child,
+    /// Its API address (`--listen`), if any.
+    api: Option<String>,
+}
+
+impl Agent {
+    fn start(base: &Path, name: &str, join: &str, listen: bool) -> Agent {
+        let dir = base.join(name);
+        let api = listen.then(free_addr);
+        let log = std::fs::File::create(dir.with_extension("log")).unwrap();
+        let mut c = Command::new(env!("CARGO_BIN_EXE_cell0d"));
+        c.args(["node", "--insecure-plaintext", "--join", join, "--node-name", name])
+            .args(["--zone", "a", "--region", "r1", "--labels"])
+            .arg(format!("host={name}"))
+            .args(["--vcpus", "4", "--memory-mib", "4096", "--cpu-overcommit", "100"])
+            .args(["--health-ms", "3600000", "--data-dir"])
+            .arg(&dir)
+            .arg("--vmm")
+            .arg(cp_harness::vmm().unwrap())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(a) = &api {
+            c.args(["--listen", a]);
+        }
+        std::os::unix::process::CommandExt::process_group(&mut c, 0);
+        Agent {
+            name: name.into(),
+            child: c.spawn().unwrap(),
+            dir,
+            api,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
+    }
+
+    fn serial(&self, id: &str) -> String {
+        std::fs::read_to_string(self.dir.join("node/vms").join(id).join("serial.log"))
+            .unwrap_or_default()
+    }
+
+    /// SIGKILLs the agent (its VMMs, in their own process groups, live on).
+    fn kill_agent(&mut self) {
+        // SAFETY: kill(2) on our own child's process group.
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill_agent();
+        for pid in procs_with(&format!("{}/node/vms/", self.dir.display())) {
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+struct Cluster {
+    ms: Vec<Daemon>,
+    agents: Vec<Agent>,
+    _base: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Three members (`--init --peers`; their own nodes `m1`..`m3` are in
+    /// zone `local`) and the agents `na` (with an API) and `nb` (without).
+    fn start() -> Cluster {
+        let addrs: Vec<String> = (0..3).map(|_| free_addr()).collect();
+        let mut ms: Vec<Daemon> = (0..3)
+            .map(|i| {
+                let peers: Vec<String> = (0..3)
+                    .filter(|j| *j != i)
+                    .map(|j| format!("{}={}", j + 1, addrs[j]))
+                    .collect();
+                let mut args: Vec<String> = [
+                    "--node-id",
+                    &(i + 1).to_string(),
+                    "--node-name",
+                    &format!("m{}", i + 1),
+                    "--listen",
+                    &addrs[i],
+                    "--peers",
+                    &peers.join(","),
+                    "--allow-unattested-nodes",
+                    "--insecure-plaintext",
+                    "--cpu-overcommit",
+                    "100",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+                if i == 0 {
+                    args.push("--init".into());
+                }
+                Daemon {
+                    dir: tempfile::Builder::new()
+                        .prefix("c0p")
+                        .tempdir_in("/tmp")
+                        .unwrap(),
+                    child: None,
+                    grpc: String::new(),
+                    metrics: String::new(),
+                    args,
+                }
+            })
+            .collect();
+        cp_harness::spawn_all(&mut ms.iter_mut().collect::<Vec<_>>());
+        let base = tempfile::Builder::new()
+            .prefix("c0p")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let join = addrs.join(",");
+        let agents = vec![
+            Agent::start(base.path(), "na", &join, true),
+            Agent::start(base.path(), "nb", &join, false),
+        ];
+        let c = Cluster {
+            ms,
+            agents,
+            _base: base,
+        };
+        c.wait(60, "na and nb registered and ready", || {
+            let v: Value =
+                serde_json::from_str(&c.leader().ctl_ok(&["node", "list", "-o", "json"]))
+                    .unwrap();
+            ["na", "nb"].iter().all(|n| {
+                v.as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|x| x["id"] == *n && x["state"] == "ready")
+            })
+        });
+        c
+    }
+
+    fn leader_id(&self) -> Option<usize> {
+        for m in &self.ms {
+            let o = m.ctl(&["cluster", "status", "-o", "json"]);
+            if o.status.success() {
+                let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+                let l = v["leader_id"].as_u64().unwrap_or(0) as usize;
+                if l > 0 {
+                    return Some(l);
+                }
+            }
+        }
+        None
+    }
+
+    fn leader(&self) -> &Daemon {
+        let t0 = Instant::now();
+        loop {
+            if let Some(l) = self.leader_id() {
+                return &self.ms[l - 1];
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "no leader\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A member that is not the leader.
+    fn follower(&self) -> &Daemon {
+        let l = self.leader().grpc.clone();
+        self.ms.iter().find(|m| m.grpc != l).unwrap()
+    }
+
+    fn agent(&self, name: &str) -> &Agent {
+        self.agents.iter().find(|a| a.name == name).unwrap()
+    }
+
+    fn logs(&self) -> String {
+        let mut s = String::new();
+        for (i, m) in self.ms.iter().enumerate() {
+            s.push_str(&format!("--- member {}:\n{}\n", i + 1, tail(&m.log(), 2000)));
+        }
+        for a in &self.agents {
+            s.push_str(&format!("--- {}:\n{}\n", a.name, tail(&a.log(), 8000)));
+        }
+        s
+    }
+
+    fn wait(&self, secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+        let t0 = Instant::now();
+        while !f() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(secs),
+                "{what}: not within {secs} s\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn state(v: &Value) -> &str {
+    v["status"]["state"].as_str().unwrap_or("")
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn node_local_calls_reach_the_vms_node_through_any_member() {
+    require_vms!();
+    let tpm = Command::new("swtpm").arg("--version").output().is_ok();
+    if !tpm {
+        println!("swtpm is not installed: the Attest checks are skipped (scripts/deps.sh)");
+    }
+    let mut c = Cluster::start();
+    let l = c.leader();
+    let mut p1 = vec!["run", "--name", "p1", "--cmdline", LONG_RUNNING];
+    p1.extend(["--node-selector", "host=na", "--no-wait"]);
+    if tpm {
+        p1.push("--tpm");
+    }
+    l.ctl_ok(&p1);
+    l.ctl_ok(&[
+        "run", "--name", "p2", "--cmdline", LONG_RUNNING, "--node-selector", "host=nb",
+        "--no-wait",
+    ]);
+    // On a member's own node (zone `local`), created through a follower.
+    c.follower().ctl_ok(&[
+        "run", "--name", "p3", "--cmdline", LONG_RUNNING, "--zone", "local", "--no-wait",
+    ]);
+    c.wait(90, "p1, p2 and p3 running (seen on the leader)", || {
+        ["p1", "p2", "p3"]
+            .iter()
+            .all(|id| state(&c.leader().get(id)) == "running")
+    });
+
+    // Status: every member, followers included, shows the remote VMs running.
+    for (i, m) in c.ms.iter().enumerate() {
+        for id in ["p1", "p2", "p3"] {
+            let v = m.get(id);
+            assert_eq!(state(&v), "running", "get {id} on member {}: {v:#}", i + 1);
+        }
+        let ps = m.ps();
+        let p1 = ps.iter().find(|v| v["id"] == "p1").unwrap();
+        assert_eq!(state(p1), "running", "ps on member {}: {p1:#}", i + 1);
+        assert_eq!(p1["status"]["node"], "na");
+    }
+
+    let f = c.follower();
+    let na = c.agent("na");
+    let api = na.api.clone().unwrap();
+
+    // Logs through a follower = the node API's = the serial log on the node.
+    let via = f.ctl_ok(&["logs", "p1"]);
+    let direct = cell0ctl_ok(&api, "na", || na.log(), &["logs", "p1"]);
+    let file = na.serial("p1");
+    assert!(!via.is_empty(), "no serial output through the follower");
+    assert!(file.starts_with(&via), "follower: {via:?}\nfile: {file:?}");
+    assert!(direct.starts_with(&via) || via.starts_with(&direct), "{via:?} vs {direct:?}");
+    let tail8 = f.ctl_ok(&["logs", "p1", "--tail", "8"]);
+    assert_eq!(tail8.len(), 8, "{tail8:?}");
+
+    // p3 is on a member's own node: its logs come through any other member.
+    let p3_node = f.get("p3")["status"]["node"].as_str().unwrap().to_string();
+    let owner: usize = p3_node.trim_start_matches('m').parse().unwrap();
+    let other = c.ms.iter().enumerate().find(|(i, _)| i + 1 != owner).unwrap().1;
+    let p3_logs = other.ctl_ok(&["logs", "p3"]);
+    let p3_file = std::fs::read_to_string(
+        c.ms[owner - 1].data().join("node/vms/p3/serial.log"),
+    )
+    .unwrap();
+    assert!(!p3_logs.is_empty() && p3_file.starts_with(&p3_logs), "{p3_logs:?}");
+
+    // Attest through a follower and through the leader = on the node.
+    if tpm {
+        let att = |out: String| -> Value { serde_json::from_str(&out).unwrap() };
+        let o = f.ctl(&["attest", "p1", "-o", "json"]);
+        assert!(
+            o.status.success(),
+            "attest through a follower: {}\n--- vmm.log of p1:\n{}\n{}",
+            stderr(&o),
+            std::fs::read_to_string(na.dir.join("node/vms/p1/vmm.log")).unwrap_or_default(),
+            c.logs()
+        );
+        let a = att(String::from_utf8(o.stdout).unwrap());
+        let b = att(cell0ctl_ok(&api, "na", || na.log(), &["attest", "p1", "-o", "json"]));
+        let lead = att(c.leader().ctl_ok(&["attest", "p1", "-o", "json"]));
+        for v in [&a, &b, &lead] {
+            assert_eq!(v["trusted"], true, "{v:#}");
+        }
+        assert_eq!(a["pcrs"], b["pcrs"]);
+        assert_eq!(a["pcrs"], lead["pcrs"]);
+        assert_eq!(a["ak_name"], b["ak_name"]);
+        assert_eq!(a["pcrs"].as_object().unwrap().len(), 6, "{a:#}");
+    }
+
+    // Exec: the nano guest has no agent; the node says so, through the proxy.
+    let o = f.ctl(&["exec", "p1", "--", "true"]);
+    assert_eq!(o.status.code(), Some(11), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("node \"na\" at") && e.contains("nano guest"), "{e}");
+
+    // A node without --listen: the member says it serves no API.
+    for cmd in [&["logs", "p2"][..], &["exec", "p2", "--", "true"]] {
+        let o = f.ctl(cmd);
+        assert_eq!(o.status.code(), Some(11), "{cmd:?}: {}", stderr(&o));
+        let e = stderr(&o);
+        assert!(e.contains("serves no API") && e.contains("--listen"), "{e}");
+    }
+    // The node API: only its own VMs, only Logs/Exec/Attest.
+    let o = cell0ctl(&api, &["logs", "p2"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains("node \"na\" runs no VM named \"p2\""), "{}", stderr(&o));
+    let o = cell0ctl(&api, &["get", "p1"]);
+    assert_eq!(o.status.code(), Some(10), "{}", stderr(&o));
+    assert!(stderr(&o).contains("ask a member"), "{}", stderr(&o));
+
+    // Follow p1's log through a follower and watch it there and on the
+    // leader; stopping p1 ends the stream and reaches both watchers.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut watches = Vec::new();
+    for m in [f, c.leader()] {
+        let mut cl = rt.block_on(m.client());
+        let mut s = rt
+            .block_on(cl.vm.watch(cell0_proto::grpc::WatchRequest { id: "p1".into() }))
+            .unwrap()
+            .into_inner();
+        let first = rt.block_on(s.message()).unwrap().unwrap();
+        assert_eq!(first.kind, "current");
+        assert_eq!(first.state, cell0_proto::grpc::VmState::Running as i32);
+        assert_eq!(first.node, "na");
+        watches.push(s);
+    }
+    let mut follow = Command::new(env!("CARGO_BIN_EXE_cell0ctl"))
+        .args(["--endpoint", &f.grpc, "--insecure-plaintext", "logs", "-f", "p1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(follow.try_wait().unwrap().is_none(), "logs -f ended while p1 runs");
+    f.ctl_ok(&["stop", "p1"]);
+    for (who, s) in ["follower", "leader"].iter().zip(watches.iter_mut()) {
+        let ev = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(60), async {
+                loop {
+                    let ev = s.message().await.unwrap().unwrap();
+                    if ev.state == cell0_proto::grpc::VmState::Stopped as i32 {
+                        return ev;
+                    }
+                }
+            })
+            .await
+        });
+        let ev = ev.unwrap_or_else(|_| panic!("the {who}'s Watch saw no stop\n{}", c.logs()));
+        assert_eq!(ev.node, "na", "{ev:?}");
+    }
+    let t0 = Instant::now();
+    let st = loop {
+        if let Some(st) = follow.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "logs -f did not end after the stop\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = follow.wait_with_output().unwrap();
+    assert!(st.success(), "{}", stderr(&out));
+    let followed = String::from_utf8_lossy(&out.stdout);
+    assert!(!followed.is_empty() && na.serial("p1").starts_with(&*followed));
+    assert_eq!(state(&f.get("p1")), "stopped");
+
+    // The node is gone: UNAVAILABLE, naming its API address.
+    let api_addr = api.clone();
+    c.agents[0].kill_agent();
+    let o = c.follower().ctl(&["logs", "p1"]);
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("unreachable") && e.contains(&api_addr), "{e}");
+}
