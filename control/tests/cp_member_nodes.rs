@@ -101,7 +101,7 @@ impl Cluster {
                     n["id"] == format!("m{i}")
                         && n["state"] == "ready"
                         && n["labels"]["cell0.io/agent"] == "member"
-                        && n["labels"]["cell0.io/member"] == i.to_string()
+                        && n["labels"]["cell0.io/member"].as_str() == Some(&*i.to_string())
                 })
             })
         });
