@@ -60,6 +60,10 @@ const TERM_GRACE: Duration = Duration::from_secs(2);
 const FENCE_GRACE: Duration = Duration::from_millis(500);
 /// The uid and gid VMMs run as by default (`nobody`/`nogroup`).
 pub const DEFAULT_VM_ID: u32 = 65534;
+/// How long one lease renewal on a VMM's API socket may take.
+const RENEW_TIMEOUT: Duration = Duration::from_millis(500);
+/// `cell0-vmm`'s exit status when its lease ended (`vmm/src/lease.rs`).
+pub const EXIT_LEASE_EXPIRED: i32 = 3;
 
 /// Errors of the node agent.
 #[derive(Debug, thiserror::Error)]
@@ -288,6 +292,9 @@ pub struct Runtime {
     pub cmdline_extra: String,
     /// The placement epoch of the current launch.
     pub epoch: u64,
+    /// Set while the VMM of an older placement epoch is terminated, to be
+    /// launched again under the record's epoch.
+    replacing: bool,
 }
 
 struct Exit {
@@ -311,19 +318,47 @@ pub struct Placements {
     vms: Mutex<BTreeMap<String, VmRecord>>,
     changed: tokio::sync::watch::Sender<u64>,
     events: broadcast::Sender<crate::store::StoreEvent>,
+    /// The per-VMM lease (docs/CLUSTER.md, fencing rule 5): VMMs are launched
+    /// with `--lease-ms` and renewed after each acknowledged heartbeat.
+    lease: Option<Duration>,
+    /// When the last acknowledged heartbeat was sent.
+    acked: Mutex<Option<Instant>>,
 }
 
 impl Default for Placements {
     fn default() -> Self {
-        Self {
-            vms: Mutex::new(BTreeMap::new()),
-            changed: tokio::sync::watch::channel(0).0,
-            events: broadcast::channel(1).0,
-        }
+        Self::with_lease(None)
     }
 }
 
 impl Placements {
+    /// Placements whose VMMs hold a lease of `lease` (`None`: no lease).
+    pub fn with_lease(lease: Option<Duration>) -> Self {
+        Self {
+            vms: Mutex::new(BTreeMap::new()),
+            changed: tokio::sync::watch::channel(0).0,
+            events: broadcast::channel(1).0,
+            lease: lease.filter(|l| !l.is_zero()),
+            acked: Mutex::new(None),
+        }
+    }
+
+    /// Records that a heartbeat sent at `sent` was acknowledged (the lease
+    /// then runs until `sent` + lease).
+    pub fn acknowledged(&self, sent: Instant) {
+        let mut a = lock(&self.acked);
+        if a.is_none_or(|t| t < sent) {
+            *a = Some(sent);
+        }
+    }
+
+    /// The lease and when it ends (`None` when no heartbeat was acknowledged
+    /// yet), or `None` without a lease.
+    fn lease_end(&self) -> Option<(Duration, Option<Instant>)> {
+        let l = self.lease?;
+        Some((l, lock(&self.acked).map(|t| t + l)))
+    }
+
     /// Replaces the placements with `vms` and wakes the agent.
     pub fn set(&self, vms: Vec<VmRecord>) {
         *lock(&self.vms) = vms.into_iter().map(|v| (v.id.clone(), v)).collect();
@@ -359,6 +394,8 @@ pub struct Agent {
     /// heartbeats report them `stopping` until they are gone, so that the
     /// leader ends a drain's handoff only then. Locked after `vms`.
     leaving: Mutex<BTreeMap<String, i32>>,
+    /// VMs whose lease renewal is in flight (one at a time per VM).
+    renewing: Mutex<std::collections::BTreeSet<String>>,
     /// Attestation state (verifier, enrolled AKs).
     pub attest: attest::AttestState,
     router: Option<Arc<Router>>,
@@ -522,11 +559,15 @@ impl Agent {
             exits: tx,
             exits_rx: Mutex::new(Some(rx)),
             leaving: Mutex::new(BTreeMap::new()),
+            renewing: Mutex::new(Default::default()),
             attest,
             router,
         });
         agent.register().await?;
         agent.adopt();
+        // Adopted VMMs hold the lease of the agent that launched them: renew
+        // it at once when a heartbeat was acknowledged before they were adopted.
+        agent.renew_leases();
         Ok(agent)
     }
 
@@ -649,6 +690,7 @@ impl Agent {
             record: rec.clone(),
             cmdline_extra: String::new(),
             epoch: 0,
+            replacing: false,
         }
     }
 
@@ -667,6 +709,84 @@ impl Agent {
     pub fn set_fencing(&self, on: bool) {
         self.fencing.store(on, Ordering::SeqCst);
         self.wake.notify_one();
+    }
+
+    /// A heartbeat sent at `sent` was acknowledged: the lease runs until
+    /// `sent` + lease. VMs wait for it to launch, and the running VMMs get
+    /// their lease renewed (fencing rule 5, docs/CLUSTER.md). Returns at once.
+    pub fn lease_acknowledged(self: &Arc<Self>, sent: Instant) {
+        let Source::Remote(p) = &self.source else {
+            return;
+        };
+        if p.lease.is_none() {
+            return;
+        }
+        p.acknowledged(sent);
+        self.wake.notify_one();
+        self.renew_leases();
+    }
+
+    /// Renews the lease of every running VMM that the latest placements still
+    /// name on this node under the epoch it was launched with, to the end of
+    /// the agent's lease (the acknowledged heartbeat's send time + lease).
+    /// Each renewal runs on its own task, bounded by [`RENEW_TIMEOUT`];
+    /// failures are logged.
+    fn renew_leases(self: &Arc<Self>) {
+        let Source::Remote(p) = &self.source else {
+            return;
+        };
+        let Some((_, Some(end))) = p.lease_end() else {
+            return;
+        };
+        // The same clock: Instant is CLOCK_MONOTONIC, which the VMM reads.
+        // Read the clock first, so that the deadline errs early, not late.
+        let now_ns = proc::monotonic_ns();
+        let now = Instant::now();
+        let Some(left) = end.checked_duration_since(now) else {
+            // Ended already: the VMMs' own deadlines, no later, have passed too.
+            return;
+        };
+        let deadline_ns = now_ns + left.as_nanos() as u64;
+        let placed = p.get();
+        let targets: Vec<(String, i32, u64, VmState)> = lock(&self.vms)
+            .iter()
+            .filter(|(id, rt)| {
+                rt.pid > 0
+                    && !rt.replacing
+                    && placed
+                        .get(*id)
+                        .is_some_and(|r| r.node == self.cfg.node_id && r.epoch == rt.epoch)
+            })
+            .map(|(id, rt)| (id.clone(), rt.pid, rt.epoch, rt.state))
+            .collect();
+        for (id, pid, epoch, state) in targets {
+            if !lock(&self.renewing).insert(id.clone()) {
+                tracing::debug!(vm = %id, "the previous lease renewal is still in flight");
+                continue;
+            }
+            let sock = self.run_dir(&id).join("api.sock");
+            let me = self.clone();
+            tokio::spawn(async move {
+                let req = json!({"op": "lease", "deadline_ns": deadline_ns});
+                let r = tokio::time::timeout(
+                    RENEW_TIMEOUT,
+                    proc::api_call_async(&sock, req, RENEW_TIMEOUT),
+                )
+                .await;
+                lock(&me.renewing).remove(&id);
+                let err = match r {
+                    Ok(Ok(_)) => return,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => format!("no answer in {} ms", RENEW_TIMEOUT.as_millis()),
+                };
+                if state == VmState::Running {
+                    tracing::warn!(vm = %id, pid, epoch, "cannot renew the VMM's lease: {err}");
+                } else {
+                    // Starting (its socket may not be there yet) or stopping.
+                    tracing::debug!(vm = %id, pid, epoch, "cannot renew the VMM's lease: {err}");
+                }
+            });
+        }
     }
 
     /// The runtime status of every VM on this node, by id, and of the VMMs
@@ -943,6 +1063,29 @@ impl Agent {
             rt.record = rec.clone();
             match rec.desired {
                 Desired::Running => {
+                    // Placed here again under another epoch (moved away and
+                    // back): the running VMM is the old placement's. It is
+                    // terminated, and the VM launched again under this epoch.
+                    if let Some(fd) = rt.pidfd.clone().filter(|_| {
+                        // Epoch 0: launched or recorded before epochs (as in `adopt`).
+                        !rt.replacing
+                            && !rt.stop_requested
+                            && rt.epoch != 0
+                            && rec.epoch != 0
+                            && rt.epoch != rec.epoch
+                    }) {
+                        let m = format!(
+                            "placed here again under epoch {}: terminating the VMM of epoch {}",
+                            rec.epoch, rt.epoch
+                        );
+                        tracing::warn!(vm = %id, pid = fd.pid, "{m}");
+                        rt.replacing = true;
+                        self.set_state(id, rt, VmState::Stopping, m);
+                        tokio::spawn(async move { terminate_within(&fd, FENCE_GRACE).await });
+                    }
+                    if rt.replacing {
+                        continue;
+                    }
                     if rt.stop_requested {
                         rt.stop_requested = false;
                         if matches!(
@@ -1077,6 +1220,7 @@ impl Agent {
         id: &str,
         rec: &VmRecord,
         extra: &str,
+        lease_ms: Option<u64>,
     ) -> Result<std::process::Command, String> {
         let dir = self.run_dir(id);
         let api = dir.join("api.sock");
@@ -1107,6 +1251,9 @@ impl Agent {
             .arg(format!("--agent-id={}", s.agent_id));
         if s.shm_mib > 0 {
             c.arg("--shm-mib").arg(s.shm_mib.to_string());
+        }
+        if let Some(ms) = lease_ms {
+            c.arg("--lease-ms").arg(ms.to_string());
         }
         if let Some(k) = &s.kernel {
             c.arg("--kernel").arg(k);
@@ -1179,6 +1326,28 @@ impl Agent {
     /// Prepares the run dir and starts `cell0-vmm` on the blocking pool, so
     /// that neither the reconciliation loop nor the API waits for fork/exec.
     fn launch(self: &Arc<Self>, id: &str, rt: &mut Runtime) {
+        // With a lease, a VMM gets what is left of the agent's (fencing rule 5),
+        // and none starts while the agent holds none.
+        let lease_ms = match &self.source {
+            Source::Remote(p) => match p.lease_end() {
+                None => None,
+                Some((_, end)) => {
+                    let left = end.and_then(|e| e.checked_duration_since(Instant::now()));
+                    match left.map(|l| l.as_millis() as u64).filter(|ms| *ms > 0) {
+                        Some(ms) => Some(ms),
+                        None => {
+                            let m =
+                                "waiting for an acknowledged heartbeat: this node holds no lease";
+                            if rt.state != VmState::Pending || rt.message != m {
+                                self.set_state(id, rt, VmState::Pending, m);
+                            }
+                            return;
+                        }
+                    }
+                }
+            },
+            Source::Local(_) => None,
+        };
         let dir = self.run_dir(id);
         if let Err(e) =
             std::fs::create_dir_all(&dir).and_then(|()| prepare_run_dir(&dir, self.cfg.jail))
@@ -1200,7 +1369,7 @@ impl Agent {
             let _ = std::fs::rename(&serial, dir.join("serial.prev.log"));
         }
         let extra = self.cmdline_extra(id, &rt.record);
-        let mut cmd = match self.vmm_command(id, &rt.record, &extra) {
+        let mut cmd = match self.vmm_command(id, &rt.record, &extra, lease_ms) {
             Ok(c) => c,
             Err(e) => {
                 self.metrics.launch_failed();
@@ -1428,6 +1597,7 @@ impl Agent {
             Some(0) => "clean",
             Some(2) => "crash",
             Some(1) => "error",
+            Some(EXIT_LEASE_EXPIRED) => "lease",
             Some(c) if c > 128 => "killed",
             Some(_) => "error",
             None => "unknown",
@@ -1440,6 +1610,10 @@ impl Agent {
             ),
             Some(0) => "the guest reset or powered off (exit 0)".to_string(),
             Some(2) => "the guest crashed (exit 2)".to_string(),
+            Some(EXIT_LEASE_EXPIRED) => {
+                "lease expired: cell0-vmm fenced the VM (exit 3), its lease was not renewed in time"
+                    .to_string()
+            }
             Some(1) => {
                 let last = vmm_log
                     .lines()
@@ -1455,6 +1629,7 @@ impl Agent {
             Some(c) => format!("cell0-vmm exited with status {c}"),
             None => "cell0-vmm exited while cell0d was down (status unknown)".to_string(),
         };
+        let replaced = std::mem::take(&mut rt.replacing);
         if rt.stop_requested {
             self.set_state(
                 &id,
@@ -1462,6 +1637,14 @@ impl Agent {
                 VmState::Stopped,
                 format!("stopped on request: {what}"),
             );
+        } else if replaced {
+            // Launched again under the record's epoch by the next pass.
+            rt.next_restart = None;
+            let m = format!(
+                "the VMM of epoch {} is gone; launching under epoch {}",
+                rt.epoch, rt.record.epoch
+            );
+            self.set_state(&id, rt, VmState::Pending, m);
         } else {
             let failed = x.code != Some(0);
             let policy: RestartPolicy = rt.record.spec.restart;
@@ -1583,4 +1766,203 @@ pub async fn sypas_ping(uds: &Path, port: u32) -> Result<Duration, String> {
     let d = c.ping().await.map_err(|e| e.to_string())?;
     let _ = c.goodbye("health check").await;
     Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// `cell0-vmm` next to the test binary (built with the workspace), when
+    /// KVM is usable; else the test is skipped.
+    fn vmm_bin() -> Option<PathBuf> {
+        if std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_err()
+        {
+            eprintln!("SKIP: /dev/kvm cannot be opened");
+            return None;
+        }
+        let exe = std::env::current_exe().unwrap();
+        let mut dir = exe.parent().unwrap().to_path_buf();
+        if dir.ends_with("deps") {
+            dir.pop();
+        }
+        let p = dir.join("cell0-vmm");
+        if !p.is_file() {
+            eprintln!(
+                "SKIP: {} is missing (cargo build -p cell0-vmm)",
+                p.display()
+            );
+            return None;
+        }
+        Some(p)
+    }
+
+    fn record(id: &str, epoch: u64) -> VmRecord {
+        let mut spec = crate::spec::VmSpec::from_proto(
+            grpc::VmSpec {
+                name: id.into(),
+                vcpus: 1,
+                memory_mib: 32,
+                ..Default::default()
+            },
+            id,
+        )
+        .unwrap();
+        spec.cmdline = Some("cell0.test=sypas-serve".into());
+        spec.restart = RestartPolicy::Always;
+        serde_json::from_value(json!({
+            "id": id,
+            "spec": spec,
+            "node": "n1",
+            "desired": "running",
+            "created_at_ms": 1,
+            "revision": 1,
+            "cid": 7,
+            "epoch": epoch,
+        }))
+        .unwrap()
+    }
+
+    async fn agent(dir: &Path, vmm: PathBuf, lease: Duration) -> (Arc<Agent>, Arc<Placements>) {
+        let cfg = NodeConfig {
+            node_id: "n1".into(),
+            address: String::new(),
+            data_dir: dir.to_path_buf(),
+            vmm_bin: vmm,
+            capacity: Resources {
+                vcpus: 4,
+                memory_mib: 1024,
+            },
+            cpu_overcommit: 1.0,
+            memory_overcommit: 1.0,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(1),
+            health_interval: Duration::from_secs(60),
+            zone: "a".into(),
+            region: "r".into(),
+            jail: None,
+        };
+        let p = Arc::new(Placements::with_lease(Some(lease)));
+        let a = Agent::start_with(
+            cfg,
+            Source::Remote(p.clone()),
+            Arc::new(Metrics::new()),
+            None,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(a.clone().run());
+        (a, p)
+    }
+
+    /// Waits (bounded) until `f` holds for VM `id`'s runtime.
+    async fn until(a: &Agent, id: &str, what: &str, f: impl Fn(&Runtime) -> bool) -> Runtime {
+        let t0 = Instant::now();
+        loop {
+            if let Some(rt) = a.runtime(id).filter(|rt| f(rt)) {
+                return rt;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "{id}: never {what}; now {:?}",
+                a.runtime(id)
+                    .map(|r| (state_name(r.state), r.message, r.pid))
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn vmm_cmdline(pid: i32) -> String {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .unwrap_or_default()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn leased_vmms_start_only_with_a_lease_are_renewed_and_fence_without_one() {
+        let Some(vmm) = vmm_bin() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let lease = Duration::from_millis(1500);
+        let (a, p) = agent(dir.path(), vmm, lease).await;
+        p.set(vec![record("lv1", 1)]);
+        a.wake.notify_one();
+        // No acknowledged heartbeat yet: nothing starts.
+        let rt = until(&a, "lv1", "pending for want of a lease", |r| {
+            r.state == VmState::Pending && r.message.contains("holds no lease")
+        })
+        .await;
+        assert_eq!(rt.pid, 0);
+        // Heartbeats acknowledged every 200 ms for four lease periods: it
+        // starts with the lease left, and lives on.
+        let t0 = Instant::now();
+        let mut pid = 0;
+        while t0.elapsed() < lease * 4 {
+            a.lease_acknowledged(Instant::now());
+            if let Some(rt) = a.runtime("lv1").filter(|r| r.pid > 0) {
+                if pid == 0 {
+                    pid = rt.pid;
+                    let c = vmm_cmdline(pid);
+                    assert!(c.contains(" --lease-ms "), "{c}");
+                }
+                assert_eq!(rt.pid, pid, "the VMM was replaced although renewed");
+                assert_eq!(rt.launch_seq, 1, "{}", rt.message);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(pid > 0, "it never started");
+        assert!(proc::alive(pid));
+        // Heartbeats stop being acknowledged: the VMM fences itself (exit 3)
+        // and the VM does not start again without a lease.
+        let rt = until(&a, "lv1", "fenced by its lease", |r| {
+            r.exit_code == EXIT_LEASE_EXPIRED
+        })
+        .await;
+        assert!(rt.message.contains("lease expired"), "{}", rt.message);
+        assert!(!proc::alive(pid), "the fenced VMM is gone");
+        until(&a, "lv1", "waiting for a lease again", |r| {
+            r.state == VmState::Pending && r.pid == 0
+        })
+        .await;
+        p.set(Vec::new());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_vm_placed_again_under_a_new_epoch_gets_a_new_vmm() {
+        let Some(vmm) = vmm_bin() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let (a, p) = agent(dir.path(), vmm, Duration::from_secs(60)).await;
+        a.lease_acknowledged(Instant::now());
+        p.set(vec![record("ep1", 1)]);
+        let old = until(&a, "ep1", "running", |r| {
+            r.state == VmState::Running && r.pid > 0
+        })
+        .await;
+        assert_eq!(old.epoch, 1);
+        // Moved away and back within one heartbeat: the agent sees only the
+        // same node, with the epoch two higher.
+        p.set(vec![record("ep1", 3)]);
+        let new = until(&a, "ep1", "running under epoch 3", |r| {
+            r.state == VmState::Running && r.pid > 0 && r.epoch == 3
+        })
+        .await;
+        assert_ne!(new.pid, old.pid, "the old epoch's VMM was kept");
+        assert!(!proc::alive(old.pid), "the old VMM still runs");
+        assert_eq!(new.launch_seq, old.launch_seq + 1);
+        assert_eq!(new.restarts, old.restarts, "a replacement is not a restart");
+        // The same epoch again changes nothing.
+        p.set(vec![record("ep1", 3)]);
+        a.wake.notify_one();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(a.runtime("ep1").unwrap().pid, new.pid);
+        p.set(Vec::new());
+        let t0 = Instant::now();
+        while proc::alive(new.pid) && t0.elapsed() < Duration::from_secs(30) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(!proc::alive(new.pid), "the VMM outlived its placement");
+    }
 }

@@ -150,6 +150,22 @@ pub fn exe_matches(pid: i32, exe_name: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// `CLOCK_MONOTONIC` now in nanoseconds: the clock of a VMM's lease
+/// (`cell0-vmm launch --lease-ms`), which a VMM on this host reads too.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    // It cannot fail for CLOCK_MONOTONIC on Linux; 0 would only make deadlines early.
+    debug_assert_eq!(r, 0);
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
 /// One request over the VM's API socket (blocking; call from a blocking task).
 pub fn api_call(sock: &Path, req: &Value, timeout: Duration) -> Result<Value, ProcError> {
     let err = |source| ProcError::Api {

@@ -268,7 +268,7 @@ impl Remote {
                 leader: None,
                 next: 0,
             },
-            placements: Arc::new(Placements::default()),
+            placements: Arc::new(Placements::with_lease(lease)),
             heartbeat,
             lease,
         }
@@ -458,6 +458,7 @@ impl Remote {
                     }
                 }
             }
+            let sent = Instant::now();
             match self.beat(0, None).await {
                 Beat::Ok { state, placements } => {
                     let down = state == "down";
@@ -465,6 +466,10 @@ impl Remote {
                     if let Some((rev, vms)) = placements.filter(|_| !down) {
                         self.placements.set(vms);
                         revision = rev;
+                    }
+                    if !down {
+                        // The lease runs: re-adopted VMMs are renewed at once.
+                        self.placements.acknowledged(sent);
                     }
                     return Ok((down, revision));
                 }
@@ -542,6 +547,8 @@ impl Remote {
                         self.placements.set(vms);
                         revision = rev;
                     }
+                    // Fencing rule 5: renew the VMMs still placed here.
+                    agent.lease_acknowledged(sent);
                 }
                 Beat::Refused(e) => {
                     self.fence(&agent, &e);
