@@ -8,8 +8,10 @@
 //!   suspect, then down; its restartable VMs run again on the other nodes
 //!   (the time from the kill is printed), its `never` VM is marked lost, and
 //!   no VM ever has a live VMM on two nodes.
-//! - An agent dies but its VMMs live on, its VMs move; when the agent comes
-//!   back it learns it was down and terminates the stale VMMs (fencing).
+//! - An agent dies but its host lives: its VMMs, whose lease nobody renews,
+//!   end on their own (fencing rule 5) before any of its VMs runs on another
+//!   node (the time from the kill to the VMMs' exit is printed); when the
+//!   agent comes back it learns it was down and starts nothing stale.
 //! - The control plane goes away: every agent terminates its VMs once its
 //!   lease ends (self-fencing); when the member is back, they run again.
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
@@ -508,7 +510,10 @@ fn node_agents_on_other_hosts_recover_a_lost_host_and_fence() {
     }
     assert_eq!(node_state(c.d(), "n3"), "ready");
 
-    // 2. Only n2's agent dies: its VMMs live on, unsupervised.
+    // 2. Only n2's agent dies; its host lives. Nobody renews its VMMs'
+    // leases: they end on their own (exit 3, "lease expired: fenced")
+    // before the leader marks n2 down, so before any of its VMs runs on
+    // another node, which the loop checks by process presence.
     let on_n2: Vec<String> = ids
         .iter()
         .filter(|id| node_of(&c.d().get(id)) == "n2")
@@ -519,19 +524,62 @@ fn node_agents_on_other_hosts_recover_a_lost_host_and_fence() {
         .iter()
         .flat_map(|id| c.node("n2").vmm_of(id))
         .collect();
+    assert!(!stale.is_empty());
+    let t_agent = Instant::now();
     c.nodes[1].kill_agent();
+    let mut vmms_gone = None;
+    let mut moved = None;
     c.wait(60, "n2's VMs running elsewhere", || {
-        on_n2.iter().all(|id| {
+        // Process presence elsewhere first, then n2's: an overlap seen is real.
+        let elsewhere: Vec<&String> = on_n2
+            .iter()
+            .filter(|id| {
+                c.nodes
+                    .iter()
+                    .any(|n| n.name != "n2" && !n.vmm_of(id).is_empty())
+            })
+            .collect();
+        let alive: Vec<i32> = stale.iter().copied().filter(|p| proc_alive(*p)).collect();
+        assert!(
+            elsewhere.is_empty() || alive.is_empty(),
+            "{elsewhere:?} run on another node while n2's VMMs {alive:?} still run"
+        );
+        if !alive.is_empty() {
+            // Poll fast (no cell0ctl) until they are gone, for the time.
+            return false;
+        }
+        if vmms_gone.is_none() {
+            vmms_gone = Some(t_agent.elapsed());
+        }
+        let done = on_n2.iter().all(|id| {
             let v = c.d().get(id);
             state(&v) == "running" && node_of(&v) != "n2"
-        })
+        });
+        if done && moved.is_none() {
+            moved = Some(t_agent.elapsed());
+        }
+        done
     });
-    assert_eq!(node_state(c.d(), "n2"), "down");
-    assert!(
-        stale.iter().any(|p| proc_alive(*p)),
-        "a dead agent cannot fence: its VMMs still run ({stale:?})"
+    let (vmms_gone, moved) = (vmms_gone.unwrap(), moved.unwrap());
+    println!(
+        "dead agent: n2's agent SIGKILLed (host alive) -> the VMMs of its {} VMs ({} processes) \
+         exited (lease expired) in {} ms; its VMs running on other nodes in {} ms (lease 2 s, down 3 s)",
+        on_n2.len(),
+        stale.len(),
+        vmms_gone.as_millis(),
+        moved.as_millis()
     );
-    // The agent comes back: it learns it was down and terminates them.
+    assert_eq!(node_state(c.d(), "n2"), "down");
+    for id in &on_n2 {
+        let log =
+            std::fs::read_to_string(c.node("n2").dir.join("node/vms").join(id).join("vmm.log"))
+                .unwrap_or_default();
+        assert!(
+            log.contains("lease expired: fenced"),
+            "{id}'s VMM on n2: {log}"
+        );
+    }
+    // The agent comes back: it learns it was down and starts nothing stale.
     c.nodes[1].spawn();
     c.wait(30, "n2's stale VMMs terminated", || {
         stale.iter().all(|p| !proc_alive(*p)) && c.node("n2").vmms().is_empty()
