@@ -8,6 +8,11 @@
 //! The agent reconciles those with the same code as the agent embedded in
 //! `cell0d serve` ([`super::Agent`]).
 //!
+//! A member of a multi-member cluster runs its own node agent through the
+//! same loop ([`Remote::run`], with [`Owner::Member`]): it registers its node
+//! through its own store instead of `NodeService.Register`, and learns its
+//! placements at start from its own state after a linearizable read.
+//!
 //! Fencing (docs/CLUSTER.md, "Nodes and failure handling"):
 //! - told `down` in a heartbeat answer, the agent empties its placements
 //!   (every VM it runs is terminated) before it registers again, and starts
