@@ -8,7 +8,7 @@
 //! | `cell0_vm_launch_failures_total` | counter | — |
 //! | `cell0_vm_launch_latency_seconds` | histogram | — (spawn → ready) |
 //! | `cell0_vm_restarts_total` | counter | — |
-//! | `cell0_vm_exits_total` | counter | `reason` (clean, crash, error, killed, unknown) |
+//! | `cell0_vm_exits_total` | counter | `reason` (clean, crash, error, killed, lease, unknown) |
 //! | `cell0_raft_commit_latency_seconds` | histogram | `op` |
 //! | `cell0_api_requests_total` | counter | `method`, `code` |
 //! | `cell0_sypas_calls_total` | counter | `target` (router, node, agent, local, remote, unknown): CALLs the router routed |
