@@ -40,18 +40,32 @@ impl Agent {
         let api = listen.then(free_addr);
         let log = std::fs::File::create(dir.with_extension("log")).unwrap();
         let mut c = Command::new(env!("CARGO_BIN_EXE_cell0d"));
-        c.args(["node", "--insecure-plaintext", "--join", join, "--node-name", name])
-            .args(["--zone", "a", "--region", "r1", "--labels"])
-            .arg(format!("host={name}"))
-            .args(["--vcpus", "4", "--memory-mib", "4096", "--cpu-overcommit", "100"])
-            .args(["--health-ms", "3600000", "--data-dir"])
-            .arg(&dir)
-            .arg("--vmm")
-            .arg(cp_harness::vmm().unwrap())
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
+        c.args([
+            "node",
+            "--insecure-plaintext",
+            "--join",
+            join,
+            "--node-name",
+            name,
+        ])
+        .args(["--zone", "a", "--region", "r1", "--labels"])
+        .arg(format!("host={name}"))
+        .args([
+            "--vcpus",
+            "4",
+            "--memory-mib",
+            "4096",
+            "--cpu-overcommit",
+            "100",
+        ])
+        .args(["--health-ms", "3600000", "--data-dir"])
+        .arg(&dir)
+        .arg("--vmm")
+        .arg(cp_harness::vmm().unwrap())
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
         if let Some(a) = &api {
             c.args(["--listen", a]);
         }
@@ -157,8 +171,7 @@ impl Cluster {
         };
         c.wait(60, "na and nb registered and ready", || {
             let v: Value =
-                serde_json::from_str(&c.leader().ctl_ok(&["node", "list", "-o", "json"]))
-                    .unwrap();
+                serde_json::from_str(&c.leader().ctl_ok(&["node", "list", "-o", "json"])).unwrap();
             ["na", "nb"].iter().all(|n| {
                 v.as_array()
                     .unwrap()
@@ -189,7 +202,11 @@ impl Cluster {
             if let Some(l) = self.leader_id() {
                 return &self.ms[l - 1];
             }
-            assert!(t0.elapsed() < Duration::from_secs(30), "no leader\n{}", self.logs());
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "no leader\n{}",
+                self.logs()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -207,7 +224,11 @@ impl Cluster {
     fn logs(&self) -> String {
         let mut s = String::new();
         for (i, m) in self.ms.iter().enumerate() {
-            s.push_str(&format!("--- member {}:\n{}\n", i + 1, tail(&m.log(), 2000)));
+            s.push_str(&format!(
+                "--- member {}:\n{}\n",
+                i + 1,
+                tail(&m.log(), 2000)
+            ));
         }
         for a in &self.agents {
             s.push_str(&format!("--- {}:\n{}\n", a.name, tail(&a.log(), 8000)));
@@ -252,12 +273,25 @@ fn node_local_calls_reach_the_vms_node_through_any_member() {
     }
     l.ctl_ok(&p1);
     l.ctl_ok(&[
-        "run", "--name", "p2", "--cmdline", LONG_RUNNING, "--node-selector", "host=nb",
+        "run",
+        "--name",
+        "p2",
+        "--cmdline",
+        LONG_RUNNING,
+        "--node-selector",
+        "host=nb",
         "--no-wait",
     ]);
     // On a member's own node (zone `local`), created through a follower.
     c.follower().ctl_ok(&[
-        "run", "--name", "p3", "--cmdline", LONG_RUNNING, "--zone", "local", "--no-wait",
+        "run",
+        "--name",
+        "p3",
+        "--cmdline",
+        LONG_RUNNING,
+        "--zone",
+        "local",
+        "--no-wait",
     ]);
     c.wait(90, "p1, p2 and p3 running (seen on the leader)", || {
         ["p1", "p2", "p3"]
@@ -287,20 +321,29 @@ fn node_local_calls_reach_the_vms_node_through_any_member() {
     let file = na.serial("p1");
     assert!(!via.is_empty(), "no serial output through the follower");
     assert!(file.starts_with(&via), "follower: {via:?}\nfile: {file:?}");
-    assert!(direct.starts_with(&via) || via.starts_with(&direct), "{via:?} vs {direct:?}");
+    assert!(
+        direct.starts_with(&via) || via.starts_with(&direct),
+        "{via:?} vs {direct:?}"
+    );
     let tail8 = f.ctl_ok(&["logs", "p1", "--tail", "8"]);
     assert_eq!(tail8.len(), 8, "{tail8:?}");
 
     // p3 is on a member's own node: its logs come through any other member.
     let p3_node = f.get("p3")["status"]["node"].as_str().unwrap().to_string();
     let owner: usize = p3_node.trim_start_matches('m').parse().unwrap();
-    let other = c.ms.iter().enumerate().find(|(i, _)| i + 1 != owner).unwrap().1;
+    let other =
+        c.ms.iter()
+            .enumerate()
+            .find(|(i, _)| i + 1 != owner)
+            .unwrap()
+            .1;
     let p3_logs = other.ctl_ok(&["logs", "p3"]);
-    let p3_file = std::fs::read_to_string(
-        c.ms[owner - 1].data().join("node/vms/p3/serial.log"),
-    )
-    .unwrap();
-    assert!(!p3_logs.is_empty() && p3_file.starts_with(&p3_logs), "{p3_logs:?}");
+    let p3_file =
+        std::fs::read_to_string(c.ms[owner - 1].data().join("node/vms/p3/serial.log")).unwrap();
+    assert!(
+        !p3_logs.is_empty() && p3_file.starts_with(&p3_logs),
+        "{p3_logs:?}"
+    );
 
     // Attest through a follower and through the leader = on the node.
     if tpm {
@@ -314,7 +357,12 @@ fn node_local_calls_reach_the_vms_node_through_any_member() {
             c.logs()
         );
         let a = att(String::from_utf8(o.stdout).unwrap());
-        let b = att(cell0ctl_ok(&api, "na", || na.log(), &["attest", "p1", "-o", "json"]));
+        let b = att(cell0ctl_ok(
+            &api,
+            "na",
+            || na.log(),
+            &["attest", "p1", "-o", "json"],
+        ));
         let lead = att(c.leader().ctl_ok(&["attest", "p1", "-o", "json"]));
         for v in [&a, &b, &lead] {
             assert_eq!(v["trusted"], true, "{v:#}");
@@ -329,7 +377,10 @@ fn node_local_calls_reach_the_vms_node_through_any_member() {
     let o = f.ctl(&["exec", "p1", "--", "true"]);
     assert_eq!(o.status.code(), Some(11), "{}", stderr(&o));
     let e = stderr(&o);
-    assert!(e.contains("node \"na\" at") && e.contains("nano guest"), "{e}");
+    assert!(
+        e.contains("node \"na\" at") && e.contains("nano guest"),
+        "{e}"
+    );
 
     // A node without --listen: the member says it serves no API.
     for cmd in [&["logs", "p2"][..], &["exec", "p2", "--", "true"]] {
@@ -341,7 +392,11 @@ fn node_local_calls_reach_the_vms_node_through_any_member() {
     // The node API: only its own VMs, only Logs/Exec/Attest.
     let o = cell0ctl(&api, &["logs", "p2"]);
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
-    assert!(stderr(&o).contains("node \"na\" runs no VM named \"p2\""), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("node \"na\" runs no VM named \"p2\""),
+        "{}",
+        stderr(&o)
+    );
     let o = cell0ctl(&api, &["get", "p1"]);
     assert_eq!(o.status.code(), Some(10), "{}", stderr(&o));
     assert!(stderr(&o).contains("ask a member"), "{}", stderr(&o));
@@ -353,7 +408,10 @@ fn node_local_calls_reach_the_vms_node_through_any_member() {
     for m in [f, c.leader()] {
         let mut cl = rt.block_on(m.client());
         let mut s = rt
-            .block_on(cl.vm.watch(cell0_proto::grpc::WatchRequest { id: "p1".into() }))
+            .block_on(
+                cl.vm
+                    .watch(cell0_proto::grpc::WatchRequest { id: "p1".into() }),
+            )
             .unwrap()
             .into_inner();
         let first = rt.block_on(s.message()).unwrap().unwrap();
@@ -363,13 +421,23 @@ fn node_local_calls_reach_the_vms_node_through_any_member() {
         watches.push(s);
     }
     let mut follow = Command::new(env!("CARGO_BIN_EXE_cell0ctl"))
-        .args(["--endpoint", &f.grpc, "--insecure-plaintext", "logs", "-f", "p1"])
+        .args([
+            "--endpoint",
+            &f.grpc,
+            "--insecure-plaintext",
+            "logs",
+            "-f",
+            "p1",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    assert!(follow.try_wait().unwrap().is_none(), "logs -f ended while p1 runs");
+    assert!(
+        follow.try_wait().unwrap().is_none(),
+        "logs -f ended while p1 runs"
+    );
     f.ctl_ok(&["stop", "p1"]);
     for (who, s) in ["follower", "leader"].iter().zip(watches.iter_mut()) {
         let ev = rt.block_on(async {

@@ -46,7 +46,7 @@ const ATTEST_WAIT: Duration = Duration::from_secs(120);
 /// Where a node-local call for a VM is served.
 enum Target {
     /// By this member's own node agent.
-    Here(VmRecord),
+    Here(Box<VmRecord>),
     /// By the API of the VM's node at this address.
     There { node: String, addr: String },
 }
@@ -79,13 +79,13 @@ impl Api {
         let rec = self.get_record(id)?;
         let me = self.agent.node_id();
         if rec.node == me {
-            return Ok(Target::Here(rec));
+            return Ok(Target::Here(Box::new(rec)));
         }
         // The VM may have moved: take the placement the leader has.
         self.store.linearize().await.map_err(store_status)?;
         let rec = self.get_record(id)?;
         if rec.node == me {
-            return Ok(Target::Here(rec));
+            return Ok(Target::Here(Box::new(rec)));
         }
         if let Some(from) = req.metadata().get(PROXIED) {
             return Err(Status::failed_precondition(format!(
@@ -152,9 +152,10 @@ impl Api {
         match self.target(&request, &request.get_ref().id).await? {
             Target::Here(rec) => {
                 let store = self.store.clone();
-                let id = rec.id.clone();
-                local_api::logs(self.agent.clone(), rec.id, request.get_ref(), move || {
-                    store.read(|s| s.vms.get(&id).is_some_and(|v| v.node == rec.node))
+                let VmRecord { id, node, .. } = *rec;
+                let vm = id.clone();
+                local_api::logs(self.agent.clone(), id, request.get_ref(), move || {
+                    store.read(|s| s.vms.get(&vm).is_some_and(|v| v.node == node))
                 })
             }
             Target::There { node, addr } => {
