@@ -779,7 +779,9 @@ impl Agent {
                     Ok(Err(e)) => e.to_string(),
                     Err(_) => format!("no answer in {} ms", RENEW_TIMEOUT.as_millis()),
                 };
-                if state == VmState::Running {
+                // A VMM launched without a lease (by an agent before leases)
+                // says so at every renewal: not worth a warning each time.
+                if state == VmState::Running && !err.contains("holds no lease") {
                     tracing::warn!(vm = %id, pid, epoch, "cannot renew the VMM's lease: {err}");
                 } else {
                     // Starting (its socket may not be there yet) or stopping.
