@@ -35,37 +35,35 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(base: &Path, name: &str, join: &str, listen: bool) -> Agent {
+    /// `tls`: the node's --tls-dir (`None`: --insecure-plaintext).
+    fn start(base: &Path, name: &str, join: &str, listen: bool, tls: Option<&Path>) -> Agent {
         let dir = base.join(name);
         let api = listen.then(free_addr);
         let log = std::fs::File::create(dir.with_extension("log")).unwrap();
         let mut c = Command::new(env!("CARGO_BIN_EXE_cell0d"));
-        c.args([
-            "node",
-            "--insecure-plaintext",
-            "--join",
-            join,
-            "--node-name",
-            name,
-        ])
-        .args(["--zone", "a", "--region", "r1", "--labels"])
-        .arg(format!("host={name}"))
-        .args([
-            "--vcpus",
-            "4",
-            "--memory-mib",
-            "4096",
-            "--cpu-overcommit",
-            "100",
-        ])
-        .args(["--health-ms", "3600000", "--data-dir"])
-        .arg(&dir)
-        .arg("--vmm")
-        .arg(cp_harness::vmm().unwrap())
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log);
+        c.args(["node", "--join", join, "--node-name", name]);
+        match tls {
+            Some(t) => c.arg("--tls-dir").arg(t),
+            None => c.arg("--insecure-plaintext"),
+        };
+        c.args(["--zone", "a", "--region", "r1", "--labels"])
+            .arg(format!("host={name}"))
+            .args([
+                "--vcpus",
+                "4",
+                "--memory-mib",
+                "4096",
+                "--cpu-overcommit",
+                "100",
+            ])
+            .args(["--health-ms", "3600000", "--data-dir"])
+            .arg(&dir)
+            .arg("--vmm")
+            .arg(cp_harness::vmm().unwrap())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
         if let Some(a) = &api {
             c.args(["--listen", a]);
         }
@@ -161,8 +159,8 @@ impl Cluster {
             .unwrap();
         let join = addrs.join(",");
         let agents = vec![
-            Agent::start(base.path(), "na", &join, true),
-            Agent::start(base.path(), "nb", &join, false),
+            Agent::start(base.path(), "na", &join, true, None),
+            Agent::start(base.path(), "nb", &join, false, None),
         ];
         let c = Cluster {
             ms,
@@ -479,4 +477,103 @@ fn node_local_calls_reach_the_vms_node_through_any_member() {
     assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
     let e = stderr(&o);
     assert!(e.contains("unreachable") && e.contains(&api_addr), "{e}");
+}
+
+/// `cell0ctl --tls-dir TLS --endpoint ENDPOINT ARGS`.
+fn ctl_tls(endpoint: &str, tls: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_cell0ctl"))
+        .args(["--endpoint", endpoint, "--tls-dir"])
+        .arg(tls)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_node_api_serves_members_only_over_mutual_tls() {
+    require_vms!();
+    // `serve --init` makes the cluster CA in <data>/pki and serves mutual TLS.
+    let m = Daemon::start(&["--init", "--allow-unattested-nodes", "--node-name", "m1"]);
+    let pki = m.data().join("pki");
+    let base = tempfile::Builder::new()
+        .prefix("c0p")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let issue = |name: &str, role: &str| {
+        let out = base.path().join(format!("{name}.tls"));
+        let o = Command::new(env!("CARGO_BIN_EXE_cell0d"))
+            .args(["issue-cert", "--ca-dir"])
+            .arg(&pki)
+            .args([
+                "--name",
+                name,
+                "--role",
+                role,
+                "--san",
+                "127.0.0.1",
+                "--out",
+            ])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        out
+    };
+    let (na_tls, admin) = (issue("na", "node"), issue("admin", "client"));
+    let na = Agent::start(base.path(), "na", &m.grpc, true, Some(&na_tls));
+    let api = na.api.clone().unwrap();
+    let ok = |endpoint: &str, args: &[&str]| {
+        let o = ctl_tls(endpoint, &admin, args);
+        assert!(
+            o.status.success(),
+            "{args:?}: {}\n--- member:\n{}\n--- na:\n{}",
+            stderr(&o),
+            tail(&m.log(), 3000),
+            tail(&na.log(), 3000)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let t0 = Instant::now();
+    while !ok(&m.grpc, &["node", "list"]).contains(&api) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "na never registered\n{}",
+            na.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ok(
+        &m.grpc,
+        &[
+            "run",
+            "--name",
+            "t1",
+            "--cmdline",
+            LONG_RUNNING,
+            "--node-selector",
+            "host=na",
+        ],
+    );
+
+    // The member dials the node's API with its member certificate.
+    let logs = ok(&m.grpc, &["logs", "t1"]);
+    assert!(
+        !logs.is_empty() && na.serial("t1").starts_with(&logs),
+        "{logs:?}"
+    );
+    // A client certificate is refused by the node itself, and so is plain TCP.
+    let o = ctl_tls(&api, &admin, &["logs", "t1"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("needs a member certificate"),
+        "{}",
+        stderr(&o)
+    );
+    println!(
+        "t1's log through the member: {} bytes; a client certificate at the node API: {}",
+        logs.len(),
+        stderr(&o).trim()
+    );
+    let o = cell0ctl(&api, &["logs", "t1"]);
+    assert!(!o.status.success(), "plain TCP to the node API: {o:?}");
 }
