@@ -73,6 +73,26 @@ fn from_node(node: &str, addr: &str, s: Status) -> Status {
     }
 }
 
+/// The status a member that is not the leader shows for VM `rec` on another
+/// node, from what the leader answered: its status, else the record's
+/// (pending), or `unknown` when the leader did not answer.
+fn remote_status(
+    rec: &VmRecord,
+    known: &Result<HashMap<String, grpc::VmStatus>, String>,
+) -> grpc::VmStatus {
+    match known {
+        Ok(m) => m
+            .get(&rec.id)
+            .cloned()
+            .unwrap_or_else(|| Api::record_status(rec)),
+        Err(e) => grpc::VmStatus {
+            state: grpc::VmState::Unspecified as i32,
+            message: format!("unknown (leader unreachable: {e})"),
+            ..Api::record_status(rec)
+        },
+    }
+}
+
 impl Api {
     /// Where VM `id`'s node-local calls go.
     async fn target<T>(&self, req: &Request<T>, id: &str) -> Result<Target, Status> {
@@ -231,18 +251,7 @@ impl Api {
                 if !elsewhere(r) {
                     return self.vm(r);
                 }
-                let status = match &known {
-                    Ok(m) => m
-                        .get(&r.id)
-                        .cloned()
-                        .unwrap_or_else(|| Self::record_status(r)),
-                    Err(e) => grpc::VmStatus {
-                        state: grpc::VmState::Unspecified as i32,
-                        message: format!("unknown (leader unreachable: {e})"),
-                        ..Self::record_status(r)
-                    },
-                };
-                self.vm_with(r, status)
+                self.vm_with(r, remote_status(r, &known))
             })
             .collect()
     }
@@ -410,5 +419,75 @@ impl Api {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn rec(id: &str) -> VmRecord {
+        let spec = crate::spec::VmSpec::from_proto(
+            grpc::VmSpec {
+                name: id.into(),
+                ..Default::default()
+            },
+            id,
+        )
+        .unwrap();
+        serde_json::from_value(serde_json::json!({
+            "id": id, "spec": spec, "node": "n1", "desired": "running",
+            "created_at_ms": 1, "revision": 1, "cid": 7,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_remote_vm_shows_the_leaders_status_else_its_record_else_unknown() {
+        let running = grpc::VmStatus {
+            state: grpc::VmState::Running as i32,
+            node: "n1".into(),
+            pid: 42,
+            ..Default::default()
+        };
+        let known = Ok(HashMap::from([("a".to_string(), running.clone())]));
+        assert_eq!(remote_status(&rec("a"), &known), running);
+        let pending = remote_status(&rec("b"), &known);
+        assert_eq!(pending.state, grpc::VmState::Pending as i32);
+        assert_eq!((pending.node.as_str(), pending.vsock_cid), ("n1", 7));
+        let gone = remote_status(&rec("a"), &Err("member 1 at 10.0.0.1:7070: refused".into()));
+        assert_eq!(gone.state, grpc::VmState::Unspecified as i32);
+        assert_eq!(
+            gone.message,
+            "unknown (leader unreachable: member 1 at 10.0.0.1:7070: refused)"
+        );
+        assert_eq!((gone.node.as_str(), gone.exit_code), ("n1", -1));
+    }
+
+    #[test]
+    fn a_node_that_cannot_be_reached_is_unavailable_with_its_address() {
+        let s = from_node(
+            "na",
+            "127.0.0.1:9",
+            Status::unavailable("tcp connect error: Connection refused (os error 111)"),
+        );
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert!(
+            s.message()
+                .starts_with("node \"na\" is unreachable at its API address 127.0.0.1:9"),
+            "{}",
+            s.message()
+        );
+        let s = from_node(
+            "na",
+            "127.0.0.1:9",
+            Status::not_found("node \"na\" runs no VM named \"x\""),
+        );
+        assert_eq!(s.code(), tonic::Code::NotFound);
+        assert_eq!(
+            s.message(),
+            "node \"na\" at 127.0.0.1:9: node \"na\" runs no VM named \"x\""
+        );
     }
 }
