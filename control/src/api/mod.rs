@@ -623,6 +623,10 @@ impl Api {
                     Some(crate::node::liveness::MEMBER_VALUE) => {
                         crate::node::liveness::member_of(n).map(Some)
                     }
+                    // A member's node from before it was watched (registered
+                    // while the member was alone): it registers again with
+                    // the labels right after this.
+                    None if member.is_some() => Some(member),
                     _ => None,
                 };
                 let mine: Vec<&VmRecord> = s.vms.values().filter(|v| v.node == id).collect();

@@ -429,15 +429,28 @@ impl Remote {
     }
 
     /// Before the agent adopts the VMMs left running: learns what is still
-    /// placed here. Unknown or down: nothing is (fencing); unreachable past
-    /// the lease: the same. Returns whether the node must register, and the
-    /// placements' revision.
+    /// placed here, with a first heartbeat. Unknown or down: nothing is
+    /// (fencing); unreachable past the lease: the same. Returns whether the
+    /// node must register, and the placements' revision.
     pub(crate) async fn start(&mut self) -> Result<(bool, u64), NodeError> {
         let t0 = Instant::now();
         loop {
-            if let Owner::Member { store, .. } = &self.owner {
-                // The member's own state, once it has caught up with the
-                // leader (a linearizable read).
+            // A member that leads cannot heartbeat to itself yet (its API
+            // serves once its agent runs): it reads its own state after a
+            // linearizable read. Its monitor started every node's clock when
+            // it became leader, so the read need not restart its own. So does
+            // a member whose heartbeats failed for a lease: the leader, just
+            // started itself, may not serve its API yet (all members
+            // restarting at once).
+            let read_own = match &self.owner {
+                Owner::Member { store, id } => {
+                    let st = store.status();
+                    (st.state == "leader" && st.leader == Some(*id))
+                        || self.lease.is_some_and(|l| t0.elapsed() > l)
+                }
+                Owner::Agent { .. } => false,
+            };
+            if let (Owner::Member { store, .. }, true) = (&self.owner, read_own) {
                 match store.linearize().await {
                     Ok(()) => {
                         let me = self.cfg.node_id.clone();
@@ -448,12 +461,14 @@ impl Remote {
                         });
                         let down = matches!(state, None | Some(NodeState::Down));
                         if !down {
+                            // No lease yet: that comes with the first
+                            // acknowledged heartbeat.
                             self.placements.set(vms);
                         }
                         return Ok((down, 0));
                     }
                     Err(e) => {
-                        if self.lease.is_some_and(|l| t0.elapsed() > l) {
+                        if self.lease.is_some_and(|l| t0.elapsed() > l * 2) {
                             tracing::warn!(error = %e, "no leader confirms this member's state: starting with no VM (fenced)");
                             return Ok((true, 0));
                         }
