@@ -1145,7 +1145,14 @@ impl Agent {
             if let Some(rt) = vms.remove(&id) {
                 match rt.pidfd {
                     Some(fd) => self.stop_process(&id, fd, true),
-                    None => self.remove_run_dir(&id),
+                    None => {
+                        if rt.state == VmState::Starting {
+                            // Its launch is in flight: `stopping` (pid 0)
+                            // until finish_launch has terminated the VMM.
+                            lock(&self.leaving).insert(id.clone(), 0);
+                        }
+                        self.remove_run_dir(&id)
+                    }
                 }
             }
         }
@@ -1434,6 +1441,15 @@ impl Agent {
         });
     }
 
+    /// A launch of a VM that left this node while it was in flight is over
+    /// (its VMM, if any, is gone).
+    fn launch_left(&self, id: &str) {
+        let mut l = lock(&self.leaving);
+        if l.get(id) == Some(&0) {
+            l.remove(id);
+        }
+    }
+
     fn finish_launch(self: &Arc<Self>, id: &str, seq: u64, r: Result<(i32, Instant), String>) {
         let mut vms = lock(&self.vms);
         let (pid, t0) = match r {
@@ -1444,6 +1460,7 @@ impl Agent {
                     let msg = format!("cannot start {}: {e}", self.cfg.vmm_bin.display());
                     self.set_state(id, rt, VmState::Failed, msg);
                 }
+                self.launch_left(id);
                 return;
             }
         };
@@ -1455,6 +1472,7 @@ impl Agent {
                 if let Some(rt) = vms.get_mut(id).filter(|rt| rt.launch_seq == seq) {
                     self.set_state(id, rt, VmState::Failed, e.to_string());
                 }
+                self.launch_left(id);
                 return;
             }
         };
@@ -1472,6 +1490,7 @@ impl Agent {
                 proc::reap(fd.pid);
                 if deleted {
                     me.remove_run_dir(&id);
+                    me.launch_left(&id);
                 }
             });
             return;
