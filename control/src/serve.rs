@@ -419,6 +419,17 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         .await?;
         // Registered before the API serves, as the one-member default is.
         remote.register_first().await?;
+        // Watch's events of this node's VMs come from the member's own state.
+        let (placements, mut events) = (remote.placements(), store.subscribe());
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(ev) => placements.publish(ev),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
         tracing::info!(node = %agent.node_id(), "this member's node heartbeats to the leader (watched)");
         Ok((
             router,

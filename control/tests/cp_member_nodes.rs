@@ -457,35 +457,90 @@ fn members_nodes_fail_over_drain_as_a_handoff_and_leave_with_their_member() {
     assert_eq!(key(&a).0, "running", "{a:#}");
     assert_eq!(key(&a), key(&b), "leader {a:#}\nfollower {b:#}");
 
-    // (d) A removed member's node is marked down and takes no VMs; its VMs
-    // run elsewhere.
+    // Watch on a member tells of the VMs placed on its own node (the events
+    // of the replicated state, passed to its agent).
+    let w = (0..3).find(|i| *i != di).unwrap();
+    let wnode = format!("m{}", w + 1);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let kinds = rt.block_on(async {
+        let mut cl = c.ms[w].client().await;
+        let mut s = cl
+            .vm
+            .watch(cell0_proto::grpc::WatchRequest { id: String::new() })
+            .await
+            .unwrap()
+            .into_inner();
+        c.run("ev", &["--zone", &format!("z{}", w + 1)]);
+        let mut kinds = Vec::new();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(20) {
+            let next = tokio::time::timeout(Duration::from_secs(1), s.message()).await;
+            if let Ok(Ok(Some(ev))) = next.map(|r| r.map(|e| e.filter(|e| e.vm_id == "ev"))) {
+                kinds.push((ev.kind.clone(), ev.message.clone()));
+                if ev.kind == "created" {
+                    break;
+                }
+            }
+        }
+        kinds
+    });
+    println!("watch on {wnode}: {kinds:?}");
+    assert!(
+        kinds
+            .iter()
+            .any(|(k, m)| k == "created" && *m == format!("placed on node {wnode}")),
+        "{kinds:?}"
+    );
+    c.d().ctl_ok(&["rm", "ev"]);
+
+    // (d) A removed member's node takes no VMs: it is drained in the same
+    // call, and its VMs are handed off. Its heartbeats are refused now: it
+    // terminates its VMs and goes silent, its node goes down, and the VMs
+    // run on the two members left; never on two hosts at once.
     let gone = (0..3).find(|i| *i != l).unwrap();
     let gnode = format!("m{}", gone + 1);
-    c.d()
-        .ctl_ok(&["cluster", "remove", &(gone + 1).to_string()]);
-    // Marked down in the same call.
-    assert_eq!(c.node_state(&gnode), "down", "{}", c.logs());
-    // Its heartbeats are refused now: it terminates its VMs.
-    c.wait(30, "the removed member's host runs no VMM", || {
-        c.no_doubles();
-        c.hosts().values().all(|h| !h.contains(&gone))
+    let moving: Vec<String> = ids
+        .iter()
+        .filter(|id| node_of(&c.d().get(id)) == gnode)
+        .cloned()
+        .collect();
+    let t_rm = Instant::now();
+    let mut fenced = None;
+    let ((), samples) = c.sampled(|| {
+        c.d()
+            .ctl_ok(&["cluster", "remove", &(gone + 1).to_string()]);
+        let n = c.nodes().into_iter().find(|n| n["id"] == gnode).unwrap();
+        assert_eq!(n["drained"], true, "drained in the same call: {n:#}");
+        c.wait(30, "the removed member's node down", || {
+            if fenced.is_none() && c.hosts().values().all(|h| !h.contains(&gone)) {
+                fenced = Some(t_rm.elapsed());
+            }
+            c.node_state(&gnode) == "down"
+        });
+        c.run("after", &["--restart", "always", "--spread"]);
+        c.wait(60, "every VM running on the two members left", || {
+            ids.iter()
+                .chain(std::iter::once(&"after".to_string()))
+                .all(|id| {
+                    let v = c.d().get(id);
+                    state(&v) == "running" && node_of(&v) != gnode
+                })
+        });
     });
+    println!(
+        "member {} removed: its host ran no VMM after {:?} ms, its VMs {moving:?} and a new one \
+         running on the others after {} ms; {samples} process samples, no VM on two hosts",
+        gone + 1,
+        fenced.map(|d| d.as_millis()),
+        t_rm.elapsed().as_millis()
+    );
     assert!(
         c.ms[gone].log().contains("was removed from the cluster"),
         "{}",
         tail(&c.ms[gone].log(), 3000)
     );
+    assert!(c.hosts().values().all(|h| !h.contains(&gone)));
     c.ms[gone].kill9();
-    c.run("after", &["--restart", "always", "--spread"]);
-    c.wait(60, "every VM running on the two members left", || {
-        ids.iter()
-            .chain(std::iter::once(&"after".to_string()))
-            .all(|id| {
-                let v = c.d().get(id);
-                state(&v) == "running" && node_of(&v) != gnode
-            })
-    });
-    c.no_doubles();
     for id in ids
         .iter()
         .chain(["after".to_string(), "plain".to_string()].iter())

@@ -14,7 +14,7 @@
 //! (`NodeService.Register`), `member` for a member's own node. The node of a
 //! member started alone (the one-member default) has no label and lives and
 //! dies with its member. A member's node whose member was removed from the
-//! cluster is marked down.
+//! cluster is drained (its VMs handed off); its silence then marks it down.
 //!
 //! The leader also keeps the last VM status each node reported, for Get and
 //! List (runtime state stays on its node and is not replicated), and ends the
@@ -55,7 +55,7 @@ pub fn member_of(n: &crate::store::state::NodeRecord) -> Option<u64> {
 }
 
 /// The members' own nodes whose member is no longer in the cluster
-/// (`cell0ctl cluster remove`) and that are not down yet.
+/// (`cell0ctl cluster remove`) and that are neither drained nor down yet.
 fn retired(
     state: &crate::store::state::ClusterState,
     members: &std::collections::BTreeSet<u64>,
@@ -63,7 +63,7 @@ fn retired(
     state
         .nodes
         .values()
-        .filter(|n| n.state != NodeState::Down)
+        .filter(|n| n.state != NodeState::Down && !n.drained)
         .filter(|n| member_of(n).is_some_and(|m| !members.contains(&m)))
         .map(|n| n.id.clone())
         .collect()
@@ -250,15 +250,18 @@ impl Liveness {
             if term.is_some() {
                 self.release(&store, &pending).await;
             }
-            let mut todo = self.due(term, &nodes, Instant::now());
             if term.is_some() {
                 for id in gone {
-                    tracing::warn!(node = %id, "its member was removed from the cluster: marking the node down");
-                    todo.retain(|(n, _)| *n != id);
-                    todo.push((id, NodeState::Down));
+                    // Drained, not down: the removed member may still run
+                    // its VMs until its refused heartbeat fences it, so they
+                    // are handed off; its silence marks the node down.
+                    tracing::warn!(node = %id, "its member was removed from the cluster: draining the node");
+                    if let Err(e) = store.write(Command::DrainNode { id: id.clone() }).await {
+                        tracing::warn!(node = %id, error = %e, "cannot drain the removed member's node");
+                    }
                 }
             }
-            for (id, state) in todo {
+            for (id, state) in self.due(term, &nodes, Instant::now()) {
                 let silent = self.last_heard_ms(&id);
                 match store
                     .write(Command::SetNodeState {
@@ -439,8 +442,10 @@ mod tests {
         }
         let members = |ids: &[u64]| ids.iter().copied().collect();
         assert!(retired(&s, &members(&[1, 2, 3])).is_empty());
-        // Member 2 removed: its node goes down; member 3's is down already.
+        // Member 2 removed: its node is drained; member 3's is down already.
         assert_eq!(retired(&s, &members(&[1])), vec!["m2".to_string()]);
+        s.nodes.get_mut("m2").unwrap().drained = true;
+        assert!(retired(&s, &members(&[1])).is_empty());
     }
 
     #[test]

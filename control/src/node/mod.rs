@@ -337,10 +337,16 @@ impl Placements {
         Self {
             vms: Mutex::new(BTreeMap::new()),
             changed: tokio::sync::watch::channel(0).0,
-            events: broadcast::channel(1).0,
+            events: broadcast::channel(256).0,
             lease: lease.filter(|l| !l.is_zero()),
             acked: Mutex::new(None),
         }
+    }
+
+    /// Passes on a change of the replicated state (a member's own agent:
+    /// Watch's `created`, `desired` and `deleted` events of this node's VMs).
+    pub fn publish(&self, ev: crate::store::StoreEvent) {
+        let _ = self.events.send(ev);
     }
 
     /// Records that a heartbeat sent at `sent` was acknowledged (the lease

@@ -333,23 +333,23 @@ impl ClusterService for ClusterApi {
         let id = request.into_inner().id;
         let r = self.store.remove_member(id).await;
         if r.is_ok() {
-            // Its own node takes no more VMs: down, its VMs placed elsewhere
-            // (the leader's monitor does the same if this write fails).
+            // Its own node takes no more VMs: drained, its restartable VMs
+            // handed off to other nodes (the leader's monitor does the same
+            // if this write fails). The member's heartbeats are refused from
+            // now on: it terminates its VMs, and its node goes down when its
+            // deadline passes, which ends the handoffs.
             let nodes: Vec<String> = self.store.read(|s| {
                 s.nodes
                     .values()
-                    .filter(|n| n.state != super::state::NodeState::Down)
+                    .filter(|n| !n.drained && n.state != super::state::NodeState::Down)
                     .filter(|n| crate::node::liveness::member_of(n) == Some(id))
                     .map(|n| n.id.clone())
                     .collect()
             });
             for node in nodes {
-                let down = super::state::Command::SetNodeState {
-                    id: node.clone(),
-                    state: super::state::NodeState::Down,
-                };
-                if let Err(e) = self.store.write(down).await {
-                    tracing::warn!(%node, member = id, error = %e, "cannot mark the removed member's node down");
+                let drain = super::state::Command::DrainNode { id: node.clone() };
+                if let Err(e) = self.store.write(drain).await {
+                    tracing::warn!(%node, member = id, error = %e, "cannot drain the removed member's node");
                 }
             }
         }
