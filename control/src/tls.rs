@@ -658,13 +658,6 @@ pub fn require_role<T>(
     )))
 }
 
-/// A tonic interceptor: only members' certificates (Raft between members).
-#[allow(clippy::result_large_err)]
-pub fn members_only(req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-    require_role(&req, &[Role::Member], "Raft (RaftService)")?;
-    Ok(req)
-}
-
 /// The dir under a member's data dir where `cell0d serve --init` keeps the
 /// cluster CA it created (`ca.pem`, `ca.key`) and its own certificate
 /// (`cert.pem`, `key.pem`): both a CA dir for `issue-cert --ca-dir` and a TLS
