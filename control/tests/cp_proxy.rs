@@ -56,6 +56,11 @@ impl Agent {
                 "--cpu-overcommit",
                 "100",
             ])
+            // No per-VMM lease: a VMM with --tpm sets its vTPM up before it
+            // serves the API socket the agent renews its lease on, and the
+            // lease (counted from the VMM's start) ends first. Fencing is
+            // cp_federation's; this test is about the calls.
+            .args(["--lease-ms", "0"])
             .args(["--health-ms", "3600000", "--data-dir"])
             .arg(&dir)
             .arg("--vmm")
@@ -291,11 +296,22 @@ fn node_local_calls_reach_the_vms_node_through_any_member() {
         "local",
         "--no-wait",
     ]);
-    c.wait(90, "p1, p2 and p3 running (seen on the leader)", || {
-        ["p1", "p2", "p3"]
+    let t0 = Instant::now();
+    loop {
+        let vms: Vec<Value> = ["p1", "p2", "p3"]
             .iter()
-            .all(|id| state(&c.leader().get(id)) == "running")
-    });
+            .map(|id| c.leader().get(id))
+            .collect();
+        if vms.iter().all(|v| state(v) == "running") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "p1, p2 and p3 not running within 90 s (seen on the leader): {vms:#?}\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // Status: every member, followers included, shows the remote VMs running.
     for (i, m) in c.ms.iter().enumerate() {
