@@ -475,7 +475,10 @@ fn members_nodes_fail_over_drain_as_a_handoff_and_leave_with_their_member() {
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_secs(20) {
             let next = tokio::time::timeout(Duration::from_secs(1), s.message()).await;
-            if let Ok(Ok(Some(ev))) = next.map(|r| r.map(|e| e.filter(|e| e.vm_id == "ev"))) {
+            if let Ok(Ok(Some(ev))) = next {
+                if ev.vm_id != "ev" {
+                    continue;
+                }
                 kinds.push((ev.kind.clone(), ev.message.clone()));
                 if ev.kind == "created" {
                     break;
