@@ -802,7 +802,8 @@ pub fn require_own_node<T>(req: &tonic::Request<T>, node: &str) -> Result<(), to
 /// The roles that may call `method` of `service` (a gRPC service's full
 /// name) over mutual TLS:
 ///
-/// - `RaftService`: members only (Raft, forwarding between members);
+/// - `RaftService`, `NodeService.VmStatuses` and `.WatchCluster`: members
+///   only (Raft, forwarding and VM status between members);
 /// - `AdmissionService`: nodes only (the handler checks the name too);
 /// - `NodeService.Register` and `.Heartbeat`, `ClusterService.Status` (a
 ///   node agent finds the leader with it) and reflection: any role;
@@ -814,6 +815,8 @@ pub fn roles_for(service: &str, method: &str) -> &'static [Role] {
     let short = service.rsplit('.').next().unwrap_or(service);
     match (short, method) {
         ("RaftService", _) => &[Role::Member],
+        // Between members: the leader's VM statuses and events (api/proxy.rs).
+        ("NodeService", "VmStatuses" | "WatchCluster") => &[Role::Member],
         ("AdmissionService", _) => &[Role::Node],
         ("NodeService", "Register" | "Heartbeat") | ("ClusterService", "Status") => ALL,
         ("ServerReflection", _) => ALL,
@@ -831,7 +834,13 @@ type RevokedFn = dyn Fn(&str) -> Option<Revocation> + Send + Sync;
 pub struct Access {
     revoked: Arc<RevokedFn>,
     audit: Option<Arc<crate::audit::AuditLog>>,
+    /// Parsed client certificates by their DER: a connection sends the same
+    /// one with every request.
+    ids: Arc<std::sync::Mutex<std::collections::HashMap<Vec<u8>, CertId>>>,
 }
+
+/// Most parsed certificates [`Access`] keeps (it starts over when full).
+const MAX_CACHED_IDS: usize = 1024;
 
 impl Access {
     /// `revoked(serial)` answers the revocation of a serial, if any.
@@ -842,7 +851,22 @@ impl Access {
         Self {
             revoked: Arc::new(revoked),
             audit,
+            ids: Arc::default(),
         }
+    }
+
+    /// The identity of a client certificate, parsed once.
+    fn id_of(&self, der: &[u8]) -> Option<CertId> {
+        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(id) = ids.get(der) {
+            return Some(id.clone());
+        }
+        let id = CertId::of(der)?;
+        if ids.len() >= MAX_CACHED_IDS {
+            ids.clear();
+        }
+        ids.insert(der.to_vec(), id.clone());
+        Some(id)
     }
 
     /// Wraps a service.
@@ -867,7 +891,7 @@ impl Access {
         let short = service.rsplit('.').next().unwrap_or(service);
         let Some(id) = info
             .peer_certs()
-            .and_then(|c| c.first().and_then(|c| CertId::of(c)))
+            .and_then(|c| c.first().and_then(|c| self.id_of(c)))
         else {
             // The verifier requires a certificate; this is not reached.
             return Err(self.refuse(
