@@ -594,12 +594,13 @@ pub struct ServeArgs {
     /// Raft log entries between snapshots (the log before a snapshot is purged).
     #[arg(long, default_value_t = crate::store::SNAPSHOT_EVERY)]
     pub snapshot_every: u64,
-    /// A node agent on another host (`cell0d node`) silent this long (ms) is
-    /// marked suspect: it takes no new VMs.
+    /// A watched node (a `cell0d node` agent, or a member's own node in a
+    /// multi-member cluster) silent this long (ms) is marked suspect: it
+    /// takes no new VMs.
     #[arg(long, default_value_t = 1500)]
     pub node_suspect_ms: u64,
-    /// A node agent on another host silent this long (ms) is marked down: its
-    /// restartable VMs are placed elsewhere, the others marked lost.
+    /// A watched node silent this long (ms) is marked down: its restartable
+    /// VMs are placed elsewhere, the others marked lost.
     #[arg(long, default_value_t = 3000)]
     pub node_down_ms: u64,
     /// In a multi-member cluster: this member's own node heartbeats to the
