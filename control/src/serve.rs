@@ -324,10 +324,12 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
                     .max_encoding_message_size(MAX_MESSAGE),
             ),
         )
-        .add_service(access.guard(ClusterServiceServer::new(
-            ClusterApi::new(store.clone(), metrics.clone(), audit.clone())
-                .with_own_serial(cfg.tls.as_ref().map(|t| t.serial())),
-        )))
+        .add_service(
+            access.guard(ClusterServiceServer::new(
+                ClusterApi::new(store.clone(), metrics.clone(), audit.clone())
+                    .with_own_serial(cfg.tls.as_ref().map(|t| t.serial())),
+            )),
+        )
         .add_service(access.guard(vm_gate.clone()))
         .add_service(access.guard(node_gate.clone()))
         .add_service(access.guard(AdmissionServiceServer::new(admission.clone())));
@@ -431,12 +433,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
             }
         });
         tracing::info!(node = %agent.node_id(), "this member's node heartbeats to the leader (watched)");
-        Ok((
-            router,
-            router_sock,
-            agent,
-            Some((remote, revision)),
-        ))
+        Ok((router, router_sock, agent, Some((remote, revision))))
     };
     let (router, router_sock, agent, remote) = tokio::select! {
         r = started => r?,
