@@ -375,12 +375,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         }
         // The SYPAS router: root keys and its refusal log under the data dir, a
         // host socket, and one listener per VM (attached by the node agent).
-        let router = Arc::new(crate::router::Router::new(crate::router::RouterConfig {
-            audit_log: Some(cfg.data_dir.join("router-audit.log")),
-            ..crate::router::RouterConfig::new(cfg.data_dir.join("router"))
-        })?);
-        let router_sock = cfg.data_dir.join("router.sock");
-        router.listen_host(&router_sock).await?;
+        let (router, router_sock) = crate::router::Router::for_host(&cfg.data_dir).await?;
         // In a multi-member cluster this member's own node is watched like a
         // `cell0d node` agent's: it heartbeats to the leader, which marks it
         // down when it goes silent, and it fences itself when its lease ends.

@@ -56,8 +56,7 @@ pub async fn exec(
     }
     let Some(router) = agent.router() else {
         return Err(Status::failed_precondition(format!(
-            "node {:?} runs no SYPAS router, so it cannot reach guest agents \
-             (a `cell0d node` has none yet: exec works on members' own nodes)",
+            "node {:?} runs no SYPAS router, so it cannot reach guest agents",
             agent.node_id()
         )));
     };

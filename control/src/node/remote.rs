@@ -742,7 +742,12 @@ pub async fn node_main(a: NodeArgs) -> Result<(), NodeError> {
     );
     let (must_register, revision) = r.start().await?;
     let metrics = Arc::new(Metrics::new());
-    let agent = Agent::start_remote(r.cfg.clone(), r.placements(), metrics, None).await?;
+    // The SYPAS router of this host's VMs (a Linux agent's bootstrap, token,
+    // events and Exec), as on a member's node.
+    let (router, _) = crate::router::Router::for_host(&a.data_dir)
+        .await
+        .map_err(|e| NodeError::Usage(format!("cannot start the SYPAS router: {e}")))?;
+    let agent = Agent::start_remote(r.cfg.clone(), r.placements(), metrics, Some(router)).await?;
     // The node's API, registered as the node's address for members to proxy to.
     match a.listen {
         Some(l) => {

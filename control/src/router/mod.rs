@@ -630,6 +630,18 @@ impl Router {
     }
 
     /// Listens for host processes on `path` (VM [`HOST_VM`]).
+    /// The router of a host's VMs (`cell0d serve`'s node and `cell0d node`):
+    /// keys and audit log under `data_dir`, the host socket `router.sock`.
+    pub async fn for_host(data_dir: &Path) -> Result<(Arc<Router>, PathBuf), RouterError> {
+        let router = Arc::new(Router::new(RouterConfig {
+            audit_log: Some(data_dir.join("router-audit.log")),
+            ..RouterConfig::new(data_dir.join("router"))
+        })?);
+        let sock = data_dir.join("router.sock");
+        router.listen_host(&sock).await?;
+        Ok((router, sock))
+    }
+
     pub async fn listen_host(&self, path: &Path) -> Result<(), RouterError> {
         self.listen(HOST_VM, path, self.host.clone()).await
     }
