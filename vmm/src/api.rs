@@ -5,12 +5,19 @@
 //! an `op` field; responses are `{"ok":true,...}` or
 //! `{"ok":false,"error":{"code":"...","message":"..."}}`.
 //!
-//! | op | request fields | response fields |
-//! |---|---|---|
-//! | `describe` | — | `vm`: config and state |
-//! | `stop` | — | — (the VM then stops; `cell0-vmm` exits 0) |
-//! | `lease` | `deadline_ns` (`CLOCK_MONOTONIC` ns) | `renewal` (`extended`, `unchanged`, `revoked`), `deadline_ns`; errors `bad_request`, `out_of_range`, `lease_expired`, `no_lease` (see [`crate::lease`]) |
-//! | `quote` | `nonce` (hex, 32 bytes) | see docs/ATTESTATION.md (needs `--tpm`) |
+//! | op | served | request fields | response fields |
+//! |---|---|---|---|
+//! | `describe` | at once | — | `vm`: the config; `state`: `starting` while the VM is built, then `running`; `uptime_us` |
+//! | `stop` | at once | — | — (the VM then stops; `cell0-vmm` exits 0, before any guest instruction if the VM is still being built) |
+//! | `lease` | at once | `deadline_ns` (`CLOCK_MONOTONIC` ns) | `renewal` (`extended`, `unchanged`, `revoked`), `deadline_ns`; errors `bad_request`, `out_of_range`, `lease_expired`, `no_lease` (see [`crate::lease`]) |
+//! | `shm` | once built | — | `size`, `gpa`, the window's memfd (SCM_RIGHTS; needs `--shm-mib`) |
+//! | `ak`, `activate`, `quote`, `event_log` | once built | see [`crate::tpm`] and docs/ATTESTATION.md (needs `--tpm`) | |
+//!
+//! The socket is served from early in the build, before the vTPM is waited
+//! for and the boot measured (1-3 s under load), so that a lease counted from
+//! VMM start can be renewed meanwhile. Until the VM is built, every op but
+//! `describe`, `stop` and `lease` answers the error `starting`
+//! ([`STARTING`]): retry it.
 //!
 //! The API runs on its own thread so a slow request (a TPM quote) never stalls
 //! the event loop or the vCPUs. Connections are served one at a time.
@@ -19,7 +26,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::RawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -61,14 +68,48 @@ pub trait ApiExtension: Send + Sync {
     }
 }
 
+/// The error code of an op that needs the VM built, asked while it is not yet.
+pub const STARTING: &str = "starting";
+
+/// The ops served once the VM is built; set once, by [`crate::vm::Vm::run`].
+pub type ReadyExtensions = Arc<OnceLock<Vec<Box<dyn ApiExtension>>>>;
+
 /// What the API reports and can act on.
 pub struct ApiContext {
     /// Static description of the VM.
     pub describe: Value,
     /// Used by `stop`.
     pub exit: Arc<ExitSignal>,
-    /// Extra ops.
+    /// Extra ops served from the start (`lease`).
     pub extensions: Vec<Box<dyn ApiExtension>>,
+    /// Extra ops served once the VM is built (`shm`, the TPM ops); until
+    /// then other ops answer [`STARTING`].
+    pub ready: ReadyExtensions,
+}
+
+impl ApiContext {
+    /// A context whose VM is built: `extensions` are served at once.
+    pub fn built(
+        describe: Value,
+        exit: Arc<ExitSignal>,
+        extensions: Vec<Box<dyn ApiExtension>>,
+    ) -> Self {
+        Self {
+            describe,
+            exit,
+            extensions: Vec::new(),
+            ready: Arc::new(OnceLock::from(extensions)),
+        }
+    }
+}
+
+fn find_op(exts: &[Box<dyn ApiExtension>], op: &str, req: &Value) -> Option<(Value, Vec<RawFd>)> {
+    exts.iter().find_map(|e| {
+        e.handle(op, req).map(|v| {
+            let fds = if v["ok"] == true { e.fds(op) } else { vec![] };
+            (v, fds)
+        })
+    })
 }
 
 /// An error response.
@@ -100,28 +141,33 @@ pub fn respond_with_fds(ctx: &ApiContext, line: &str) -> (Value, Vec<RawFd>) {
     };
     match op {
         "describe" => (
-            json!({"ok": true, "vm": ctx.describe.clone(), "uptime_us": crate::since_start_us()}),
+            json!({
+                "ok": true,
+                "vm": ctx.describe.clone(),
+                "uptime_us": crate::since_start_us(),
+                "state": if ctx.ready.get().is_some() { "running" } else { STARTING },
+            }),
             vec![],
         ),
         "stop" => {
             ctx.exit.signal(StopReason::Stopped);
             (json!({"ok": true}), vec![])
         }
-        _ => ctx
-            .extensions
-            .iter()
-            .find_map(|e| {
-                e.handle(op, &req).map(|v| {
-                    let fds = if v["ok"] == true { e.fds(op) } else { vec![] };
-                    (v, fds)
-                })
-            })
-            .unwrap_or_else(|| {
+        _ => find_op(&ctx.extensions, op, &req).unwrap_or_else(|| match ctx.ready.get() {
+            Some(ready) => find_op(ready, op, &req).unwrap_or_else(|| {
                 (
                     error("unknown_op", format_args!("unknown op {op:?}")),
                     vec![],
                 )
             }),
+            None => (
+                error(
+                    STARTING,
+                    "the VM is still being set up (vTPM, measured boot); retry",
+                ),
+                vec![],
+            ),
+        }),
     }
 }
 
@@ -224,11 +270,43 @@ mod tests {
     }
 
     fn ctx() -> ApiContext {
-        ApiContext {
-            describe: json!({"vcpus": 2}),
-            exit: Arc::new(ExitSignal::new().unwrap()),
-            extensions: vec![Box::new(Echo)],
+        ApiContext::built(
+            json!({"vcpus": 2}),
+            Arc::new(ExitSignal::new().unwrap()),
+            vec![Box::new(Echo)],
+        )
+    }
+
+    struct Lease;
+    impl ApiExtension for Lease {
+        fn handle(&self, op: &str, _req: &Value) -> Option<Value> {
+            (op == "lease").then(|| json!({"ok": true}))
         }
+    }
+
+    #[test]
+    fn while_building_only_describe_stop_and_the_early_ops_are_served() {
+        let c = ApiContext {
+            describe: json!({"vcpus": 1}),
+            exit: Arc::new(ExitSignal::new().unwrap()),
+            extensions: vec![Box::new(Lease)],
+            ready: ReadyExtensions::default(),
+        };
+        assert_eq!(respond(&c, r#"{"op":"describe"}"#)["ok"], true);
+        assert_eq!(respond(&c, r#"{"op":"lease"}"#)["ok"], true);
+        for op in ["echo", "quote", "shm"] {
+            let r = respond(&c, &format!(r#"{{"op":"{op}"}}"#));
+            assert_eq!(r["error"]["code"], STARTING, "{op}");
+        }
+        assert!(c.ready.set(vec![Box::new(Echo)]).is_ok());
+        assert_eq!(respond(&c, r#"{"op":"echo","x":1}"#)["got"], 1);
+        assert_eq!(respond(&c, r#"{"op":"lease"}"#)["ok"], true);
+        assert_eq!(
+            respond(&c, r#"{"op":"quote"}"#)["error"]["code"],
+            "unknown_op"
+        );
+        assert_eq!(respond(&c, r#"{"op":"stop"}"#)["ok"], true);
+        assert_eq!(c.exit.reason(), Some(StopReason::Stopped));
     }
 
     #[test]

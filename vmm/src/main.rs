@@ -15,7 +15,7 @@ use cell0_vmm::jail::{JailArgs, Jailed};
 use cell0_vmm::lease::EXIT_LEASE_EXPIRED;
 use cell0_vmm::seccomp;
 use cell0_vmm::tpm::TpmConfig;
-use cell0_vmm::vm::Vm;
+use cell0_vmm::vm::{Vm, VmError};
 use clap::{Parser, Subcommand};
 
 /// Exit status when the guest crashed.
@@ -206,7 +206,13 @@ fn run(cli: Cli, start_ns: u64) -> anyhow::Result<ExitCode> {
             } else {
                 cfg
             };
-            let reason = Vm::build_with_vtpm(&cfg, vtpm)?.run()?;
+            // A stop or the end of the lease during the build ends the VMM
+            // (before any guest instruction) as it would after.
+            let reason = match Vm::build_with_vtpm(&cfg, vtpm) {
+                Ok(vm) => vm.run()?,
+                Err(VmError::EndedDuringBuild(r)) => r,
+                Err(e) => return Err(e.into()),
+            };
             if reason.is_clean() {
                 Ok(ExitCode::SUCCESS)
             } else if reason == StopReason::LeaseExpired {

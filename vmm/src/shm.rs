@@ -160,15 +160,15 @@ mod tests {
         f.write_all(b"window bytes").unwrap();
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("api.sock");
-        let ctx = ApiContext {
-            describe: json!({}),
-            exit: Arc::new(ExitSignal::new().unwrap()),
-            extensions: vec![Box::new(ShmApi {
+        let ctx = ApiContext::built(
+            json!({}),
+            Arc::new(ExitSignal::new().unwrap()),
+            vec![Box::new(ShmApi {
                 size: 12,
                 gpa: 4 << 30,
                 file: f,
             })],
-        };
+        );
         let _srv = ApiServer::start(&p, ctx).unwrap();
         let mut s = UnixStream::connect(&p).unwrap();
         s.write_all(b"{\"op\":\"shm\"}\n").unwrap();

@@ -72,6 +72,14 @@ impl PendingVtpm {
         Ok(Self(Pending::Ready(Box::new(self.wait()?))))
     }
 
+    /// Whether [`PendingVtpm::wait`] returns at once (swtpm started or failed).
+    pub fn is_ready(&self) -> bool {
+        match &self.0 {
+            Pending::Thread(t) => t.is_finished(),
+            Pending::Ready(_) => true,
+        }
+    }
+
     /// Waits for the vTPM.
     pub fn wait(self) -> Result<Vtpm, TpmError> {
         match self.0 {

@@ -22,13 +22,13 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::api::{ApiContext, ApiExtension, ApiServer};
+use crate::api::{ApiContext, ApiExtension, ApiServer, ReadyExtensions};
 use crate::arch::{self, KVM_TSS_ADDR, SERIAL_IRQ, cpu, mptable};
 use crate::boot::{self, BootError};
 use crate::config::{DEFAULT_CMDLINE, KernelSource, SerialOutput, VmConfig};
 use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::exit::{ExitCounters, ExitSignal, StopReason};
-use crate::lease::{Lease, LeaseApi, LeaseWatchdog, NoLeaseApi};
+use crate::lease::{self, BuildWatchdog, Lease, LeaseApi, LeaseWatchdog, NoLeaseApi};
 use crate::legacy::{
     I8042, I8042_PORT, I8042_PORT_LEN, SERIAL_PORT, SERIAL_PORT_LEN, SerialDevice,
 };
@@ -130,6 +130,11 @@ pub enum VmError {
     /// A seccomp filter could not be installed.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    /// The VM was stopped (`stop` op) or fenced (its lease ended) while it
+    /// was being built: no guest instruction ran. Not a failure of the VMM:
+    /// `cell0-vmm` exits as for the same reason after the guest ran.
+    #[error("the VM ended before its guest started: {0}")]
+    EndedDuringBuild(StopReason),
 }
 
 type Result<T> = std::result::Result<T, VmError>;
@@ -174,11 +179,16 @@ pub struct Vm {
     serial: Arc<Mutex<SerialDevice>>,
     exit: Arc<ExitSignal>,
     events: EventManager<Subscriber>,
-    api: Option<(std::path::PathBuf, serde_json::Value)>,
+    // Served from early in the build; removes the socket path on drop.
+    _api: Option<ApiServer>,
+    // The ops the API serves once the VM runs (set by `run`).
+    ready: ReadyExtensions,
     extensions: Vec<Box<dyn ApiExtension>>,
     // Dropped with the VM: stops swtpm and removes its state.
     _vtpm: Option<Arc<cell0_attest::Vtpm>>,
     _shm: Option<ShmWindow>,
+    lease: Option<Arc<Lease>>,
+    build_watchdog: Option<BuildWatchdog>,
 }
 
 fn read_file(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>> {
@@ -187,6 +197,34 @@ fn read_file(what: &'static str, path: &std::path::Path) -> Result<Vec<u8>> {
         path: path.display().to_string(),
         source,
     })
+}
+
+/// Ends the build when the VM was stopped or its lease ended meanwhile.
+fn check_not_ended(exit: &ExitSignal, lease: Option<&Lease>) -> Result<()> {
+    if let Some(l) = lease {
+        // Fences (signals `exit`) when the deadline has passed.
+        let _ = l.check(lease::monotonic_ns());
+    }
+    match exit.reason() {
+        Some(r) => Err(VmError::EndedDuringBuild(r)),
+        None => Ok(()),
+    }
+}
+
+/// Waits for the vTPM, ending the build as soon as a `stop` or the end of
+/// the lease comes meanwhile (swtpm's start takes seconds under load). An
+/// abandoned swtpm dies with its start-up thread (PDEATHSIG) when the VMM exits.
+fn wait_vtpm(
+    pending: PendingVtpm,
+    exit: &ExitSignal,
+    lease: Option<&Lease>,
+) -> Result<cell0_attest::Vtpm> {
+    while !pending.is_ready() {
+        check_not_ended(exit, lease)?;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    check_not_ended(exit, lease)?;
+    Ok(pending.wait()?)
 }
 
 fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<()> {
@@ -216,6 +254,35 @@ impl Vm {
     pub fn build_with_vtpm(cfg: &VmConfig, vtpm: Option<PendingVtpm>) -> Result<Self> {
         // swtpm takes the longest to start: begin it first, join before measuring.
         let pending_tpm = vtpm.or_else(|| cfg.tpm.as_ref().map(PendingVtpm::start));
+
+        // The lease counts from VMM start: serve the API (describe, stop,
+        // lease) now, so that it can be renewed while swtpm starts and the
+        // boot is measured. The other ops wait for `run` (`starting` until then).
+        let exit = Arc::new(ExitSignal::new().map_err(os_err("create the exit eventfd"))?);
+        let lease = cfg
+            .lease
+            .as_ref()
+            .map(|l| Arc::new(Lease::new(l.deadline_ns, exit.clone())));
+        let early: Vec<Box<dyn ApiExtension>> = match &lease {
+            Some(l) => vec![Box::new(LeaseApi(l.clone()))],
+            None => vec![Box::new(NoLeaseApi)],
+        };
+        let ready = ReadyExtensions::default();
+        let api = match &cfg.api_sock {
+            Some(path) => Some(ApiServer::start(
+                path,
+                ApiContext {
+                    describe: cfg.describe(),
+                    exit: exit.clone(),
+                    extensions: early,
+                    ready: ready.clone(),
+                },
+            )?),
+            None => None,
+        };
+        // Until `run`'s event loop watches the lease, this thread does.
+        let build_watchdog = lease.clone().map(BuildWatchdog::start).transpose()?;
+        check_not_ended(&exit, lease.as_deref())?;
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let vm = kvm.create_vm().map_err(kvm_err("create VM"))?;
         vm.set_tss_address(KVM_TSS_ADDR)
@@ -283,7 +350,6 @@ impl Vm {
         );
 
         // Devices.
-        let exit = Arc::new(ExitSignal::new().map_err(os_err("create the exit eventfd"))?);
         let out: Box<dyn Write + Send> = match &cfg.serial {
             SerialOutput::Stdout => Box::new(LineWriter::new(std::io::stdout())),
             SerialOutput::File(p) => {
@@ -351,17 +417,14 @@ impl Vm {
             );
         }
 
-        let mut extensions: Vec<Box<dyn ApiExtension>> = Vec::new();
-        match &cfg.lease {
-            Some(l) => {
-                let lease = Arc::new(Lease::new(l.deadline_ns, exit.clone()));
-                let watchdog = LeaseWatchdog::new(lease.clone())
-                    .map_err(os_err("create the lease timerfd"))?;
-                events.add_subscriber(Arc::new(Mutex::new(watchdog)));
-                extensions.push(Box::new(LeaseApi(lease)));
-            }
-            None => extensions.push(Box::new(NoLeaseApi)),
+        // The watchdog fires in `run`'s event loop; until then the build
+        // checks the lease itself (`check_not_ended`).
+        if let Some(l) = &lease {
+            let watchdog =
+                LeaseWatchdog::new(l.clone()).map_err(os_err("create the lease timerfd"))?;
+            events.add_subscriber(Arc::new(Mutex::new(watchdog)));
         }
+        let mut extensions: Vec<Box<dyn ApiExtension>> = Vec::new();
         if let Some(w) = &shm {
             measured_devices.push(DeviceSpec::new("shm", Some(w.gpa), None));
             let file = w
@@ -395,7 +458,7 @@ impl Vm {
         // Measured boot, before any vCPU exists.
         let vtpm = match (pending_tpm, &cfg.tpm) {
             (Some(pending), Some(tcfg)) => {
-                let vtpm = Arc::new(pending.wait()?);
+                let vtpm = Arc::new(wait_vtpm(pending, &exit, lease.as_deref())?);
                 let cmdline_str = cmdline.as_cstring().map_err(BootError::Cmdline)?;
                 let log = tpm::measure(
                     &vtpm,
@@ -420,6 +483,7 @@ impl Vm {
                     vtpm: vtpm.clone(),
                     log,
                 }));
+                check_not_ended(&exit, lease.as_deref())?;
                 Some(vtpm)
             }
             _ => None,
@@ -467,10 +531,13 @@ impl Vm {
             serial,
             exit,
             events,
-            api: cfg.api_sock.clone().map(|p| (p, cfg.describe())),
+            _api: api,
+            ready,
             extensions,
             _vtpm: vtpm,
             _shm: shm,
+            lease,
+            build_watchdog,
         })
     }
 
@@ -486,17 +553,15 @@ impl Vm {
 
     /// Runs the guest until it stops; returns why.
     pub fn run(mut self) -> Result<StopReason> {
-        let _api = match self.api.take() {
-            Some((path, describe)) => Some(ApiServer::start(
-                &path,
-                ApiContext {
-                    describe,
-                    exit: self.exit.clone(),
-                    extensions: std::mem::take(&mut self.extensions),
-                },
-            )?),
-            None => None,
-        };
+        // The full API from now on (it has served describe, stop and lease
+        // since early in the build). Set once: `run` consumes the VM.
+        let _ = self.ready.set(std::mem::take(&mut self.extensions));
+        // A stop or the end of the lease that came during the build (after
+        // its last check) ends the VM before any vCPU exists.
+        if let Some(r) = self.exit.reason() {
+            tracing::info!(%r, "the VM ended before its guest started");
+            return Ok(r);
+        }
         vcpu::install_kick_handler().map_err(os_err("install the vCPU kick handler"))?;
         let mut handles: Vec<VcpuHandle> = Vec::with_capacity(self.vcpus.len());
         // Each vCPU thread installs its seccomp filter and waits at the gate; this
@@ -515,11 +580,30 @@ impl Vm {
         let filtered = gate
             .wait_arrivals(handles.len(), Duration::from_secs(10))
             .and_then(|()| seccomp::install(ThreadKind::Vmm));
-        gate.release(filtered.is_ok());
+        // The last look before the guest runs: a stop, or a lease that ended
+        // (the watchdog only fires in the event loop below), keeps the gate shut.
+        let ended = match &filtered {
+            Ok(()) => {
+                if let Some(l) = &self.lease {
+                    // Fences (signals `exit`) when the deadline has passed.
+                    let _ = l.check(lease::monotonic_ns());
+                }
+                self.exit.reason()
+            }
+            Err(_) => None,
+        };
+        gate.release(filtered.is_ok() && ended.is_none());
         if let Err(e) = filtered {
             stop_all(&mut handles);
             return Err(VmError::Seccomp(e));
         }
+        if let Some(r) = ended {
+            tracing::info!(%r, "the VM ended before its guest started");
+            stop_all(&mut handles);
+            return Ok(r);
+        }
+        // The event loop's watchdog (its timerfd armed since the build) takes over.
+        self.build_watchdog = None;
         let reason = loop {
             if let Some(r) = self.exit.reason() {
                 break r;
