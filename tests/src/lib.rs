@@ -222,8 +222,54 @@ pub fn connect_api(
     }
 }
 
-/// One request on a VM's JSON-lines API socket.
+/// One request on a VM's JSON-lines API socket. An answer `starting` (a VMM
+/// serves its socket while it sets up its vTPM; only `describe`, `stop` and
+/// `lease` are served then) is retried for up to 60 s.
 pub fn api_request(api: &std::path::Path, req: &serde_json::Value) -> serde_json::Value {
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let r = api_request_once(api, req);
+        if r["error"]["code"] != "starting" {
+            return r;
+        }
+        assert!(
+            std::time::Instant::now() < give_up,
+            "the VMM still answers {req} with `starting` after 60 s: {r}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Waits until the VMM's `describe` says `state: running` (its vTPM set up,
+/// its boot measured, its vCPUs started): the API socket exists earlier.
+/// False if it is not by `timeout` or the VMM stopped answering.
+pub fn wait_api_running(api: &std::path::Path, timeout: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        let Ok(s) = connect_api(api, std::time::Duration::from_secs(1)) else {
+            return false;
+        };
+        let mut l = String::new();
+        {
+            use std::io::{BufRead, Write};
+            if writeln!(&s, r#"{{"op":"describe"}}"#).is_err()
+                || std::io::BufReader::new(&s).read_line(&mut l).is_err()
+            {
+                return false;
+            }
+        }
+        match serde_json::from_str::<serde_json::Value>(&l) {
+            Ok(d) if d["state"] == "running" => return true,
+            Ok(d) if d["state"] == "starting" => {}
+            _ => return false,
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    false
+}
+
+/// One request on a VM's JSON-lines API socket, answered as it comes.
+pub fn api_request_once(api: &std::path::Path, req: &serde_json::Value) -> serde_json::Value {
     use std::io::{BufRead, Write};
     let s = connect_api(api, std::time::Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("API socket {} does not accept: {e}", api.display()));

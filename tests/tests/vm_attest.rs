@@ -83,8 +83,9 @@ fn launch_with_initrd(
         .spawn()
         .unwrap();
     let mut child = ChildGuard(child);
+    // The socket is served while the vTPM is set up (`starting`): wait for `running`.
     let opened = wait_for_path(&api, Duration::from_secs(60))
-        && cell0_tests::connect_api(&api, Duration::from_secs(10)).is_ok();
+        && cell0_tests::wait_api_running(&api, Duration::from_secs(60));
     if !opened {
         // Say why: a VMM that exited (swtpm_setup failing, say) left its reason on stderr.
         use std::io::Read;

@@ -3,12 +3,16 @@
 //! The VM's lease (`cell0-vmm launch --lease-ms`): a real nano VM (sypas-serve,
 //! which runs until stopped) is fenced when nobody renews its lease, lives on
 //! while renewals come over its API socket, and refuses bad renewals with a
-//! typed error that changes nothing.
+//! typed error that changes nothing. With `--tpm`, the lease is renewable
+//! while the VMM sets up its vTPM (the API socket is served from early in
+//! the build), and an unrenewed one fences the VM before its guest runs.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use cell0_tests::{BgVm, api_request, require_kvm, wait_for_path};
+use cell0_tests::{BgVm, ChildGuard, api_request, require_kvm, wait_for_path};
 use serde_json::{Value, json};
 
 /// `cell0-vmm`'s exit status when its lease ended (docs: vmm/src/lease.rs).
@@ -191,4 +195,203 @@ fn a_lease_out_of_range_is_a_clean_error() {
     let r = cell0_tests::launch(&["--lease-ms", "soon"]);
     assert_eq!(r.code, Some(1), "{r:#?}");
     assert!(r.stderr.contains("--lease-ms"), "{}", r.stderr);
+}
+
+/// Whether swtpm and its tools are on PATH (the `--tpm` tests skip without them).
+fn swtpm_missing() -> bool {
+    let missing = ["swtpm", "swtpm_setup", "swtpm_localca"].iter().any(|p| {
+        !std::env::var_os("PATH")
+            .map(|path| std::env::split_paths(&path).any(|d| d.join(p).is_file()))
+            .unwrap_or(false)
+    });
+    if missing {
+        eprintln!("SKIP: swtpm is not installed (apt-get install swtpm swtpm-tools)");
+    }
+    missing
+}
+
+/// One request, or `None` when the VMM does not answer (gone, or not yet listening).
+fn try_request(api: &std::path::Path, req: &Value) -> Option<Value> {
+    use std::io::{BufRead, Write};
+    let s = std::os::unix::net::UnixStream::connect(api).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    writeln!(&s, "{req}").ok()?;
+    let mut l = String::new();
+    std::io::BufReader::new(s).read_line(&mut l).ok()?;
+    serde_json::from_str(&l).ok()
+}
+
+/// A serving nano VM with `--tpm` (its own CA in `dir`) and `--lease-ms`; its
+/// serial output and stderr go to files in `dir`.
+fn start_tpm(dir: &std::path::Path, lease_ms: u64) -> (ChildGuard, PathBuf) {
+    let api = dir.join("api.sock");
+    let out = |name: &str| std::fs::File::create(dir.join(name)).unwrap();
+    let child = cell0_tests::vmm()
+        .env("CELL0_TPM_CA_DIR", dir.join("ca"))
+        .arg("launch")
+        .args(["--cmdline", "cell0.test=sypas-serve cell0.port=5000"])
+        .arg("--vsock-uds")
+        .arg(dir.join("v.sock"))
+        .args(["--cid", "3", "--tpm", "--run-dir"])
+        .arg(dir.join("run"))
+        .arg("--api-sock")
+        .arg(&api)
+        .args(["--lease-ms", &lease_ms.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(out("serial.log"))
+        .stderr(out("stderr.log"))
+        .spawn()
+        .unwrap();
+    (ChildGuard(child), api)
+}
+
+/// Waits for the VMM to exit; its status code.
+fn wait_exit(child: &mut ChildGuard, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.0.try_wait().unwrap() {
+            return st.code();
+        }
+        assert!(Instant::now() < deadline, "the VMM did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_tpm_vm_renewed_from_the_moment_its_socket_appears_comes_up_and_quotes() {
+    require_kvm!();
+    if swtpm_missing() {
+        return;
+    }
+    const LEASE_MS: u64 = 1_500;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, api) = start_tpm(dir.path(), LEASE_MS);
+    assert!(
+        wait_for_path(&api, Duration::from_secs(60)),
+        "the VMM never opened its API socket"
+    );
+    let t0 = Instant::now();
+    // The node agent's part: renew every 300 ms for a lease from now, from the
+    // moment the socket exists (the VMM is still setting up its vTPM then).
+    let done = Arc::new(AtomicBool::new(false));
+    let renewer = {
+        let (api, done) = (api.clone(), done.clone());
+        std::thread::spawn(move || {
+            let (mut renewed, mut while_starting) = (0, 0);
+            while !done.load(Ordering::SeqCst) {
+                let state = try_request(&api, &json!({"op": "describe"}))
+                    .map(|d| d["state"].as_str().unwrap_or("").to_string());
+                let deadline = monotonic_ns() + LEASE_MS * 1_000_000;
+                if let Some(r) = try_request(&api, &json!({"op": "lease", "deadline_ns": deadline}))
+                {
+                    assert_eq!(r["ok"], true, "{r}");
+                    assert_eq!(r["renewal"], "extended", "{r}");
+                    renewed += 1;
+                    if state.as_deref() == Some("starting") {
+                        while_starting += 1;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            (renewed, while_starting)
+        })
+    };
+    // The attester's part: ask for a quote until the VM is built.
+    let nonce = "ab".repeat(32);
+    let mut starting = 0;
+    let q = loop {
+        match try_request(&api, &json!({"op": "quote", "nonce": nonce})) {
+            Some(r) if r["error"]["code"] == "starting" => {
+                assert!(
+                    r["error"]["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("still being set up"),
+                    "{r}"
+                );
+                starting += 1;
+            }
+            Some(r) => break r,
+            None => {}
+        }
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "the VMM ended before it served a quote: {}",
+            std::fs::read_to_string(dir.path().join("stderr.log")).unwrap()
+        );
+        assert!(t0.elapsed() < Duration::from_secs(120), "no quote");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let up = t0.elapsed();
+    assert_eq!(q["ok"], true, "{q}");
+    assert!(q["quote"].is_object(), "{q}");
+    assert!(!q["event_log"].as_str().unwrap().is_empty(), "{q}");
+    let d = api_request(&api, &json!({"op": "describe"}));
+    assert_eq!(d["state"], "running", "{d}");
+    // The guest runs, past several lease periods while renewed.
+    let serial = dir.path().join("serial.log");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&serial)
+        .unwrap()
+        .contains(cell0_tests::SERVE_LISTENING)
+    {
+        assert!(Instant::now() < deadline, "the guest never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(2 * LEASE_MS));
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "fenced although renewed"
+    );
+    done.store(true, Ordering::SeqCst);
+    let (renewed, while_starting) = renewer.join().unwrap();
+    assert!(
+        while_starting >= 1,
+        "no renewal was served while the VM was being set up ({renewed} renewals)"
+    );
+    assert_eq!(api_request(&api, &json!({"op": "stop"}))["ok"], true);
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(30)), Some(0));
+    println!(
+        "--tpm --lease-ms {LEASE_MS}: {while_starting} of {renewed} renewals served while the vTPM was set up; \
+         {starting} quote requests answered `starting`; quote served {} ms after the socket appeared",
+        up.as_millis()
+    );
+}
+
+#[test]
+fn a_tpm_vm_whose_lease_is_not_renewed_is_fenced_during_its_setup_before_its_guest_runs() {
+    require_kvm!();
+    if swtpm_missing() {
+        return;
+    }
+    // 500 ms: well short of swtpm's start plus the measured boot (over 2 s
+    // for the debug build here), so the lease ends while the VM is being set up.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, api) = start_tpm(dir.path(), 500);
+    let mut saw_starting = false;
+    let code = loop {
+        if let Some(st) = child.0.try_wait().unwrap() {
+            break st.code();
+        }
+        if let Some(d) = try_request(&api, &json!({"op": "describe"})) {
+            assert_eq!(d["state"], "starting", "the VM came up unrenewed: {d}");
+            saw_starting = true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap();
+    let serial = std::fs::read_to_string(dir.path().join("serial.log")).unwrap();
+    assert_eq!(code, Some(EXIT_LEASE_EXPIRED), "{stderr}");
+    assert!(stderr.contains("lease expired: fenced"), "{stderr}");
+    assert!(serial.is_empty(), "the guest ran: {serial}");
+    // No swtpm outlives the fenced VMM.
+    let needle = dir.path().join("run").display().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cell0_tests::swtpm_pids_with(&needle).is_empty() {
+        assert!(Instant::now() < deadline, "swtpm outlived the fenced VMM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "--tpm --lease-ms 500, not renewed: fenced during the setup (describe seen `starting`: {saw_starting})"
+    );
 }
