@@ -1553,6 +1553,7 @@ impl Agent {
                 // Its guest agent said `cell0.node/ready` (docs/GUEST-AGENT.md).
                 r.agent_status(id).is_some_and(|s| s.ready.is_some())
             } else {
+                // (`state` is `starting` while the VMM sets up its vTPM.)
                 dir.join("api.sock").exists()
                     && proc::api_call_async(
                         &dir.join("api.sock"),

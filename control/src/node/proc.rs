@@ -167,7 +167,47 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// One request over the VM's API socket (blocking; call from a blocking task).
+///
+/// A VMM serves `describe`, `stop` and `lease` from early in its build and
+/// answers the other ops (`ak`, `activate`, `quote`, `shm`) with the error
+/// `starting` until its vTPM is set up and the boot measured: those are
+/// retried for up to `timeout`, then refused with a message that says so.
 pub fn api_call(sock: &Path, req: &Value, timeout: Duration) -> Result<Value, ProcError> {
+    let give_up = std::time::Instant::now() + timeout;
+    loop {
+        match api_call_once(sock, req, timeout)? {
+            Ok(v) => return Ok(v),
+            Err(v) if v["error"]["code"] == "starting" && std::time::Instant::now() < give_up => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(v) => {
+                let starting = v["error"]["code"] == "starting";
+                let message = v["error"]["message"]
+                    .as_str()
+                    .unwrap_or("no message")
+                    .to_string();
+                return Err(ProcError::ApiRefused {
+                    op: req["op"].as_str().unwrap_or("?").to_string(),
+                    message: if starting {
+                        format!(
+                            "{message} (still starting after {} ms)",
+                            timeout.as_millis()
+                        )
+                    } else {
+                        message
+                    },
+                });
+            }
+        }
+    }
+}
+
+/// One request; `Ok(Err(answer))` when the VMM answered with an error.
+fn api_call_once(
+    sock: &Path,
+    req: &Value,
+    timeout: Duration,
+) -> Result<Result<Value, Value>, ProcError> {
     let err = |source| ProcError::Api {
         path: sock.display().to_string(),
         source,
@@ -187,17 +227,7 @@ pub fn api_call(sock: &Path, req: &Value, timeout: Duration) -> Result<Value, Pr
         op: op.clone(),
         message: format!("unparsable answer: {e}"),
     })?;
-    if v["ok"] == true {
-        Ok(v)
-    } else {
-        Err(ProcError::ApiRefused {
-            op,
-            message: v["error"]["message"]
-                .as_str()
-                .unwrap_or("no message")
-                .to_string(),
-        })
-    }
+    Ok(if v["ok"] == true { Ok(v) } else { Err(v) })
 }
 
 /// [`api_call`] on tokio's blocking pool.
