@@ -1561,7 +1561,7 @@ impl Agent {
                         Duration::from_secs(2),
                     )
                     .await
-                    .is_ok()
+                    .is_ok_and(|d| d["state"] != "starting")
             };
             if ready {
                 self.mark_ready(id, seq, t0.elapsed());
