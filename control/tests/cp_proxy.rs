@@ -56,11 +56,6 @@ impl Agent {
                 "--cpu-overcommit",
                 "100",
             ])
-            // No per-VMM lease: a VMM with --tpm sets its vTPM up before it
-            // serves the API socket the agent renews its lease on, and the
-            // lease (counted from the VMM's start) ends first. Fencing is
-            // cp_federation's; this test is about the calls.
-            .args(["--lease-ms", "0"])
             .args(["--health-ms", "3600000", "--data-dir"])
             .arg(&dir)
             .arg("--vmm")
