@@ -395,3 +395,33 @@ fn a_tpm_vm_whose_lease_is_not_renewed_is_fenced_during_its_setup_before_its_gue
         "--tpm --lease-ms 500, not renewed: fenced during the setup (describe seen `starting`: {saw_starting})"
     );
 }
+
+#[test]
+fn a_stop_while_the_vtpm_is_set_up_ends_the_vmm_before_its_guest_runs() {
+    require_kvm!();
+    if swtpm_missing() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, api) = start_tpm(dir.path(), 120_000);
+    assert!(
+        wait_for_path(&api, Duration::from_secs(60)),
+        "the VMM never opened its API socket"
+    );
+    // Stop it as soon as it answers, while it says it is still being set up.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(d) = try_request(&api, &json!({"op": "describe"})) {
+            assert_eq!(d["state"], "starting", "the VM came up first: {d}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the VMM never answered");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let r = try_request(&api, &json!({"op": "stop"})).unwrap();
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(60)), Some(0));
+    let serial = std::fs::read_to_string(dir.path().join("serial.log")).unwrap();
+    assert!(serial.is_empty(), "the guest ran: {serial}");
+    assert!(!api.exists(), "the socket path is removed");
+}
