@@ -18,6 +18,12 @@
 //! - When the lease ends, the VMM thread's timerfd fires, the VMM logs
 //!   `lease expired: fenced`, stops the guest and exits with
 //!   [`EXIT_LEASE_EXPIRED`].
+//! - The API socket serves `lease` from early in the build (before the vTPM
+//!   is waited for and the boot measured), so the lease can be renewed while
+//!   the VM is set up. Until the event loop runs, [`BuildWatchdog`] watches
+//!   it: when it ends then, the VMM exits with [`EXIT_LEASE_EXPIRED`] at
+//!   once, before any guest instruction; the vCPUs are not released either
+//!   if it ended just before.
 //!
 //! Without `--lease-ms` there is no lease and the `lease` op answers `no_lease`.
 
