@@ -336,6 +336,7 @@ fn writers(
     seed: u64,
     targets: Arc<Mutex<Vec<u64>>>,
     acks: &Acks,
+    mk: fn(&str) -> grpc::CreateVmRequest,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     (0..n)
         .map(|w| {
@@ -366,8 +367,8 @@ fn writers(
                         }
                     }
                     let c = clients.get_mut(&id).unwrap();
-                    let r = tokio::time::timeout(Duration::from_secs(10), c.vm.create(spec(&name)))
-                        .await;
+                    let r =
+                        tokio::time::timeout(Duration::from_secs(10), c.vm.create(mk(&name))).await;
                     match r {
                         Ok(Ok(_)) => {
                             acks.acked.lock().unwrap().insert(name);
@@ -617,7 +618,7 @@ fn seeded_random_kills_and_partitions_lose_no_acknowledged_write() {
             let mut ms = form(&mut net, &base, 3, &[]).await;
             let acks = Acks::default();
             let targets = Arc::new(Mutex::new(vec![1, 2, 3]));
-            let ws = writers(3, rng.next(), targets, &acks);
+            let ws = writers(3, rng.next(), targets, &acks, spec);
             let all: Vec<&Member> = ms.iter().collect();
             let mut l = wait_for("one leader", Duration::from_secs(60), || leader(&all)).await;
             let mut leader_faults = 0;
@@ -735,7 +736,7 @@ fn members_are_added_and_removed_under_load() {
             let mut ms = form(&mut net, &base, 3, &extra).await;
             let acks = Acks::default();
             let targets = Arc::new(Mutex::new(vec![1, 2, 3]));
-            let ws = writers(3, rng_seed, targets.clone(), &acks);
+            let ws = writers(3, rng_seed, targets.clone(), &acks, spec);
             acks.wait_more(150, "before the add").await;
 
             // A fourth member: learner, caught up, then voter, under load.
@@ -809,6 +810,514 @@ fn members_are_added_and_removed_under_load() {
                 .await;
             }
             check_all(&rest, &acks.set()).await;
+        },
+    );
+}
+
+/// A `cell0d node` agent on a host of its own: network namespace `m<id>`
+/// (ids 11, 12, 13 for n1, n2, n3) on the Raft net at 10.213.0.<id>, where it
+/// reaches the members' `--join` addresses; real nano VMs through
+/// `cell0-vmm`, jailed as `cell0d node` does by default.
+struct Agent {
+    id: u64,
+    name: String,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    fn start(net: &mut Net, base: &Path, k: u64) -> Agent {
+        let id = 10 + k;
+        net.add_member(id);
+        let mut a = Agent {
+            id,
+            name: format!("n{k}"),
+            dir: base.join(format!("n{k}")),
+            child: None,
+        };
+        a.spawn(net);
+        a
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.with_extension("log")).unwrap_or_default()
+    }
+
+    /// `<data-dir>/node/vms/`: every process of its VMs names a dir under it.
+    fn prefix(&self) -> String {
+        format!("{}/node/vms/", self.dir.display())
+    }
+
+    fn spawn(&mut self, net: &Net) {
+        assert!(self.child.is_none(), "{} already runs", self.name);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.with_extension("log"))
+            .unwrap();
+        let join: Vec<String> = (1..=3).map(Net::raft_addr).collect();
+        let mut c = Command::new(env!("CARGO_BIN_EXE_cell0d"));
+        c.args(["node", "--insecure-plaintext", "--join", &join.join(",")])
+            .args([
+                "--node-name",
+                &self.name,
+                "--zone",
+                &format!("z{}", self.id),
+            ])
+            .args(["--region", "r1", "--labels", "role=worker"])
+            .args([
+                "--vcpus",
+                "4",
+                "--memory-mib",
+                "4096",
+                "--cpu-overcommit",
+                "100",
+            ])
+            .args(["--health-ms", "3600000", "--data-dir"])
+            .arg(&self.dir)
+            .arg("--vmm")
+            .arg(cp_harness::vmm().unwrap())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        // Its own process group: a kill of the agent reaches no VMM, which
+        // runs in a group of its own.
+        std::os::unix::process::CommandExt::process_group(&mut c, 0);
+        let ns = net.enter_in(self.id, &mut c);
+        self.child = Some(c.spawn().unwrap());
+        drop(ns);
+    }
+
+    /// SIGKILLs the agent only: its VMMs live on until their lease ends.
+    fn kill_agent(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own child's process group.
+            unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
+            let _ = c.wait();
+        }
+    }
+
+    /// The host dies: the agent and every process of its VMs.
+    fn kill_host(&mut self) {
+        self.kill_agent();
+        for pid in cp_harness::procs_with(&self.prefix()) {
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill_host();
+    }
+}
+
+/// A write of the writers when node agents run: a record for the members'
+/// own nodes (`/bin/true` VMMs), never one of the agents' real VMs.
+fn member_spec(name: &str) -> grpc::CreateVmRequest {
+    let mut r = spec(name);
+    r.spec.as_mut().unwrap().placement = Some(grpc::Placement {
+        node_selector: [("cell0.io/agent".to_string(), "member".to_string())].into(),
+        ..Default::default()
+    });
+    r
+}
+
+/// A long-running nano VM for the node agents (`role=worker`), spread.
+fn agent_vm(name: &str, restart: grpc::RestartPolicy) -> grpc::CreateVmRequest {
+    grpc::CreateVmRequest {
+        spec: Some(grpc::VmSpec {
+            name: name.into(),
+            image: Some(grpc::Image {
+                cmdline: cp_harness::LONG_RUNNING.into(),
+                ..Default::default()
+            }),
+            restart_policy: restart as i32,
+            placement: Some(grpc::Placement {
+                node_selector: [("role".to_string(), "worker".to_string())].into(),
+                policy: grpc::PlacementPolicy::Spread as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Node name -> state, as member `m` lists them.
+async fn node_states(m: &Member) -> Option<BTreeMap<String, String>> {
+    let fut = async {
+        let mut c = ctl::connect(&m.addr()).await.ok()?;
+        let r = c.node.list(grpc::ListNodesRequest {}).await.ok()?;
+        Some(
+            r.into_inner()
+                .nodes
+                .into_iter()
+                .map(|n| (n.id, n.state))
+                .collect(),
+        )
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Some when members `ms` agree on a leader and it lists `which` ready.
+async fn nodes_ready(ms: &[Member], which: &[String]) -> Option<()> {
+    let all: Vec<&Member> = ms.iter().collect();
+    let l = leader(&all).await?;
+    let st = node_states(all.iter().find(|m| m.id == l)?).await?;
+    which
+        .iter()
+        .all(|n| st.get(n).is_some_and(|s| s == "ready"))
+        .then_some(())
+}
+
+/// The VMs `ids` as the leader reports them: id -> (state, node). The leader
+/// holds the agents' heartbeat reports, so only it knows their runtime state.
+async fn vm_states(
+    ms: &[&Member],
+    ids: &[String],
+) -> Option<BTreeMap<String, (grpc::VmState, String)>> {
+    let l = leader(ms).await?;
+    let m = ms.iter().find(|m| m.id == l)?;
+    let vms = tokio::time::timeout(Duration::from_secs(10), m.vms())
+        .await
+        .ok()?
+        .ok()?;
+    Some(
+        vms.into_iter()
+            .filter(|v| ids.contains(&v.id))
+            .map(|v| {
+                let s = v.status.unwrap_or_default();
+                (v.id, (s.state(), s.node))
+            })
+            .collect(),
+    )
+}
+
+/// Samples /proc every 10 ms on a thread of its own until stopped: every
+/// moment at which a VM had live processes on two hosts (checked as
+/// [`cp_harness::vmm_double`] does), and how many samples were taken.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<(u64, Vec<String>)>,
+}
+
+impl Sampler {
+    fn start(prefixes: Vec<String>, names: Vec<String>, t0: Instant) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let (mut n, mut doubles) = (0u64, Vec::new());
+            while !s.load(Ordering::SeqCst) {
+                n += 1;
+                if let Some((id, hs)) = cp_harness::vmm_double(&prefixes) {
+                    if doubles.len() < 20 {
+                        let on: Vec<String> = hs
+                            .iter()
+                            .map(|(h, pids)| format!("{} (pids {pids:?})", names[*h]))
+                            .collect();
+                        doubles.push(format!(
+                            "{:.2} s: VM {id} has live processes on {}",
+                            t0.elapsed().as_secs_f64(),
+                            on.join(" and ")
+                        ));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (n, doubles)
+        });
+        Sampler { stop, handle }
+    }
+
+    fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle.join().unwrap()
+    }
+}
+
+#[test]
+fn seeded_random_node_and_member_faults_never_run_a_vm_twice() {
+    require_vms!();
+    in_netns(
+        "seeded_random_node_and_member_faults_never_run_a_vm_twice",
+        |mut net, base| async move {
+            let mut rng = Rng::seeded("seeded_random_node_and_member_faults");
+            let secs: u64 = std::env::var("CELL0_FAULT_SECS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(45);
+            let mut ms = form(&mut net, &base, 3, &["--allow-unattested-nodes"]).await;
+            let mut nodes: Vec<Agent> = (1..=3).map(|k| Agent::start(&mut net, &base, k)).collect();
+            let names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+            let prefixes: Vec<String> = nodes.iter().map(Agent::prefix).collect();
+            let logs = |ms: &[Member], nodes: &[Agent]| {
+                let mut s = String::new();
+                for m in ms {
+                    s.push_str(&format!("--- member {}:\n{}\n", m.id, tail(&m.log(), 2500)));
+                }
+                for n in nodes {
+                    let raw = n.log();
+                    let log = raw
+                        .lines()
+                        .filter(|l| !l.contains("VM attached"))
+                        .collect::<Vec<_>>()
+                        .join("\n");
+                    s.push_str(&format!("--- {}:\n{}\n", n.name, tail(&log, 3000)));
+                    let vms = std::fs::read_dir(n.dir.join("node/vms"))
+                        .into_iter()
+                        .flatten();
+                    for e in vms.flatten() {
+                        let v =
+                            std::fs::read_to_string(e.path().join("vmm.log")).unwrap_or_default();
+                        s.push_str(&format!(
+                            "--- {} {:?} vmm.log:\n{}\n",
+                            n.name,
+                            e.file_name(),
+                            tail(&v, 800)
+                        ));
+                    }
+                }
+                s
+            };
+            wait_for(
+                "n1, n2, n3 registered and ready",
+                Duration::from_secs(60),
+                || nodes_ready(&ms, &names),
+            )
+            .await;
+
+            // Six long-running VMs on the agents: `always` and `on-failure`.
+            let ids: Vec<String> = (0..6).map(|i| format!("vm{i}")).collect();
+            for (i, id) in ids.iter().enumerate() {
+                let policy = if i % 2 == 0 {
+                    grpc::RestartPolicy::Always
+                } else {
+                    grpc::RestartPolicy::OnFailure
+                };
+                let mut c = ms[i % 3].client().await;
+                bounded("a create", c.vm.create(agent_vm(id, policy)))
+                    .await
+                    .unwrap_or_else(|e| panic!("create {id}: {e}"));
+            }
+            let all: Vec<&Member> = ms.iter().collect();
+            let ids_ref = &ids;
+            let placed = tokio::time::timeout(Duration::from_secs(60), async {
+                loop {
+                    if let Some(st) = vm_states(&all, ids_ref).await {
+                        if st.len() == ids_ref.len()
+                            && st.values().all(|(s, _)| *s == grpc::VmState::Running)
+                        {
+                            return st
+                                .into_iter()
+                                .map(|(id, (_, n))| (id, n))
+                                .collect::<BTreeMap<String, String>>();
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+            .await;
+            let Ok(placed) = placed else {
+                let now = vm_states(&all, ids_ref).await;
+                panic!(
+                    "the six VMs not running within 60 s: {now:?}\nprocesses: {:?}\n{}",
+                    cp_harness::vmm_hosts(&prefixes),
+                    logs(&ms, &nodes)
+                );
+            };
+            println!("placed: {placed:?}");
+
+            let acks = Acks::default();
+            let targets = Arc::new(Mutex::new(vec![1, 2, 3]));
+            let ws = writers(3, rng.next(), targets, &acks, member_spec);
+            acks.wait_more(10, "before the faults").await;
+
+            let t0 = Instant::now();
+            let sampler = Sampler::start(prefixes.clone(), names.clone(), t0);
+            let kinds = [
+                "SIGKILL agent",
+                "SIGKILL host",
+                "partition node",
+                "SIGKILL member",
+                "partition member",
+                "partition+SIGKILL member",
+            ];
+            let mut counts = [0u32; 6];
+            let mut schedule = Vec::new();
+            let mut last = placed.clone();
+            let mut moves = 0;
+            while t0.elapsed() < Duration::from_secs(secs) {
+                let kind = rng.below(6) as usize;
+                let down = rng.ms(300, 5000);
+                let target = rng.below(3) as usize;
+                let what = match kind {
+                    0 => format!("SIGKILL the agent of {}", nodes[target].name),
+                    1 => format!("SIGKILL host {} (agent and VMMs)", nodes[target].name),
+                    2 => format!("partition node {}", nodes[target].name),
+                    3 => format!("SIGKILL member {}", ms[target].id),
+                    4 => format!("partition member {}", ms[target].id),
+                    _ => format!("partition, then SIGKILL, member {}", ms[target].id),
+                };
+                let line = format!(
+                    "{:>5.1} s: {what} for {down:?} ({} acked)",
+                    t0.elapsed().as_secs_f64(),
+                    acks.len()
+                );
+                println!("{line}");
+                schedule.push(line);
+                counts[kind] += 1;
+                match kind {
+                    0 => {
+                        nodes[target].kill_agent();
+                        tokio::time::sleep(down).await;
+                        nodes[target].spawn(&net);
+                    }
+                    1 => {
+                        nodes[target].kill_host();
+                        tokio::time::sleep(down).await;
+                        nodes[target].spawn(&net);
+                    }
+                    2 => {
+                        net.partition(nodes[target].id);
+                        tokio::time::sleep(down).await;
+                        net.heal(nodes[target].id);
+                    }
+                    3 => {
+                        ms[target].kill9();
+                        tokio::time::sleep(down).await;
+                        ms[target].spawn();
+                    }
+                    4 => {
+                        net.partition(ms[target].id);
+                        tokio::time::sleep(down).await;
+                        net.heal(ms[target].id);
+                    }
+                    _ => {
+                        net.partition(ms[target].id);
+                        tokio::time::sleep(down / 2).await;
+                        ms[target].kill9();
+                        tokio::time::sleep(down / 2).await;
+                        net.heal(ms[target].id);
+                        ms[target].spawn();
+                    }
+                }
+                // Settle: the member back serving, one leader, every node
+                // ready again; then a pause. One fault at a time.
+                if kind >= 3 {
+                    ms[target].wait_api();
+                }
+                let t_settle = Instant::now();
+                let ok = tokio::time::timeout(Duration::from_secs(60), async {
+                    loop {
+                        if nodes_ready(&ms, &names).await.is_some() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                })
+                .await;
+                assert!(
+                    ok.is_ok(),
+                    "no leader with n1, n2, n3 ready within 60 s after: {}\n{}",
+                    schedule.last().unwrap(),
+                    logs(&ms, &nodes)
+                );
+                let all: Vec<&Member> = ms.iter().collect();
+                if let Some(st) = vm_states(&all, &ids).await {
+                    for (id, (_, n)) in st {
+                        if last.get(&id).is_some_and(|o| *o != n) {
+                            moves += 1;
+                            println!("        {id}: {} -> {n}", last[&id]);
+                        }
+                        last.insert(id, n);
+                    }
+                }
+                println!(
+                    "        settled in {:.1} s",
+                    t_settle.elapsed().as_secs_f64()
+                );
+                tokio::time::sleep(rng.ms(200, 2000)).await;
+            }
+            acks.wait_more(20, "after the faults").await;
+            stop_writers(&acks, ws).await;
+
+            // Every restartable VM runs again, on exactly one node: the one
+            // the leader places it on, and no other host has a process of it.
+            let all: Vec<&Member> = ms.iter().collect();
+            let t_end = Instant::now();
+            let prefixes_ref = &prefixes;
+            let names_ref = &names;
+            let done = tokio::time::timeout(Duration::from_secs(90), async {
+                loop {
+                    if let Some(st) = vm_states(&all, &ids).await {
+                        let hosts = cp_harness::vmm_hosts(prefixes_ref);
+                        let ok = st.len() == ids.len()
+                            && st.iter().all(|(id, (s, n))| {
+                                *s == grpc::VmState::Running
+                                    && hosts.get(id).is_some_and(|h| {
+                                        h.len() == 1 && names_ref[*h.iter().next().unwrap()] == *n
+                                    })
+                            });
+                        if ok {
+                            return st;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+            .await;
+            let (samples, doubles) = sampler.finish();
+            let fenced: usize = nodes
+                .iter()
+                .map(|n| n.log().matches("fencing: terminating").count())
+                .sum();
+            println!("fault schedule ({} faults in {secs} s):", schedule.len());
+            for l in &schedule {
+                println!("  {l}");
+            }
+            let summary: Vec<String> = kinds
+                .iter()
+                .zip(counts)
+                .map(|(k, c)| format!("{k}: {c}"))
+                .collect();
+            println!(
+                "faults: {}; VM moves seen between faults: {moves}; agent self-fencings: {fenced}; \
+                 {samples} process samples, {} with a VM on two hosts",
+                summary.join(", "),
+                doubles.len()
+            );
+            assert!(
+                doubles.is_empty(),
+                "a VM ran on two hosts at once:\n{}\nschedule:\n{}\n{}",
+                doubles.join("\n"),
+                schedule.join("\n"),
+                logs(&ms, &nodes)
+            );
+            let Ok(st) = done else {
+                let now = vm_states(&all, &ids).await;
+                panic!(
+                    "not every VM running on exactly one node within 90 s of the end: {now:?}\n\
+                     processes: {:?}\n{}",
+                    cp_harness::vmm_hosts(&prefixes),
+                    logs(&ms, &nodes)
+                );
+            };
+            println!(
+                "every VM running on exactly one node {:.1} s after the last fault: {:?}",
+                t_end.elapsed().as_secs_f64(),
+                st.iter()
+                    .map(|(id, (_, n))| format!("{id}@{n}"))
+                    .collect::<Vec<_>>()
+            );
+            check_all(&all, &acks.set()).await;
+            for n in &mut nodes {
+                n.kill_host();
+            }
         },
     );
 }

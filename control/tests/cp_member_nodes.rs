@@ -21,7 +21,7 @@ mod cp_harness;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use cp_harness::{Daemon, LONG_RUNNING, free_addr, proc_alive, spawn_all, tail};
+use cp_harness::{Daemon, LONG_RUNNING, free_addr, spawn_all, tail};
 use serde_json::Value;
 
 fn state(v: &Value) -> &str {
@@ -186,25 +186,7 @@ impl Cluster {
             .iter()
             .map(|m| format!("{}/node/vms/", m.data().display()))
             .collect();
-        let mut out: BTreeMap<String, BTreeSet<usize>> = BTreeMap::new();
-        for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let Ok(c) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-                continue;
-            };
-            let c = String::from_utf8_lossy(&c);
-            for (i, p) in prefixes.iter().enumerate() {
-                if let Some(rest) = c.split(p.as_str()).nth(1) {
-                    let id = rest.split(['/', '\0']).next().unwrap_or("");
-                    if !id.is_empty() && proc_alive(pid) {
-                        out.entry(id.to_string()).or_default().insert(i);
-                    }
-                }
-            }
-        }
-        out
+        cp_harness::vmm_hosts(&prefixes)
     }
 
     /// Panics if a VM has a live VMM on two hosts.

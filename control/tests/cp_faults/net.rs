@@ -135,6 +135,32 @@ impl Net {
         ip(&["-n", &self.hub(), "link", "set", &format!("r{id}"), "up"]);
     }
 
+    /// Makes `cmd` start in member `id`'s network namespace (setns(2) between
+    /// fork and exec). Unlike `ip netns exec`, the child keeps the host's
+    /// mount namespace and so its `/sys` (cgroups), which a jailed VMM needs.
+    /// The returned file is the namespace; keep it until `spawn` returns.
+    pub fn enter_in(&self, id: u64, cmd: &mut Command) -> std::fs::File {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let path = format!("/run/netns/{}", self.ns(id));
+        let f = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        let fd = f.as_raw_fd();
+        // SAFETY: the closure runs in the forked child before exec and calls
+        // only setns(2), which is async-signal-safe; `fd` stays open in the
+        // parent (and so in the child) until the caller drops the file after
+        // spawn.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        f
+    }
+
     /// Moves the calling thread (and the threads it starts later) into the
     /// hub namespace, where the clients run.
     pub fn enter_hub(&self) {

@@ -4,6 +4,7 @@
 //! every VMM the daemon started, whatever happens.
 #![allow(dead_code, clippy::unwrap_used, clippy::print_stdout)]
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -237,6 +238,58 @@ pub fn procs_with(needle: &str) -> Vec<i32> {
         }
     }
     out
+}
+
+/// One scan of /proc: VM id -> host index -> the live processes whose
+/// command line names that VM's run dir under `prefixes[host]` (each a host's
+/// `<data-dir>/node/vms/`, with the trailing slash).
+pub fn vmm_procs(prefixes: &[String]) -> BTreeMap<String, BTreeMap<usize, Vec<i32>>> {
+    let mut out: BTreeMap<String, BTreeMap<usize, Vec<i32>>> = BTreeMap::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(c) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let c = String::from_utf8_lossy(&c);
+        for (i, p) in prefixes.iter().enumerate() {
+            if let Some(rest) = c.split(p.as_str()).nth(1) {
+                let id = rest.split(['/', '\0']).next().unwrap_or("");
+                if !id.is_empty() && proc_alive(pid) {
+                    out.entry(id.to_string())
+                        .or_default()
+                        .entry(i)
+                        .or_default()
+                        .push(pid);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// VM id -> the hosts (indexes into `prefixes`, see [`vmm_procs`]) with a
+/// live process of it.
+pub fn vmm_hosts(prefixes: &[String]) -> BTreeMap<String, BTreeSet<usize>> {
+    vmm_procs(prefixes)
+        .into_iter()
+        .map(|(id, hs)| (id, hs.into_keys().collect()))
+        .collect()
+}
+
+/// A VM with live processes on two hosts at one instant, from one scan of
+/// [`vmm_procs`]: a scan reads /proc one process after another, so a VM that
+/// moved during the scan may show its old and new process; a double counts
+/// only if every process seen is still alive after the scan (then all were
+/// alive together at the moment the first of them was checked again).
+pub fn vmm_double(prefixes: &[String]) -> Option<(String, BTreeMap<usize, Vec<i32>>)> {
+    vmm_procs(prefixes)
+        .into_iter()
+        .find(|(_, hs)| hs.len() > 1 && hs.values().all(|ps| ps.iter().any(|p| proc_alive(*p))))
 }
 
 impl Drop for Daemon {
