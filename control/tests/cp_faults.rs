@@ -3,13 +3,18 @@
 //! `cell0d serve` processes, each in its own network namespace
 //! (`cp_faults/net.rs`): a partitioned minority, a seeded randomized
 //! kill/partition/restart run under client traffic, members added and removed
-//! under load, and a restart of every member.
+//! under load, and a restart of every member. A second seeded randomized run
+//! adds three `cell0d node` agents, each on a host (namespace) of its own,
+//! with six real nano VMs, and faults them too (agent killed, host killed,
+//! node partitioned), while a /proc sampler checks that no VM ever runs on
+//! two hosts at once.
 //!
-//! Each member runs its node agent with `/bin/true` as the "VMM", so no KVM is
-//! needed; the VMs written are records whose placement is checked. Needs root
-//! (network namespaces); without it every test says why and skips. Randomness
-//! comes from a printed seed: `CELL0_TEST_SEED` replays it, and
-//! `CELL0_FAULT_SECS` sets how long the randomized run lasts (default 60).
+//! Each member runs its node agent with `/bin/true` as the "VMM", so only the
+//! node agents' test needs KVM; the VMs written are records whose placement
+//! is checked. Needs root (network namespaces); without it every test says
+//! why and skips. Randomness comes from a printed seed: `CELL0_TEST_SEED`
+//! replays it, and `CELL0_FAULT_SECS` sets how long a randomized run lasts
+//! (default 60 for members alone, 45 with node agents).
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
 mod cp_harness;
@@ -1308,7 +1313,7 @@ fn seeded_random_node_and_member_faults_never_run_a_vm_twice() {
                 );
             };
             println!(
-                "every VM running on exactly one node {:.1} s after the last fault: {:?}",
+                "every VM running on exactly one node {:.1} s after the fault loop and the writers ended: {:?}",
                 t_end.elapsed().as_secs_f64(),
                 st.iter()
                     .map(|(id, (_, n))| format!("{id}@{n}"))
