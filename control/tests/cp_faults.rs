@@ -1326,3 +1326,48 @@ fn seeded_random_node_and_member_faults_never_run_a_vm_twice() {
         },
     );
 }
+
+/// The sampler's check can fail: two processes naming one VM's run dir under
+/// two hosts' prefixes are a double; once one of them is gone, none is.
+#[test]
+fn the_process_sampler_sees_a_vm_on_two_hosts() {
+    let dir = tempfile::Builder::new()
+        .prefix("c0sampler")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let prefixes: Vec<String> = ["a", "b"]
+        .iter()
+        .map(|h| format!("{}/{h}/node/vms/", dir.path().display()))
+        .collect();
+    // `sh -c 'sleep 30; true' ARG0`: sh stays (two commands) with ARG0, a
+    // path in the VM's run dir, in its command line.
+    let mut kids: Vec<Child> = prefixes
+        .iter()
+        .map(|p| {
+            Command::new("sh")
+                .args(["-c", "sleep 30; true", &format!("{p}vm0/cell0-vmm")])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let t0 = Instant::now();
+    let seen = loop {
+        if let Some(d) = cp_harness::vmm_double(&prefixes) {
+            break d;
+        }
+        assert!(t0.elapsed() < CALL_LIMIT, "the double was never seen");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(seen.0, "vm0");
+    assert_eq!(seen.1.keys().copied().collect::<Vec<_>>(), vec![0, 1]);
+    kids[1].kill().unwrap();
+    kids[1].wait().unwrap();
+    assert!(cp_harness::vmm_double(&prefixes).is_none());
+    assert_eq!(
+        cp_harness::vmm_hosts(&prefixes).get("vm0"),
+        Some(&BTreeSet::from([0]))
+    );
+    kids[0].kill().unwrap();
+    kids[0].wait().unwrap();
+    assert!(cp_harness::vmm_hosts(&prefixes).is_empty());
+}
