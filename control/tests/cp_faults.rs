@@ -980,6 +980,17 @@ async fn nodes_ready(ms: &[Member], which: &[String]) -> Option<()> {
         .then_some(())
 }
 
+/// What each member says of the leader and of the nodes (for a slow settle).
+async fn settle_view(ms: &[Member]) -> String {
+    let mut out = Vec::new();
+    for m in ms {
+        let l = m.status().await.map(|s| s.leader_id);
+        let n = node_states(m).await;
+        out.push(format!("member {}: leader {l:?}, nodes {n:?}", m.id));
+    }
+    out.join("; ")
+}
+
 /// The VMs `ids` as the leader reports them: id -> (state, node). The leader
 /// holds the agents' heartbeat reports, so only it knows their runtime state.
 async fn vm_states(
@@ -1218,9 +1229,20 @@ fn seeded_random_node_and_member_faults_never_run_a_vm_twice() {
                 }
                 let t_settle = Instant::now();
                 let ok = tokio::time::timeout(Duration::from_secs(60), async {
+                    let mut told = 0;
                     loop {
                         if nodes_ready(&ms, &names).await.is_some() {
                             break;
+                        }
+                        // A slow settle says what it waits for, every 5 s.
+                        let waited = t_settle.elapsed().as_secs() / 5;
+                        if waited > told {
+                            told = waited;
+                            println!(
+                                "        not settled after {} s: {}",
+                                waited * 5,
+                                settle_view(&ms).await
+                            );
                         }
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
