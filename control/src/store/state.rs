@@ -705,8 +705,9 @@ mod failure_tests {
         n
     }
 
-    #[test]
-    fn a_drain_of_a_watched_node_is_a_handoff_released_once() {
+    /// Watched nodes n1 and n2; VM `a` (restart always) placed on n1, then
+    /// n1 drained (indexes 1 to 4): `a` moves to n2 as a handoff from n1.
+    fn a_on_n1_drained_to_n2() -> ClusterState {
         let mut s = ClusterState::default();
         s.apply(
             1,
@@ -722,6 +723,12 @@ mod failure_tests {
             },
         );
         s.apply(4, &Command::DrainNode { id: "n1".into() });
+        s
+    }
+
+    #[test]
+    fn a_drain_of_a_watched_node_is_a_handoff_released_once() {
+        let mut s = a_on_n1_drained_to_n2();
         let a = s.vms["a"].clone();
         assert_eq!((a.node.as_str(), a.epoch, a.revision), ("n2", 2, 4));
         assert_eq!(
@@ -781,21 +788,7 @@ mod failure_tests {
 
     #[test]
     fn a_handoff_ends_when_the_old_node_goes_down_and_survives_a_second_move() {
-        let mut s = ClusterState::default();
-        s.apply(
-            1,
-            &Command::PutNode {
-                node: watched("n1"),
-            },
-        );
-        s.apply(2, &create("a", grpc::RestartPolicy::Always));
-        s.apply(
-            3,
-            &Command::PutNode {
-                node: watched("n2"),
-            },
-        );
-        s.apply(4, &Command::DrainNode { id: "n1".into() });
+        let mut s = a_on_n1_drained_to_n2();
         // Moved on before n1 stopped it: it still waits for n1, not n2.
         s.apply(
             5,
@@ -837,21 +830,7 @@ mod failure_tests {
 
     #[test]
     fn a_move_back_to_the_old_node_and_an_unwatched_node_need_no_handoff() {
-        let mut s = ClusterState::default();
-        s.apply(
-            1,
-            &Command::PutNode {
-                node: watched("n1"),
-            },
-        );
-        s.apply(2, &create("a", grpc::RestartPolicy::Always));
-        s.apply(
-            3,
-            &Command::PutNode {
-                node: watched("n2"),
-            },
-        );
-        s.apply(4, &Command::DrainNode { id: "n1".into() });
+        let mut s = a_on_n1_drained_to_n2();
         s.apply(5, &Command::UncordonNode { id: "n1".into() });
         s.apply(6, &Command::DrainNode { id: "n2".into() });
         let a = &s.vms["a"];
