@@ -455,3 +455,17 @@ pub fn proc_usage(pid: u32) -> Option<ProcUsage> {
         rss_kib: field("VmRSS:")?,
     })
 }
+
+/// Whether swtpm or its tools are missing from PATH (then the `--tpm` tests
+/// skip, saying so on stderr).
+pub fn swtpm_missing() -> bool {
+    let missing = ["swtpm", "swtpm_setup", "swtpm_localca"].iter().any(|p| {
+        !std::env::var_os("PATH")
+            .map(|path| std::env::split_paths(&path).any(|d| d.join(p).is_file()))
+            .unwrap_or(false)
+    });
+    if missing {
+        eprintln!("SKIP: swtpm is not installed (apt-get install swtpm swtpm-tools)");
+    }
+    missing
+}

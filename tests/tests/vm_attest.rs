@@ -16,18 +16,6 @@ use serde_json::json;
 
 const CMDLINE: &str = "console=ttyS0 cell0.agent=test";
 
-fn swtpm_missing() -> bool {
-    let missing = ["swtpm", "swtpm_setup", "swtpm_localca"].iter().any(|p| {
-        !std::env::var_os("PATH")
-            .map(|path| std::env::split_paths(&path).any(|d| d.join(p).is_file()))
-            .unwrap_or(false)
-    });
-    if missing {
-        eprintln!("SKIP: swtpm is not installed (apt-get install swtpm swtpm-tools)");
-    }
-    missing
-}
-
 struct Vm {
     child: ChildGuard,
     api: PathBuf,
@@ -154,7 +142,7 @@ fn only_mismatch(v: &Verdict, event: EventType, pcr: u8) {
 #[test]
 fn honest_boot_verifies_and_each_tampered_input_is_named() {
     require_kvm!();
-    if swtpm_missing() {
+    if cell0_tests::swtpm_missing() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -249,7 +237,7 @@ fn honest_boot_verifies_and_each_tampered_input_is_named() {
 #[test]
 fn no_swtpm_survives_a_sigkilled_vmm() {
     require_kvm!();
-    if swtpm_missing() {
+    if cell0_tests::swtpm_missing() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -276,7 +264,7 @@ fn no_swtpm_survives_a_sigkilled_vmm() {
 #[test]
 fn quote_with_a_bad_nonce_is_a_clear_error() {
     require_kvm!();
-    if swtpm_missing() {
+    if cell0_tests::swtpm_missing() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -291,7 +279,7 @@ fn quote_with_a_bad_nonce_is_a_clear_error() {
 #[test]
 fn twenty_vms_with_vtpms_in_parallel_all_verify() {
     require_kvm!();
-    if swtpm_missing() {
+    if cell0_tests::swtpm_missing() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -197,19 +197,6 @@ fn a_lease_out_of_range_is_a_clean_error() {
     assert!(r.stderr.contains("--lease-ms"), "{}", r.stderr);
 }
 
-/// Whether swtpm and its tools are on PATH (the `--tpm` tests skip without them).
-fn swtpm_missing() -> bool {
-    let missing = ["swtpm", "swtpm_setup", "swtpm_localca"].iter().any(|p| {
-        !std::env::var_os("PATH")
-            .map(|path| std::env::split_paths(&path).any(|d| d.join(p).is_file()))
-            .unwrap_or(false)
-    });
-    if missing {
-        eprintln!("SKIP: swtpm is not installed (apt-get install swtpm swtpm-tools)");
-    }
-    missing
-}
-
 /// One request, or `None` when the VMM does not answer (gone, or not yet listening).
 fn try_request(api: &std::path::Path, req: &Value) -> Option<Value> {
     use std::io::{BufRead, Write};
@@ -260,7 +247,7 @@ fn wait_exit(child: &mut ChildGuard, timeout: Duration) -> Option<i32> {
 #[test]
 fn a_tpm_vm_renewed_from_the_moment_its_socket_appears_comes_up_and_quotes() {
     require_kvm!();
-    if swtpm_missing() {
+    if cell0_tests::swtpm_missing() {
         return;
     }
     const LEASE_MS: u64 = 1_500;
@@ -361,7 +348,7 @@ fn a_tpm_vm_renewed_from_the_moment_its_socket_appears_comes_up_and_quotes() {
 #[test]
 fn a_tpm_vm_whose_lease_is_not_renewed_is_fenced_during_its_setup_before_its_guest_runs() {
     require_kvm!();
-    if swtpm_missing() {
+    if cell0_tests::swtpm_missing() {
         return;
     }
     // 500 ms: well short of swtpm's start plus the measured boot (over 2 s
@@ -399,7 +386,7 @@ fn a_tpm_vm_whose_lease_is_not_renewed_is_fenced_during_its_setup_before_its_gue
 #[test]
 fn a_stop_while_the_vtpm_is_set_up_ends_the_vmm_before_its_guest_runs() {
     require_kvm!();
-    if swtpm_missing() {
+    if cell0_tests::swtpm_missing() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
