@@ -127,6 +127,11 @@ pub struct ServeConfig {
     pub heartbeat: Duration,
     /// Its self-fencing lease (`None`: never).
     pub lease: Option<Duration>,
+    /// Started as (part of) a cluster: `--init`, `--join` or `--peers`. Its
+    /// own node then heartbeats to the leader and is watched, even while the
+    /// cluster has only this member, so that it is watched once `cluster
+    /// add` grows it. The one-member default (none of the three) is not.
+    pub clustered: bool,
 }
 
 pub(crate) fn lock_data_dir(dir: &Path) -> Result<std::fs::File, ServeError> {
@@ -275,6 +280,9 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
 
     // Raft and ClusterService serve at once; the API once this member has a
     // leader and a node agent.
+    let cluster_api = ClusterApi::new(store.clone(), metrics.clone(), audit.clone())
+        .with_own_serial(cfg.tls.as_ref().map(|t| t.serial()));
+    let alone = cluster_api.alone_flag();
     let vm_gate = Gate::<VmServiceServer<Api>>::new();
     let node_gate = Gate::<NodeServiceServer<Api>>::new();
     let reflection = tonic_reflection::server::Builder::configure()
@@ -324,12 +332,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
                     .max_encoding_message_size(MAX_MESSAGE),
             ),
         )
-        .add_service(
-            access.guard(ClusterServiceServer::new(
-                ClusterApi::new(store.clone(), metrics.clone(), audit.clone())
-                    .with_own_serial(cfg.tls.as_ref().map(|t| t.serial())),
-            )),
-        )
+        .add_service(access.guard(ClusterServiceServer::new(cluster_api)))
         .add_service(access.guard(vm_gate.clone()))
         .add_service(access.guard(node_gate.clone()))
         .add_service(access.guard(AdmissionServiceServer::new(admission.clone())));
@@ -379,11 +382,25 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
         // In a multi-member cluster this member's own node is watched like a
         // `cell0d node` agent's: it heartbeats to the leader, which marks it
         // down when it goes silent, and it fences itself when its lease ends.
-        // A member started alone (the one-member default) reads its
-        // placements from its own state and sends no heartbeats.
-        let clustered = !matches!(&cfg.bootstrap, Bootstrap::Init(p) if p.is_empty())
-            || store.status().members.len() > 1;
+        // So is a member started with --init alone (the cluster may grow),
+        // and one whose node was watched before (it must keep heartbeating,
+        // or its leader would mark it down). The one-member default (no
+        // --init, --join or --peers) reads its placements from its own state
+        // and sends no heartbeats.
+        let watched_before = store.read(|s| {
+            s.nodes.get(&node_cfg.node_id).is_some_and(|n| {
+                n.labels
+                    .get(crate::node::liveness::REMOTE_LABEL)
+                    .map(String::as_str)
+                    == Some(crate::node::liveness::MEMBER_VALUE)
+            })
+        });
+        let clustered = cfg.clustered
+            || !matches!(&cfg.bootstrap, Bootstrap::Init(p) if p.is_empty())
+            || store.status().members.len() > 1
+            || watched_before;
         if !clustered {
+            alone.store(true, std::sync::atomic::Ordering::Relaxed);
             let agent = Agent::start(
                 node_cfg,
                 store.clone(),
@@ -720,6 +737,7 @@ pub async fn serve_main(a: ServeArgs) -> Result<(), ServeError> {
         node_deadlines,
         heartbeat: Duration::from_millis(a.heartbeat_ms),
         lease: (a.lease_ms > 0).then(|| Duration::from_millis(a.lease_ms)),
+        clustered: a.init || a.join || !a.peers.is_empty(),
     })
     .await
 }

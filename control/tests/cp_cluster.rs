@@ -234,7 +234,7 @@ fn tempdir() -> tempfile::TempDir {
 /// through member 1, the rest through member 2, a follower, so the change is
 /// forwarded to the leader).
 async fn form(base: &Path, n: u64, extra: &[&str]) -> Vec<Member> {
-    let first = Member::start(base, 1, &[], extra);
+    let first = Member::start(base, 1, &["--init"], extra);
     first.wait_api();
     let mut ms = vec![first];
     for id in 2..=n {
@@ -305,6 +305,17 @@ async fn three_members_form_and_any_member_takes_writes() {
         table.contains("voter") && table.contains(&format!("leader {l}")),
         "{table}"
     );
+
+    // Every member's own node is watched (heartbeats to the leader), the
+    // first one too, though it was started alone with --init and the others
+    // were added later.
+    let nodes: Value =
+        serde_json::from_str(&follower.ctl_ok(&["node", "list", "-o", "json"])).unwrap();
+    let nodes = nodes.as_array().unwrap_or_else(|| panic!("{nodes:#}"));
+    assert_eq!(nodes.len(), 3, "{nodes:#?}");
+    for n in nodes {
+        assert_eq!(n["labels"]["cell0.io/agent"], "member", "{n:#}");
+    }
 
     // Writes through a follower are forwarded to the leader …
     let mut c = follower.client().await;
@@ -384,6 +395,20 @@ async fn three_members_form_and_any_member_takes_writes() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+
+    // A member started as the one-member default (no --init) cannot grow:
+    // its own node is not watched.
+    let lone = Member::start(dir.path(), 7, &[], &[]);
+    lone.wait_api();
+    let o = lone.ctl(&["cluster", "add", "8", "127.0.0.1:1"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(11), "{err}");
+    assert!(
+        err.contains("one-member control plane") && err.contains("--init"),
+        "{err}"
+    );
+    let s = lone.status().await.unwrap();
+    assert_eq!(s.members.len(), 1, "{s:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -469,6 +469,9 @@ async fn bench_cluster(a: &Args, n: u64) -> anyhow::Result<serde_json::Value> {
         &[
             &common[..],
             &["--node-id", "1", "--node-name", "m1"],
+            // A member that will grow into a cluster starts with --init (its
+            // own node is then watched); the one-member baseline does not.
+            if n > 1 { &["--init"][..] } else { &[][..] },
             &t1.iter().map(String::as_str).collect::<Vec<_>>(),
         ]
         .concat(),

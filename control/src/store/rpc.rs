@@ -164,6 +164,10 @@ pub struct ClusterApi {
     /// This member's own certificate serial (mutual TLS), which it refuses
     /// to revoke.
     own_serial: Option<String>,
+    /// Set when this member runs as the one-member default (started with
+    /// none of --init, --join, --peers): its own node sends no heartbeats and
+    /// is not watched, so it must not grow into a cluster.
+    alone: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The gRPC status for a store error of a cluster call.
@@ -205,6 +209,7 @@ impl ClusterApi {
             metrics,
             audit,
             own_serial: None,
+            alone: Default::default(),
         }
     }
 
@@ -213,6 +218,12 @@ impl ClusterApi {
     pub fn with_own_serial(mut self, serial: Option<String>) -> Self {
         self.own_serial = serial;
         self
+    }
+
+    /// The flag the member sets when its node runs unwatched (the one-member
+    /// default), which makes AddMember refuse.
+    pub fn alone_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.alone.clone()
     }
 
     fn revocations(&self) -> grpc::RevocationList {
@@ -290,9 +301,8 @@ impl ClusterApi {
         method: &str,
         peer: Option<SocketAddr>,
         target: &str,
-        r: Result<RaftStatus, StoreError>,
+        r: Result<RaftStatus, Status>,
     ) -> Result<Response<grpc::ClusterStatus>, Status> {
-        let r = r.map_err(status_of);
         let revision = r.as_ref().map_or(0, |s| s.last_applied);
         self.audit
             .record_outcome(method, peer, target, &r, revision);
@@ -321,7 +331,19 @@ impl ClusterService for ClusterApi {
     ) -> Result<Response<grpc::ClusterStatus>, Status> {
         let peer = request.remote_addr();
         let req = request.into_inner();
-        let r = self.store.add_member(req.id, &req.address).await;
+        let r = if self.alone.load(std::sync::atomic::Ordering::Relaxed) {
+            Err(Status::failed_precondition(
+                "this member was started as a one-member control plane (none of --init, \
+                 --join, --peers): its own node is not watched by heartbeats, so it cannot \
+                 grow into a cluster; restart it with --init (same data dir and flags), then \
+                 add members (docs/CLUSTER.md, Forming a cluster)",
+            ))
+        } else {
+            self.store
+                .add_member(req.id, &req.address)
+                .await
+                .map_err(status_of)
+        };
         self.finish("AddMember", peer, &format!("member-{}", req.id), r)
     }
 
@@ -353,7 +375,12 @@ impl ClusterService for ClusterApi {
                 }
             }
         }
-        self.finish("RemoveMember", peer, &format!("member-{id}"), r)
+        self.finish(
+            "RemoveMember",
+            peer,
+            &format!("member-{id}"),
+            r.map_err(status_of),
+        )
     }
 
     async fn revoke_cert(
