@@ -78,9 +78,7 @@ impl Member {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        if join {
-            c.arg("--join");
-        }
+        c.arg(if join { "--join" } else { "--init" });
         m.child = Some(c.spawn().unwrap());
         let t0 = Instant::now();
         loop {
