@@ -855,40 +855,17 @@ impl Agent {
 
     fn spawn(&mut self, net: &Net) {
         assert!(self.child.is_none(), "{} already runs", self.name);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.with_extension("log"))
-            .unwrap();
         let join: Vec<String> = (1..=3).map(Net::raft_addr).collect();
-        let mut c = Command::new(env!("CARGO_BIN_EXE_cell0d"));
-        c.args(["node", "--insecure-plaintext", "--join", &join.join(",")])
-            .args([
-                "--node-name",
-                &self.name,
-                "--zone",
-                &format!("z{}", self.id),
-            ])
-            .args(["--region", "r1", "--labels", "role=worker"])
-            .args([
-                "--vcpus",
-                "4",
-                "--memory-mib",
-                "4096",
-                "--cpu-overcommit",
-                "100",
-            ])
-            .args(["--health-ms", "3600000", "--data-dir"])
-            .arg(&self.dir)
-            .arg("--vmm")
-            .arg(cp_harness::vmm().unwrap())
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        // Its own process group: a kill of the agent reaches no VMM, which
-        // runs in a group of its own.
-        std::os::unix::process::CommandExt::process_group(&mut c, 0);
+        let zone = format!("z{}", self.id);
+        let args = cp_harness::node_args(
+            &self.name,
+            &join.join(","),
+            &zone,
+            "role=worker",
+            &self.dir,
+            None,
+        );
+        let mut c = cp_harness::node_command(&args, &self.dir.with_extension("log"));
         let ns = net.enter_in(self.id, &mut c);
         self.child = Some(c.spawn().unwrap());
         drop(ns);
@@ -897,19 +874,14 @@ impl Agent {
     /// SIGKILLs the agent only: its VMMs live on until their lease ends.
     fn kill_agent(&mut self) {
         if let Some(mut c) = self.child.take() {
-            // SAFETY: kill(2) on our own child's process group.
-            unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
-            let _ = c.wait();
+            cp_harness::kill_group(&mut c);
         }
     }
 
     /// The host dies: the agent and every process of its VMs.
     fn kill_host(&mut self) {
         self.kill_agent();
-        for pid in cp_harness::procs_with(&self.prefix()) {
-            // SAFETY: kill(2) has no memory-safety preconditions.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
+        cp_harness::kill_procs_with(&self.prefix());
     }
 }
 

@@ -36,38 +36,8 @@ struct Node {
 impl Node {
     fn start(base: &Path, name: &str, zone: &str, join: &str) -> Node {
         let dir = base.join(name);
-        let vmm = cp_harness::vmm().unwrap();
-        let args: Vec<String> = [
-            "node",
-            "--insecure-plaintext",
-            "--join",
-            join,
-            "--node-name",
-            name,
-            "--zone",
-            zone,
-            "--region",
-            "r1",
-            "--labels",
-            &format!("role=worker,host={name}"),
-            "--vcpus",
-            "4",
-            "--memory-mib",
-            "4096",
-            "--cpu-overcommit",
-            "100",
-            "--health-ms",
-            "3600000",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([
-            "--data-dir".to_string(),
-            dir.display().to_string(),
-            "--vmm".to_string(),
-            vmm.display().to_string(),
-        ])
-        .collect();
+        let labels = format!("role=worker,host={name}");
+        let args = cp_harness::node_args(name, join, zone, &labels, &dir, None);
         let mut n = Node {
             name: name.into(),
             dir,
@@ -87,18 +57,7 @@ impl Node {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .unwrap();
-        let mut c = Command::new(env!("CARGO_BIN_EXE_cell0d"));
-        c.args(&self.args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        std::os::unix::process::CommandExt::process_group(&mut c, 0);
+        let mut c = cp_harness::node_command(&self.args, &self.log_path());
         self.child = Some(c.spawn().unwrap());
     }
 
@@ -115,19 +74,14 @@ impl Node {
     /// SIGKILLs the agent only (its VMMs, in their own process groups, live on).
     fn kill_agent(&mut self) {
         if let Some(mut c) = self.child.take() {
-            // SAFETY: kill(2) on our own child's process group.
-            unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
-            let _ = c.wait();
+            cp_harness::kill_group(&mut c);
         }
     }
 
     /// The host dies: the agent's process group and every VMM it started.
     fn kill_host(&mut self) {
         self.kill_agent();
-        for pid in self.vmms() {
-            // SAFETY: kill(2) has no memory-safety preconditions.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
+        cp_harness::kill_procs_with(&format!("{}/node/vms/", self.dir.display()));
     }
 }
 
@@ -143,19 +97,6 @@ fn state(v: &Value) -> &str {
 
 fn node_of(v: &Value) -> &str {
     v["status"]["node"].as_str().unwrap_or("")
-}
-
-/// Polls `f` every 20 ms for at most `secs`; panics with `what` and the logs.
-fn wait(secs: u64, what: &str, logs: impl Fn() -> String, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(secs),
-            "{what}: not within {secs} s\n{}",
-            logs()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn node_list(d: &Daemon) -> Vec<Value> {
@@ -178,70 +119,24 @@ struct Cluster {
     nodes: Vec<Node>,
 }
 
-/// A free port on 127.0.0.1 (bound, then released for the member to take).
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
-
-/// Starts (or restarts) members at once: each waits for a leader, which needs
-/// a majority of them.
-fn spawn_all(ms: &mut [&mut Daemon]) {
-    std::thread::scope(|s| {
-        for m in ms.iter_mut() {
-            s.spawn(move || m.spawn());
-        }
-    });
-}
-
 impl Cluster {
     /// Three members (`--init --peers`, each with its own node `mI` that no
     /// test VM selects) and three node agents joined to all of them.
     fn start() -> Cluster {
-        let addrs: Vec<String> = (0..3).map(|_| free_addr()).collect();
-        let mut ms: Vec<Daemon> = (0..3)
-            .map(|i| {
-                let peers: Vec<String> = (0..3)
-                    .filter(|j| *j != i)
-                    .map(|j| format!("{}={}", j + 1, addrs[j]))
-                    .collect();
-                let mut args: Vec<String> = [
-                    "--node-id",
-                    &(i + 1).to_string(),
-                    "--node-name",
-                    &format!("m{}", i + 1),
-                    "--listen",
-                    &addrs[i],
-                    "--peers",
-                    &peers.join(","),
-                    "--node-suspect-ms",
-                    "1500",
-                    "--node-down-ms",
-                    "3000",
-                    // Admission by attestation is cp_tls's; here the nodes
-                    // are trusted so the test is about placement and failure.
-                    "--allow-unattested-nodes",
-                    "--insecure-plaintext",
-                ]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-                if i == 0 {
-                    args.push("--init".into());
-                }
-                Daemon {
-                    dir: tempfile::Builder::new()
-                        .prefix("c0t")
-                        .tempdir_in("/tmp")
-                        .unwrap(),
-                    child: None,
-                    grpc: String::new(),
-                    metrics: String::new(),
-                    args,
-                }
-            })
-            .collect();
-        spawn_all(&mut ms.iter_mut().collect::<Vec<_>>());
+        let (ms, addrs) = cp_harness::start_members(
+            "c0t",
+            &[
+                "--node-suspect-ms",
+                "1500",
+                "--node-down-ms",
+                "3000",
+                // Admission by attestation is cp_tls's; here the nodes are
+                // trusted so the test is about placement and failure.
+                "--allow-unattested-nodes",
+                "--insecure-plaintext",
+            ],
+            |_| Vec::new(),
+        );
         let base = tempfile::Builder::new()
             .prefix("c0f")
             .tempdir_in("/tmp")
@@ -266,46 +161,17 @@ impl Cluster {
 
     /// The leader's id, as a live member sees it.
     fn leader_id(&self) -> Option<usize> {
-        for m in self.ms.iter().filter(|m| m.child.is_some()) {
-            let o = m.ctl(&["cluster", "status", "-o", "json"]);
-            if !o.status.success() {
-                continue;
-            }
-            let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-            let l = v["leader_id"].as_u64().unwrap_or(0) as usize;
-            if l > 0 && self.ms[l - 1].child.is_some() {
-                return Some(l);
-            }
-        }
-        None
+        cp_harness::leader_id(&self.ms)
     }
 
     /// The leader: it holds the node agents' VM reports, so Get there shows
     /// the runtime status of VMs on other hosts.
     fn d(&self) -> &Daemon {
-        let t0 = Instant::now();
-        loop {
-            if let Some(l) = self.leader_id() {
-                return &self.ms[l - 1];
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "no leader among the live members within 30 s\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        cp_harness::leader(&self.ms, || self.logs())
     }
 
     fn logs(&self) -> String {
-        let mut s = String::new();
-        for (i, m) in self.ms.iter().enumerate() {
-            s.push_str(&format!(
-                "--- member {}:\n{}\n",
-                i + 1,
-                tail(&m.log(), 2000)
-            ));
-        }
+        let mut s = cp_harness::member_logs(&self.ms, 2000);
         for n in &self.nodes {
             s.push_str(&format!("--- {}:\n{}\n", n.name, tail(&n.log(), 2000)));
         }
@@ -313,7 +179,7 @@ impl Cluster {
     }
 
     fn wait(&self, secs: u64, what: &str, f: impl FnMut() -> bool) {
-        wait(secs, what, || self.logs(), f);
+        cp_harness::wait_until(secs, what, || self.logs(), f);
     }
 
     fn node(&self, name: &str) -> &Node {
@@ -458,14 +324,7 @@ fn node_agents_on_other_hosts_recover_a_lost_host_and_fence() {
     assert_eq!(node_state(c.d(), "n1"), "down");
     assert!(saw_suspect, "n1 went through suspect before down");
     let plain = c.d().get("plain");
-    assert_eq!(state(&plain), "failed", "{plain:#}");
-    assert!(
-        plain["status"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("lost: node n1 went down"),
-        "{plain:#}"
-    );
+    cp_harness::assert_lost(&plain, "n1");
     assert_eq!(plain["desired"], "stopped");
     // Each moved VM runs on exactly one node, under a new epoch.
     for id in &on_n1 {
@@ -641,7 +500,7 @@ fn node_agents_on_other_hosts_recover_a_lost_host_and_fence() {
         m.kill9();
     }
     let t_cp = Instant::now();
-    wait(
+    cp_harness::wait_until(
         30,
         "every node self-fenced",
         || c.logs(),
@@ -652,7 +511,7 @@ fn node_agents_on_other_hosts_recover_a_lost_host_and_fence() {
         t_cp.elapsed().as_millis()
     );
     // Back on the same addresses, which the agents were given.
-    spawn_all(&mut c.ms.iter_mut().collect::<Vec<_>>());
+    cp_harness::spawn_all(&mut c.ms.iter_mut().collect::<Vec<_>>());
     c.wait(
         90,
         "the VMs running again after the members came back",

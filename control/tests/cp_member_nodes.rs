@@ -21,7 +21,7 @@ mod cp_harness;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use cp_harness::{Daemon, LONG_RUNNING, free_addr, spawn_all, tail};
+use cp_harness::{Daemon, LONG_RUNNING, tail};
 use serde_json::Value;
 
 fn state(v: &Value) -> &str {
@@ -39,60 +39,22 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Cluster {
-        let addrs: Vec<String> = (0..3).map(|_| free_addr()).collect();
-        let mut ms: Vec<Daemon> = (0..3)
-            .map(|i| {
-                let peers: Vec<String> = (0..3)
-                    .filter(|j| *j != i)
-                    .map(|j| format!("{}={}", j + 1, addrs[j]))
-                    .collect();
-                let mut args: Vec<String> = [
-                    "--node-id",
-                    &(i + 1).to_string(),
-                    "--node-name",
-                    &format!("m{}", i + 1),
-                    "--zone",
-                    &format!("z{}", i + 1),
-                    "--region",
-                    "r1",
-                    "--listen",
-                    &addrs[i],
-                    "--peers",
-                    &peers.join(","),
-                    "--vcpus",
-                    "4",
-                    "--memory-mib",
-                    "4096",
-                    "--cpu-overcommit",
-                    "100",
-                    "--health-ms",
-                    "3600000",
-                    "--node-suspect-ms",
-                    "1500",
-                    "--node-down-ms",
-                    "3000",
-                    // Mutual TLS is cp_tls's; this test is about nodes.
-                    "--insecure-plaintext",
-                ]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-                if i == 0 {
-                    args.push("--init".into());
-                }
-                Daemon {
-                    dir: tempfile::Builder::new()
-                        .prefix("c0m")
-                        .tempdir_in("/tmp")
-                        .unwrap(),
-                    child: None,
-                    grpc: String::new(),
-                    metrics: String::new(),
-                    args,
-                }
-            })
-            .collect();
-        spawn_all(&mut ms.iter_mut().collect::<Vec<_>>());
+        let extra = [
+            &["--region", "r1"][..],
+            &cp_harness::NODE_RESOURCES,
+            &[
+                "--node-suspect-ms",
+                "1500",
+                "--node-down-ms",
+                "3000",
+                // Mutual TLS is cp_tls's; this test is about nodes.
+                "--insecure-plaintext",
+            ],
+        ]
+        .concat();
+        let (ms, _) = cp_harness::start_members("c0m", &extra, |i| {
+            vec!["--zone".into(), format!("z{}", i + 1)]
+        });
         let c = Cluster { ms };
         c.wait(60, "the three members' nodes watched and ready", || {
             let ns = c.nodes();
@@ -110,34 +72,12 @@ impl Cluster {
 
     /// The leader's index, as a live member sees it.
     fn leader(&self) -> Option<usize> {
-        for m in self.ms.iter().filter(|m| m.child.is_some()) {
-            let o = m.ctl(&["cluster", "status", "-o", "json"]);
-            if !o.status.success() {
-                continue;
-            }
-            let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-            let l = v["leader_id"].as_u64().unwrap_or(0) as usize;
-            if l > 0 && self.ms[l - 1].child.is_some() {
-                return Some(l - 1);
-            }
-        }
-        None
+        cp_harness::leader_id(&self.ms).map(|l| l - 1)
     }
 
     /// The leader: it holds every node's VM reports.
     fn d(&self) -> &Daemon {
-        let t0 = Instant::now();
-        loop {
-            if let Some(l) = self.leader() {
-                return &self.ms[l];
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "no leader among the live members within 30 s\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        cp_harness::leader(&self.ms, || self.logs())
     }
 
     fn nodes(&self) -> Vec<Value> {
@@ -155,27 +95,11 @@ impl Cluster {
     }
 
     fn logs(&self) -> String {
-        let mut s = String::new();
-        for (i, m) in self.ms.iter().enumerate() {
-            s.push_str(&format!(
-                "--- member {}:\n{}\n",
-                i + 1,
-                tail(&m.log(), 2500)
-            ));
-        }
-        s
+        cp_harness::member_logs(&self.ms, 2500)
     }
 
-    fn wait(&self, secs: u64, what: &str, mut f: impl FnMut() -> bool) {
-        let t0 = Instant::now();
-        while !f() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(secs),
-                "{what}: not within {secs} s\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    fn wait(&self, secs: u64, what: &str, f: impl FnMut() -> bool) {
+        cp_harness::wait_until(secs, what, || self.logs(), f);
     }
 
     /// VM id → the members whose host runs a live VMM of it (one scan of
@@ -327,14 +251,7 @@ fn members_nodes_fail_over_drain_as_a_handoff_and_leave_with_their_member() {
     assert_eq!(c.node_state(&vnode), "down");
     assert!(saw_suspect, "{vnode} went through suspect before down");
     let plain = c.d().get("plain");
-    assert_eq!(state(&plain), "failed", "{plain:#}");
-    assert!(
-        plain["status"]["message"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("lost: node {vnode} went down")),
-        "{plain:#}"
-    );
+    cp_harness::assert_lost(&plain, &vnode);
     // The member comes back: its node registers again, ready and empty.
     c.ms[victim].spawn();
     c.wait(30, "the restarted member's node ready", || {

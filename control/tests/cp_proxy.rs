@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cp_harness::{Daemon, LONG_RUNNING, cell0ctl, cell0ctl_ok, free_addr, procs_with, tail};
+use cp_harness::{Daemon, LONG_RUNNING, cell0ctl, cell0ctl_ok, free_addr, tail};
 use serde_json::Value;
 
 /// A `cell0d node` agent process.
@@ -39,35 +39,11 @@ impl Agent {
     fn start(base: &Path, name: &str, join: &str, listen: bool, tls: Option<&Path>) -> Agent {
         let dir = base.join(name);
         let api = listen.then(free_addr);
-        let log = std::fs::File::create(dir.with_extension("log")).unwrap();
-        let mut c = Command::new(env!("CARGO_BIN_EXE_cell0d"));
-        c.args(["node", "--join", join, "--node-name", name]);
-        match tls {
-            Some(t) => c.arg("--tls-dir").arg(t),
-            None => c.arg("--insecure-plaintext"),
-        };
-        c.args(["--zone", "a", "--region", "r1", "--labels"])
-            .arg(format!("host={name}"))
-            .args([
-                "--vcpus",
-                "4",
-                "--memory-mib",
-                "4096",
-                "--cpu-overcommit",
-                "100",
-            ])
-            .args(["--health-ms", "3600000", "--data-dir"])
-            .arg(&dir)
-            .arg("--vmm")
-            .arg(cp_harness::vmm().unwrap())
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
+        let mut args = cp_harness::node_args(name, join, "a", &format!("host={name}"), &dir, tls);
         if let Some(a) = &api {
-            c.args(["--listen", a]);
+            args.extend(["--listen".into(), a.clone()]);
         }
-        std::os::unix::process::CommandExt::process_group(&mut c, 0);
+        let mut c = cp_harness::node_command(&args, &dir.with_extension("log"));
         Agent {
             name: name.into(),
             child: c.spawn().unwrap(),
@@ -87,19 +63,14 @@ impl Agent {
 
     /// SIGKILLs the agent (its VMMs, in their own process groups, live on).
     fn kill_agent(&mut self) {
-        // SAFETY: kill(2) on our own child's process group.
-        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
-        let _ = self.child.wait();
+        cp_harness::kill_group(&mut self.child);
     }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
         self.kill_agent();
-        for pid in procs_with(&format!("{}/node/vms/", self.dir.display())) {
-            // SAFETY: kill(2) has no memory-safety preconditions.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
+        cp_harness::kill_procs_with(&format!("{}/node/vms/", self.dir.display()));
     }
 }
 
@@ -113,46 +84,16 @@ impl Cluster {
     /// Three members (`--init --peers`; their own nodes `m1`..`m3` are in
     /// zone `local`) and the agents `na` (with an API) and `nb` (without).
     fn start() -> Cluster {
-        let addrs: Vec<String> = (0..3).map(|_| free_addr()).collect();
-        let mut ms: Vec<Daemon> = (0..3)
-            .map(|i| {
-                let peers: Vec<String> = (0..3)
-                    .filter(|j| *j != i)
-                    .map(|j| format!("{}={}", j + 1, addrs[j]))
-                    .collect();
-                let mut args: Vec<String> = [
-                    "--node-id",
-                    &(i + 1).to_string(),
-                    "--node-name",
-                    &format!("m{}", i + 1),
-                    "--listen",
-                    &addrs[i],
-                    "--peers",
-                    &peers.join(","),
-                    "--allow-unattested-nodes",
-                    "--insecure-plaintext",
-                    "--cpu-overcommit",
-                    "100",
-                ]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-                if i == 0 {
-                    args.push("--init".into());
-                }
-                Daemon {
-                    dir: tempfile::Builder::new()
-                        .prefix("c0p")
-                        .tempdir_in("/tmp")
-                        .unwrap(),
-                    child: None,
-                    grpc: String::new(),
-                    metrics: String::new(),
-                    args,
-                }
-            })
-            .collect();
-        cp_harness::spawn_all(&mut ms.iter_mut().collect::<Vec<_>>());
+        let (ms, addrs) = cp_harness::start_members(
+            "c0p",
+            &[
+                "--allow-unattested-nodes",
+                "--insecure-plaintext",
+                "--cpu-overcommit",
+                "100",
+            ],
+            |_| Vec::new(),
+        );
         let base = tempfile::Builder::new()
             .prefix("c0p")
             .tempdir_in("/tmp")
@@ -180,33 +121,8 @@ impl Cluster {
         c
     }
 
-    fn leader_id(&self) -> Option<usize> {
-        for m in &self.ms {
-            let o = m.ctl(&["cluster", "status", "-o", "json"]);
-            if o.status.success() {
-                let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-                let l = v["leader_id"].as_u64().unwrap_or(0) as usize;
-                if l > 0 {
-                    return Some(l);
-                }
-            }
-        }
-        None
-    }
-
     fn leader(&self) -> &Daemon {
-        let t0 = Instant::now();
-        loop {
-            if let Some(l) = self.leader_id() {
-                return &self.ms[l - 1];
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "no leader\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        cp_harness::leader(&self.ms, || self.logs())
     }
 
     /// A member that is not the leader.
@@ -220,30 +136,15 @@ impl Cluster {
     }
 
     fn logs(&self) -> String {
-        let mut s = String::new();
-        for (i, m) in self.ms.iter().enumerate() {
-            s.push_str(&format!(
-                "--- member {}:\n{}\n",
-                i + 1,
-                tail(&m.log(), 2000)
-            ));
-        }
+        let mut s = cp_harness::member_logs(&self.ms, 2000);
         for a in &self.agents {
             s.push_str(&format!("--- {}:\n{}\n", a.name, tail(&a.log(), 8000)));
         }
         s
     }
 
-    fn wait(&self, secs: u64, what: &str, mut f: impl FnMut() -> bool) {
-        let t0 = Instant::now();
-        while !f() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(secs),
-                "{what}: not within {secs} s\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    fn wait(&self, secs: u64, what: &str, f: impl FnMut() -> bool) {
+        cp_harness::wait_until(secs, what, || self.logs(), f);
     }
 }
 
@@ -543,22 +444,7 @@ fn the_node_api_serves_members_only_over_mutual_tls() {
         .unwrap();
     let issue = |name: &str, role: &str| {
         let out = base.path().join(format!("{name}.tls"));
-        let o = Command::new(env!("CARGO_BIN_EXE_cell0d"))
-            .args(["issue-cert", "--ca-dir"])
-            .arg(&pki)
-            .args([
-                "--name",
-                name,
-                "--role",
-                role,
-                "--san",
-                "127.0.0.1",
-                "--out",
-            ])
-            .arg(&out)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", stderr(&o));
+        cp_harness::issue_cert(&pki, name, role, &out);
         out
     };
     let (na_tls, admin) = (issue("na", "node"), issue("admin", "client"));

@@ -770,22 +770,6 @@ async fn cell0d_node_attests_before_it_registers() {
     assert!(good.log().contains("attestation passed"), "{}", good.log());
 }
 
-fn issue(ca_dir: &Path, name: &str, role: &str, out: &Path) {
-    ok(cell0d(&[
-        "issue-cert",
-        "--ca-dir",
-        ca_dir.to_str().unwrap(),
-        "--name",
-        name,
-        "--role",
-        role,
-        "--san",
-        "127.0.0.1",
-        "--out",
-        out.to_str().unwrap(),
-    ]));
-}
-
 fn denied<T: std::fmt::Debug>(r: Result<T, tonic::Status>, needle: &str) -> String {
     let e = r.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
@@ -861,7 +845,7 @@ async fn init_makes_the_cluster_ca_roles_are_enforced_and_revocation_is_replicat
         } else {
             base.join(n)
         };
-        issue(&pki, n, role, &out);
+        cp_harness::issue_cert(&pki, n, role, &out);
     }
     let (admin, ops, n1) = (base.join("admin"), base.join("ops"), base.join("n1"));
     let o = m1.ctl(Some(&admin), &["cluster", "status", "-o", "json"]);

@@ -296,11 +296,15 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
         // Every VMM this daemon started: killed, whatever the test did.
-        let needle = self.data().join("node/vms").display().to_string();
-        for pid in procs_with(&needle) {
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
+        kill_procs_with(&self.data().join("node/vms").display().to_string());
+    }
+}
+
+/// SIGKILLs every live process whose command line mentions `needle`.
+pub fn kill_procs_with(needle: &str) {
+    for pid in procs_with(needle) {
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
     }
 }
 
@@ -428,4 +432,229 @@ pub fn spawn_all(ms: &mut [&mut Daemon]) {
             s.spawn(move || m.spawn());
         }
     });
+}
+
+impl Daemon {
+    /// A member on a fresh data dir (`/tmp/<prefix>*`) with `args`, not yet
+    /// started.
+    pub fn unstarted(prefix: &str, args: Vec<String>) -> Daemon {
+        Daemon {
+            dir: tempfile::Builder::new()
+                .prefix(prefix)
+                .tempdir_in("/tmp")
+                .unwrap(),
+            child: None,
+            grpc: String::new(),
+            metrics: String::new(),
+            args,
+        }
+    }
+}
+
+/// The resources and health probing of a test node (an agent's or a
+/// member's own): 4 vCPUs, 4 GiB, 100x CPU overcommit, no health probes.
+pub const NODE_RESOURCES: [&str; 8] = [
+    "--vcpus",
+    "4",
+    "--memory-mib",
+    "4096",
+    "--cpu-overcommit",
+    "100",
+    "--health-ms",
+    "3600000",
+];
+
+/// Starts three members of one cluster (`--init` on member 1, `--peers` the
+/// others), member `i` (0-based) with id `i + 1`, node name `m{i+1}`, a free
+/// address, `extra` and `each(i)`. Returns them (index = id - 1) and their
+/// addresses (a node agent's `--join`).
+pub fn start_members(
+    prefix: &str,
+    extra: &[&str],
+    each: impl Fn(usize) -> Vec<String>,
+) -> (Vec<Daemon>, Vec<String>) {
+    let addrs: Vec<String> = (0..3).map(|_| free_addr()).collect();
+    let mut ms: Vec<Daemon> = (0..3)
+        .map(|i| {
+            let peers: Vec<String> = (0..3)
+                .filter(|j| *j != i)
+                .map(|j| format!("{}={}", j + 1, addrs[j]))
+                .collect();
+            let mut args: Vec<String> = vec![
+                "--node-id".into(),
+                (i + 1).to_string(),
+                "--node-name".into(),
+                format!("m{}", i + 1),
+                "--listen".into(),
+                addrs[i].clone(),
+                "--peers".into(),
+                peers.join(","),
+            ];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            args.extend(each(i));
+            if i == 0 {
+                args.push("--init".into());
+            }
+            Daemon::unstarted(prefix, args)
+        })
+        .collect();
+    spawn_all(&mut ms.iter_mut().collect::<Vec<_>>());
+    (ms, addrs)
+}
+
+/// The leader's id as a live member (one with a process) of `ms` (index =
+/// id - 1) sees it, if a live member knows a live leader.
+pub fn leader_id(ms: &[Daemon]) -> Option<usize> {
+    for m in ms.iter().filter(|m| m.child.is_some()) {
+        let o = m.ctl(&["cluster", "status", "-o", "json"]);
+        if !o.status.success() {
+            continue;
+        }
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let l = v["leader_id"].as_u64().unwrap_or(0) as usize;
+        if l > 0 && ms[l - 1].child.is_some() {
+            return Some(l);
+        }
+    }
+    None
+}
+
+/// The leader among `ms` (index = id - 1), waited for at most 30 s; panics
+/// with `logs` if there is none.
+pub fn leader(ms: &[Daemon], logs: impl Fn() -> String) -> &Daemon {
+    let t0 = Instant::now();
+    loop {
+        if let Some(l) = leader_id(ms) {
+            return &ms[l - 1];
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no leader among the live members within 30 s\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The last `n` bytes of each member's log, headed `--- member <id>:`.
+pub fn member_logs(ms: &[Daemon], n: usize) -> String {
+    let mut s = String::new();
+    for (i, m) in ms.iter().enumerate() {
+        s.push_str(&format!("--- member {}:\n{}\n", i + 1, tail(&m.log(), n)));
+    }
+    s
+}
+
+/// Polls `f` every 20 ms for at most `secs`; panics with `what` and `logs`.
+pub fn wait_until(secs: u64, what: &str, logs: impl Fn() -> String, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(secs),
+            "{what}: not within {secs} s\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The `cell0d node` arguments the cluster tests' agents share: node `name`
+/// joined to `join`, in `zone` of region `r1` with `labels`,
+/// [`NODE_RESOURCES`], data dir `dir`, the built VMM;
+/// `tls` its `--tls-dir` (`None`: `--insecure-plaintext`).
+pub fn node_args(
+    name: &str,
+    join: &str,
+    zone: &str,
+    labels: &str,
+    dir: &Path,
+    tls: Option<&Path>,
+) -> Vec<String> {
+    let mut a: Vec<String> = ["node", "--join", join, "--node-name", name]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    match tls {
+        Some(t) => a.extend(["--tls-dir".into(), t.display().to_string()]),
+        None => a.push("--insecure-plaintext".into()),
+    }
+    a.extend(
+        ["--zone", zone, "--region", "r1", "--labels", labels]
+            .iter()
+            .chain(&NODE_RESOURCES)
+            .map(|s| s.to_string()),
+    );
+    a.extend([
+        "--data-dir".into(),
+        dir.display().to_string(),
+        "--vmm".into(),
+        vmm().unwrap().display().to_string(),
+    ]);
+    a
+}
+
+/// A `cell0d` command with `args`, its stderr appended to `log`, in a
+/// process group of its own: a kill of that group ([`kill_group`]) reaches
+/// no VMM, which runs in a group of its own.
+pub fn node_command(args: &[String], log: &Path) -> Command {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cell0d"));
+    c.args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    std::os::unix::process::CommandExt::process_group(&mut c, 0);
+    c
+}
+
+/// SIGKILLs the process group of `c` (started by [`node_command`]) and
+/// reaps `c`.
+pub fn kill_group(c: &mut Child) {
+    // SAFETY: kill(2) on our own child's process group.
+    unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
+    let _ = c.wait();
+}
+
+/// `cell0d issue-cert --ca-dir CA_DIR --name NAME --role ROLE --san
+/// 127.0.0.1 --out OUT`, asserting success.
+pub fn issue_cert(ca_dir: &Path, name: &str, role: &str, out: &Path) {
+    let o = Command::new(env!("CARGO_BIN_EXE_cell0d"))
+        .args(["issue-cert", "--ca-dir"])
+        .arg(ca_dir)
+        .args([
+            "--name",
+            name,
+            "--role",
+            role,
+            "--san",
+            "127.0.0.1",
+            "--out",
+        ])
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "issue-cert {name} failed ({}): {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Asserts that VM `v` (`cell0ctl get -o json`) was lost with node `node`:
+/// failed, with the message `lost: node NODE went down`.
+pub fn assert_lost(v: &Value, node: &str) {
+    assert_eq!(v["status"]["state"], "failed", "{v:#}");
+    assert!(
+        v["status"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains(&format!("lost: node {node} went down")),
+        "{v:#}"
+    );
 }
