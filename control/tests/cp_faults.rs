@@ -79,8 +79,8 @@ impl Member {
         Net::client_addr(self.id)
     }
 
-    /// Starts member `id` in its namespace; `mode` is `--join` or nothing
-    /// (initialize a one-member cluster).
+    /// Starts member `id` in its namespace; `mode` starts with `--init`
+    /// (initialize a cluster of one that grows) or `--join`.
     fn start(net: &Net, base: &Path, id: u64, mode: &[&str]) -> Member {
         let mut m = Member {
             id,
@@ -284,7 +284,9 @@ async fn form(net: &mut Net, base: &Path, n: u64, extra: &[&str]) -> Vec<Member>
     for id in 1..=n {
         net.add_member(id);
     }
-    let first = Member::start(net, base, 1, extra);
+    // --init: a member that grows into a cluster must start as one.
+    let init: Vec<&str> = ["--init"].iter().chain(extra).copied().collect();
+    let first = Member::start(net, base, 1, &init);
     first.wait_api();
     let mut ms = vec![first];
     for id in 2..=n {

@@ -282,7 +282,7 @@ async fn mtls_cluster_forms_commits_and_refuses_strangers() {
     member_certs(base, &ca, &[1, 2, 3]);
     let admin = base.join("admin");
 
-    let m1 = Member::start(base, 1, &[], &[]);
+    let m1 = Member::start(base, 1, &["--init"], &[]);
     let m2 = Member::start(base, 2, &["--join"], &[]);
     let m3 = Member::start(base, 3, &["--join"], &[]);
     m1.wait_api();
