@@ -22,6 +22,7 @@ mod cp_harness;
 mod net;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -1335,13 +1336,15 @@ fn the_process_sampler_sees_a_vm_on_two_hosts() {
         .iter()
         .map(|h| format!("{}/{h}/node/vms/", dir.path().display()))
         .collect();
-    // `sh -c 'sleep 30; true' ARG0`: sh stays (two commands) with ARG0, a
-    // path in the VM's run dir, in its command line.
+    // `sleep 30` whose argv[0] is a path in the VM's run dir. One process
+    // that never forks: a shell would fork a child that shows the shell's
+    // command line until it execs, and could outlive a kill of the shell.
     let mut kids: Vec<Child> = prefixes
         .iter()
         .map(|p| {
-            Command::new("sh")
-                .args(["-c", "sleep 30; true", &format!("{p}vm0/cell0-vmm")])
+            Command::new("sleep")
+                .arg0(format!("{p}vm0/cell0-vmm"))
+                .arg("30")
                 .spawn()
                 .unwrap()
         })
