@@ -218,38 +218,48 @@ impl ApiServer {
             path: path.display().to_string(),
             source,
         })?;
-        // The thread installs its seccomp filter before it accepts anything and
-        // says whether that worked.
-        let (filtered_tx, filtered_rx) = std::sync::mpsc::sync_channel(1);
-        std::thread::Builder::new()
-            .name("api".into())
-            .spawn(move || {
-                let installed = crate::seccomp::install(crate::seccomp::ThreadKind::Api);
-                let ok = installed.is_ok();
-                let _ = filtered_tx.send(installed);
-                if !ok {
-                    return;
-                }
-                for conn in listener.incoming() {
-                    match conn {
-                        Ok(s) => {
-                            if let Err(e) = serve_conn(&ctx, s) {
-                                tracing::debug!(error = %e, "API connection ended");
-                            }
-                        }
-                        Err(e) => tracing::warn!(error = %e, "API accept failed"),
-                    }
-                }
-            })
-            .map_err(ApiError::Thread)?;
         let server = Self {
             path: path.to_path_buf(),
         };
-        filtered_rx
-            .recv()
-            .map_err(|_| ApiError::Thread(std::io::Error::other("the API thread died")))??;
+        spawn_filtered("api", move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(s) => {
+                        if let Err(e) = serve_conn(&ctx, s) {
+                            tracing::debug!(error = %e, "API connection ended");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "API accept failed"),
+                }
+            }
+        })?;
         Ok(server)
     }
+}
+
+/// Starts a thread named `name` that installs the API thread's seccomp
+/// filter, then runs `body`. Returns once the filter is in place, or with
+/// the reason it could not be installed (the thread then ends at once).
+pub(crate) fn spawn_filtered(
+    name: &str,
+    body: impl FnOnce() + Send + 'static,
+) -> Result<(), ApiError> {
+    let (filtered_tx, filtered_rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let installed = crate::seccomp::install(crate::seccomp::ThreadKind::Api);
+            let ok = installed.is_ok();
+            let _ = filtered_tx.send(installed);
+            if ok {
+                body();
+            }
+        })
+        .map_err(ApiError::Thread)?;
+    filtered_rx.recv().map_err(|_| {
+        ApiError::Thread(std::io::Error::other(format!("the {name} thread died")))
+    })??;
+    Ok(())
 }
 
 impl Drop for ApiServer {

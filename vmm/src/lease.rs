@@ -304,32 +304,19 @@ impl BuildWatchdog {
     pub fn start(lease: Arc<Lease>) -> Result<Self, crate::api::ApiError> {
         use std::sync::mpsc::{self, RecvTimeoutError};
         let (built, rx) = mpsc::channel::<()>();
-        let (filtered_tx, filtered_rx) = mpsc::sync_channel(1);
-        std::thread::Builder::new()
-            .name("lease-build".into())
-            .spawn(move || {
-                let installed = crate::seccomp::install(crate::seccomp::ThreadKind::Api);
-                let ok = installed.is_ok();
-                let _ = filtered_tx.send(installed);
-                if !ok {
-                    return;
+        crate::api::spawn_filtered("lease-build", move || {
+            loop {
+                let Some(left) = lease.check(monotonic_ns()) else {
+                    eprintln!("cell0-vmm: {}", StopReason::LeaseExpired);
+                    std::process::exit(i32::from(EXIT_LEASE_EXPIRED));
+                };
+                match rx.recv_timeout(left) {
+                    Err(RecvTimeoutError::Timeout) => {}
+                    // Built: the event loop's watchdog takes over.
+                    Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
                 }
-                loop {
-                    let Some(left) = lease.check(monotonic_ns()) else {
-                        eprintln!("cell0-vmm: {}", StopReason::LeaseExpired);
-                        std::process::exit(i32::from(EXIT_LEASE_EXPIRED));
-                    };
-                    match rx.recv_timeout(left) {
-                        Err(RecvTimeoutError::Timeout) => {}
-                        // Built: the event loop's watchdog takes over.
-                        Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
-                    }
-                }
-            })
-            .map_err(crate::api::ApiError::Thread)?;
-        filtered_rx.recv().map_err(|_| {
-            crate::api::ApiError::Thread(std::io::Error::other("the lease-build thread died"))
-        })??;
+            }
+        })?;
         Ok(Self { _built: built })
     }
 }
