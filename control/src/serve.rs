@@ -395,10 +395,7 @@ pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
                     == Some(crate::node::liveness::MEMBER_VALUE)
             })
         });
-        let clustered = cfg.clustered
-            || !matches!(&cfg.bootstrap, Bootstrap::Init(p) if p.is_empty())
-            || store.status().members.len() > 1
-            || watched_before;
+        let clustered = cfg.clustered || store.status().members.len() > 1 || watched_before;
         if !clustered {
             alone.store(true, std::sync::atomic::Ordering::Relaxed);
             let agent = Agent::start(
@@ -702,6 +699,8 @@ pub async fn serve_main(a: ServeArgs) -> Result<(), ServeError> {
             a.node_id
         )));
     }
+    // Started as (part of) a cluster rather than as the one-member default.
+    let clustered = a.init || a.join || !peers.is_empty();
     let bootstrap = if a.join || (!a.init && !peers.is_empty()) {
         Bootstrap::Join
     } else {
@@ -714,7 +713,7 @@ pub async fn serve_main(a: ServeArgs) -> Result<(), ServeError> {
         tls_dir: a.tls_dir.as_deref(),
         insecure_plaintext: a.insecure_plaintext,
         init_alone: matches!(&bootstrap, Bootstrap::Init(p) if p.is_empty()),
-        clustered: a.init || a.join || !a.peers.is_empty(),
+        clustered,
         peers: !a.peers.is_empty(),
         listen: a.listen,
         advertise: a.advertise.as_deref(),
@@ -737,7 +736,7 @@ pub async fn serve_main(a: ServeArgs) -> Result<(), ServeError> {
         node_deadlines,
         heartbeat: Duration::from_millis(a.heartbeat_ms),
         lease: (a.lease_ms > 0).then(|| Duration::from_millis(a.lease_ms)),
-        clustered: a.init || a.join || !a.peers.is_empty(),
+        clustered,
     })
     .await
 }

@@ -290,21 +290,31 @@ fn http_get(addr: &str, path: &str) -> String {
 }
 
 /// Kills the guest stand-in on every way out of the test.
-struct Guest(
-    Option<std::process::Child>,
-    Option<tokio::task::JoinHandle<cell0_agent::session::Outcome>>,
-);
+/// The guest agent's process; killed and reaped on drop.
+struct Guest(std::process::Child);
 
 impl Drop for Guest {
     fn drop(&mut self) {
-        if let Some(c) = self.0.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if let Some(t) = &self.1 {
-            t.abort();
-        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
+}
+
+/// Not a test: the guest agent's code in a process of its own, for
+/// `exec_reaches_…` when `cell0-agent` is not built next to `cell0d` (a
+/// `cargo test -p cell0-control`). It cannot run in the test's own process:
+/// its reaper (it is PID 1 in a guest) reaps every child, the test's
+/// cell0ctl processes too.
+#[tokio::test]
+#[ignore = "a helper process that exec_reaches_the_guest_agent_… starts"]
+async fn guest_agent_helper_process() {
+    let sock = std::env::var_os("CELL0_TEST_AGENT_SOCK")
+        .expect("started by exec_reaches_the_guest_agent_… with CELL0_TEST_AGENT_SOCK");
+    let mut cfg =
+        cell0_agent::session::AgentConfig::new(cell0_agent::transport::Endpoint::Unix(sock.into()));
+    cfg.max_connect_attempts = Some(100);
+    let outcome = cell0_agent::session::run(cfg).await;
+    panic!("the agent session ended: {outcome:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -358,31 +368,33 @@ async fn exec_reaches_the_guest_agent_through_cell0d_and_sypas_counters_reach_me
     }
 
     let agent_bin = Path::new(env!("CARGO_BIN_EXE_cell0d")).with_file_name("cell0-agent");
-    let _guest = if agent_bin.is_file() {
-        Guest(
-            Some(
-                std::process::Command::new(&agent_bin)
-                    .arg("run")
-                    .arg("--unix")
-                    .arg(&sock)
-                    .env("CELL0_LOG", "warn")
-                    .stdin(std::process::Stdio::null())
-                    .stdout(std::process::Stdio::null())
-                    .spawn()
-                    .unwrap(),
-            ),
-            None,
-        )
+    let mut guest = if agent_bin.is_file() {
+        let mut c = std::process::Command::new(&agent_bin);
+        c.arg("run").arg("--unix").arg(&sock);
+        c
     } else {
         eprintln!(
-            "cell0-agent is not built next to cell0d; running the same agent code in-process"
+            "cell0-agent is not built next to cell0d; running the same agent code in a \
+             process of this test binary (guest_agent_helper_process)"
         );
-        let mut cfg = cell0_agent::session::AgentConfig::new(
-            cell0_agent::transport::Endpoint::Unix(sock.clone()),
-        );
-        cfg.max_connect_attempts = Some(100);
-        Guest(None, Some(tokio::spawn(cell0_agent::session::run(cfg))))
+        let mut c = std::process::Command::new(std::env::current_exe().unwrap());
+        c.args([
+            "--ignored",
+            "--exact",
+            "guest_agent_helper_process",
+            "--nocapture",
+        ])
+        .env("CELL0_TEST_AGENT_SOCK", &sock);
+        c
     };
+    let _guest = Guest(
+        guest
+            .env("CELL0_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
 
     // Until the agent has bootstrapped and connected, Exec says so (exit 11).
     let t0 = Instant::now();
