@@ -17,12 +17,14 @@
 // Start-up errors are returned once; their size does not matter.
 #![allow(clippy::result_large_err)]
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use cell0_proto::grpc;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
@@ -761,6 +763,76 @@ pub struct Revocation {
     /// The certificate (CN) or peer address that asked.
     #[serde(default)]
     pub revoked_by: String,
+}
+
+impl From<&Revocation> for grpc::Revocation {
+    fn from(r: &Revocation) -> Self {
+        Self {
+            serial: r.serial.clone(),
+            name: r.name.clone(),
+            reason: r.reason.clone(),
+            revoked_at_ms: r.revoked_at_ms,
+            revoked_by: r.revoked_by.clone(),
+        }
+    }
+}
+
+impl From<grpc::Revocation> for Revocation {
+    fn from(r: grpc::Revocation) -> Self {
+        Self {
+            serial: r.serial,
+            name: r.name,
+            reason: r.reason,
+            revoked_at_ms: r.revoked_at_ms,
+            revoked_by: r.revoked_by,
+        }
+    }
+}
+
+/// The version of a revocation list of `len` entries: the list only grows
+/// (a revocation is never taken back), so its length is its version; plus
+/// one, so that 0 means "none yet".
+pub fn revocations_version(len: usize) -> u64 {
+    len as u64 + 1
+}
+
+/// The cluster's revocation list as a `cell0d node` last heard it in a
+/// heartbeat answer; its own API checks member certificates against it.
+#[derive(Debug, Clone, Default)]
+pub struct KnownRevocations(Arc<std::sync::RwLock<Option<VersionedRevocations>>>);
+
+/// A revocation list at a version ([`revocations_version`]), by serial.
+type VersionedRevocations = (u64, BTreeMap<String, Revocation>);
+
+impl KnownRevocations {
+    /// The version held (0: none yet).
+    pub fn version(&self) -> u64 {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or(0, |(v, _)| *v)
+    }
+
+    /// Replaces the list with `list` at `version`.
+    pub fn set(&self, version: u64, list: impl IntoIterator<Item = Revocation>) {
+        let list = list.into_iter().map(|r| (r.serial.clone(), r)).collect();
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some((version, list));
+    }
+
+    /// Whether a list was heard at all.
+    pub fn known(&self) -> bool {
+        self.version() != 0
+    }
+
+    /// The revocation of `serial`, if any.
+    pub fn get(&self, serial: &str) -> Option<Revocation> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|(_, l)| l.get(serial).cloned())
+    }
 }
 
 /// The client certificate of a request served over TLS.

@@ -504,4 +504,46 @@ fn the_node_api_serves_members_only_over_mutual_tls() {
     );
     let o = cell0ctl(&api, &["logs", "t1"]);
     assert!(!o.status.success(), "plain TCP to the node API: {o:?}");
+
+    // A member certificate that the cluster revokes is refused by the node
+    // too, from a heartbeat answer after the revocation was committed.
+    let rogue = issue("rogue", "member");
+    let direct = ctl_tls(&api, &rogue, &["logs", "t1"]);
+    assert!(direct.status.success(), "{}", stderr(&direct));
+    ok(
+        &m.grpc,
+        &[
+            "cluster",
+            "revoke",
+            "--cert",
+            rogue.join("cert.pem").to_str().unwrap(),
+            "--reason",
+            "member host decommissioned",
+        ],
+    );
+    let t0 = Instant::now();
+    let refused = loop {
+        let o = ctl_tls(&api, &rogue, &["logs", "t1"]);
+        if !o.status.success() {
+            break o;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the node still serves a revoked member certificate\n{}",
+            tail(&na.log(), 3000)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let why = stderr(&refused);
+    assert!(
+        why.contains("is revoked: member host decommissioned"),
+        "{why}"
+    );
+    println!(
+        "a revoked member certificate at the node API, {} ms after the revoke: {}",
+        t0.elapsed().as_millis(),
+        why.trim()
+    );
+    // The member's own certificate still reaches the node.
+    assert!(!ok(&m.grpc, &["logs", "t1"]).is_empty());
 }

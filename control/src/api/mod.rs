@@ -614,7 +614,7 @@ impl Api {
             )));
         }
         let id = req.id;
-        let (owner, state, revision, placements, handoffs) = self
+        let (owner, state, revision, placements, handoffs, revoked) = self
             .store
             .read(|s| {
                 let n = s.nodes.get(&id)?;
@@ -645,7 +645,20 @@ impl Api {
                         .collect(),
                     false => Vec::new(),
                 };
-                Some((owner, n.state, version, json, handoffs))
+                let revocations_version = crate::tls::revocations_version(s.revoked.len());
+                let revocations: Vec<grpc::Revocation> =
+                    match req.revocations_version == revocations_version {
+                        true => Vec::new(),
+                        false => s.revoked.values().map(grpc::Revocation::from).collect(),
+                    };
+                Some((
+                    owner,
+                    n.state,
+                    version,
+                    json,
+                    handoffs,
+                    (revocations_version, revocations),
+                ))
             })
             .ok_or_else(|| Status::not_found(format!("no node named {id:?}; register it first")))?;
         // A `cell0d node` agent heartbeats for a `remote` node, a member's
@@ -678,6 +691,8 @@ impl Api {
             revision,
             placements_json: json,
             has_placements: has,
+            revocations_version: revoked.0,
+            revocations: revoked.1,
         })
     }
 }

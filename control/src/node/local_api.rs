@@ -25,6 +25,7 @@ use tonic::{Request, Response, Status};
 
 use super::{Agent, NodeError};
 use crate::store::VmRecord;
+use crate::tls::KnownRevocations;
 
 /// How long a command run by Exec may take before the agent kills it.
 pub const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
@@ -259,16 +260,27 @@ fn read_from(path: &Path, off: &mut u64) -> Vec<u8> {
 #[derive(Clone)]
 pub struct NodeApi {
     agent: Arc<Agent>,
+    /// The revocation list from the leader's heartbeat answers (over TLS).
+    revocations: Option<KnownRevocations>,
 }
 
 impl NodeApi {
-    /// The API over this node's agent.
-    pub fn new(agent: Arc<Agent>) -> Self {
-        Self { agent }
+    /// The API over this node's agent; over TLS, `revocations` is the list
+    /// its certificate checks use (see [`serve`]).
+    pub fn new(agent: Arc<Agent>, revocations: Option<KnownRevocations>) -> Self {
+        Self { agent, revocations }
     }
 
-    /// Over TLS only members may call (they proxy their clients' calls).
+    /// Over TLS only members may call (they proxy their clients' calls), and
+    /// only once the node knows which certificates are revoked.
     fn check<T>(&self, req: &Request<T>, method: &str) -> Result<(), Status> {
+        if self.revocations.as_ref().is_some_and(|r| !r.known()) {
+            return Err(Status::unavailable(format!(
+                "node {:?} has not yet had the cluster's certificate revocation list in a \
+                 heartbeat answer; retry",
+                self.agent.node_id()
+            )));
+        }
         crate::tls::require_role(
             req,
             &[crate::tls::Role::Member],
@@ -377,10 +389,16 @@ impl VmService for NodeApi {
 /// Serves [`NodeApi`] on `listen` (over mutual TLS with the node's
 /// certificate when `tls` is set) until the process ends; returns the bound
 /// address.
+///
+/// Over TLS every request's certificate is checked against `revocations`,
+/// the cluster's list as the leader's heartbeat answers give it
+/// ([`crate::tls::Access`]): a revoked member certificate is refused here
+/// from the first heartbeat answer after its revocation was committed.
 pub async fn serve(
     listen: SocketAddr,
     tls: Option<&Path>,
     agent: Arc<Agent>,
+    revocations: KnownRevocations,
 ) -> Result<SocketAddr, NodeError> {
     let usage = |e: String| NodeError::Usage(format!("--listen {listen}: {e}"));
     let listener = tokio::net::TcpListener::bind(listen)
@@ -389,11 +407,9 @@ pub async fn serve(
     let bound = listener
         .local_addr()
         .map_err(|e| usage(format!("cannot listen: {e}")))?;
-    let router = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(grpc::vm_service_server::VmServiceServer::new(NodeApi::new(
-            agent,
-        )));
+    let builder = || {
+        tonic::transport::Server::builder().http2_keepalive_interval(Some(Duration::from_secs(30)))
+    };
     match tls {
         Some(dir) => {
             let t = crate::tls::TlsDir::load(dir)
@@ -401,11 +417,19 @@ pub async fn serve(
             let cfg = t
                 .server_config()
                 .map_err(|e| NodeError::Usage(format!("--tls-dir: {e}")))?;
+            let known = revocations.clone();
+            let access = crate::tls::Access::new(move |serial| known.get(serial), None);
+            let api = NodeApi::new(agent, Some(revocations));
+            let router = builder()
+                .add_service(access.guard(grpc::vm_service_server::VmServiceServer::new(api)));
             tokio::spawn(report(
                 router.serve_with_incoming(crate::tls::incoming(listener, cfg)),
             ));
         }
         None => {
+            let router = builder().add_service(grpc::vm_service_server::VmServiceServer::new(
+                NodeApi::new(agent, None),
+            ));
             tokio::spawn(report(router.serve_with_incoming(
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             )));

@@ -235,6 +235,8 @@ pub(crate) struct Remote {
     placements: Arc<Placements>,
     heartbeat: Duration,
     lease: Option<Duration>,
+    /// The cluster's revocation list, from the heartbeat answers.
+    revocations: crate::tls::KnownRevocations,
 }
 
 /// What a heartbeat answered.
@@ -276,7 +278,14 @@ impl Remote {
             placements: Arc::new(Placements::with_lease(lease)),
             heartbeat,
             lease,
+            revocations: Default::default(),
         }
+    }
+
+    /// The revocation list as the heartbeat answers last gave it (the
+    /// node's API checks member certificates against it).
+    pub(crate) fn revocations(&self) -> crate::tls::KnownRevocations {
+        self.revocations.clone()
     }
 
     /// The placements the agent runs (pass to [`Agent::start_remote`]).
@@ -376,6 +385,7 @@ impl Remote {
             id: self.cfg.node_id.clone(),
             revision,
             vms: agent.map(|a| a.statuses()).unwrap_or_default(),
+            revocations_version: self.revocations.version(),
         });
         if let Owner::Member { id, .. } = &self.owner {
             if let Ok(v) = id.to_string().parse() {
@@ -385,6 +395,18 @@ impl Remote {
         match c.heartbeat(req).await {
             Ok(r) => {
                 let r = r.into_inner();
+                if r.revocations_version != self.revocations.version() {
+                    let n = r.revocations.len();
+                    self.revocations.set(
+                        r.revocations_version,
+                        r.revocations.into_iter().map(Into::into),
+                    );
+                    tracing::info!(
+                        node = %self.cfg.node_id,
+                        revoked = n,
+                        "the cluster's certificate revocation list changed"
+                    );
+                }
                 let placements = if r.has_placements {
                     match serde_json::from_slice::<Vec<VmRecord>>(&r.placements_json) {
                         Ok(v) => Some((r.revision, v)),
@@ -751,7 +773,9 @@ pub async fn node_main(a: NodeArgs) -> Result<(), NodeError> {
     // The node's API, registered as the node's address for members to proxy to.
     match a.listen {
         Some(l) => {
-            let bound = super::local_api::serve(l, a.tls_dir.as_deref(), agent.clone()).await?;
+            let bound =
+                super::local_api::serve(l, a.tls_dir.as_deref(), agent.clone(), r.revocations())
+                    .await?;
             r.cfg.address = a.advertise.clone().unwrap_or_else(|| bound.to_string());
         }
         None => tracing::info!(

@@ -228,17 +228,7 @@ impl ClusterApi {
 
     fn revocations(&self) -> grpc::RevocationList {
         self.store.read(|s| grpc::RevocationList {
-            revocations: s
-                .revoked
-                .values()
-                .map(|r| grpc::Revocation {
-                    serial: r.serial.clone(),
-                    name: r.name.clone(),
-                    reason: r.reason.clone(),
-                    revoked_at_ms: r.revoked_at_ms,
-                    revoked_by: r.revoked_by.clone(),
-                })
-                .collect(),
+            revocations: s.revoked.values().map(grpc::Revocation::from).collect(),
         })
     }
 
