@@ -290,37 +290,15 @@ fn http_get(addr: &str, path: &str) -> String {
 }
 
 /// Kills the guest stand-in on every way out of the test.
-/// The guest agent's process; killed and reaped on drop.
-struct Guest(std::process::Child);
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Not a test: the guest agent's code in a process of its own, for
-/// `exec_reaches_…` when `cell0-agent` is not built next to `cell0d` (a
-/// `cargo test -p cell0-control`). It cannot run in the test's own process:
-/// its reaper (it is PID 1 in a guest) reaps every child, the test's
-/// cell0ctl processes too.
+/// Not a test: the guest agent for [`cp_harness::GuestAgent`].
 #[tokio::test]
-#[ignore = "a helper process that exec_reaches_the_guest_agent_… starts"]
+#[ignore = "a helper process that cp_harness::GuestAgent starts"]
 async fn guest_agent_helper_process() {
-    let sock = std::env::var_os("CELL0_TEST_AGENT_SOCK")
-        .expect("started by exec_reaches_the_guest_agent_… with CELL0_TEST_AGENT_SOCK");
-    let mut cfg =
-        cell0_agent::session::AgentConfig::new(cell0_agent::transport::Endpoint::Unix(sock.into()));
-    cfg.max_connect_attempts = Some(100);
-    let outcome = cell0_agent::session::run(cfg).await;
-    panic!("the agent session ended: {outcome:?}");
+    cp_harness::guest_agent_helper_main().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exec_reaches_the_guest_agent_through_cell0d_and_sypas_counters_reach_metrics() {
-    use std::os::unix::fs::PermissionsExt;
-    use std::path::Path;
     use std::time::{Duration, Instant};
     // No Linux guest boots on this machine's nested KVM (DESIGN.md §3), so a
     // script stands in for cell0-vmm and a cell0-agent process on the host
@@ -331,9 +309,7 @@ async fn exec_reaches_the_guest_agent_through_cell0d_and_sypas_counters_reach_me
         .prefix("c0x")
         .tempdir_in("/tmp")
         .unwrap();
-    let vmm = tmp.path().join("vmm-stand-in");
-    std::fs::write(&vmm, "#!/bin/sh\nwhile :; do sleep 1; done\n").unwrap();
-    std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let vmm = cp_harness::vmm_stand_in(tmp.path());
     let kernel = tmp.path().join("vmlinux");
     std::fs::write(&kernel, b"not booted here").unwrap();
     let d = Daemon::start(&[
@@ -367,34 +343,7 @@ async fn exec_reaches_the_guest_agent_through_cell0d_and_sypas_counters_reach_me
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    let agent_bin = Path::new(env!("CARGO_BIN_EXE_cell0d")).with_file_name("cell0-agent");
-    let mut guest = if agent_bin.is_file() {
-        let mut c = std::process::Command::new(&agent_bin);
-        c.arg("run").arg("--unix").arg(&sock);
-        c
-    } else {
-        eprintln!(
-            "cell0-agent is not built next to cell0d; running the same agent code in a \
-             process of this test binary (guest_agent_helper_process)"
-        );
-        let mut c = std::process::Command::new(std::env::current_exe().unwrap());
-        c.args([
-            "--ignored",
-            "--exact",
-            "guest_agent_helper_process",
-            "--nocapture",
-        ])
-        .env("CELL0_TEST_AGENT_SOCK", &sock);
-        c
-    };
-    let _guest = Guest(
-        guest
-            .env("CELL0_LOG", "warn")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _guest = cp_harness::GuestAgent::start(&sock);
 
     // Until the agent has bootstrapped and connected, Exec says so (exit 11).
     let t0 = Instant::now();

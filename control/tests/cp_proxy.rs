@@ -37,9 +37,39 @@ struct Agent {
 impl Agent {
     /// `tls`: the node's --tls-dir (`None`: --insecure-plaintext).
     fn start(base: &Path, name: &str, join: &str, listen: bool, tls: Option<&Path>) -> Agent {
+        Self::start_with(
+            base,
+            name,
+            join,
+            listen,
+            tls,
+            &cp_harness::vmm().unwrap(),
+            |_| {},
+        )
+    }
+
+    /// [`Agent::start`] with `vmm` as its VMM, its flags changed by `edit`.
+    fn start_with(
+        base: &Path,
+        name: &str,
+        join: &str,
+        listen: bool,
+        tls: Option<&Path>,
+        vmm: &Path,
+        edit: impl FnOnce(&mut Vec<String>),
+    ) -> Agent {
         let dir = base.join(name);
         let api = listen.then(free_addr);
-        let mut args = cp_harness::node_args(name, join, "a", &format!("host={name}"), &dir, tls);
+        let mut args = cp_harness::node_args_with_vmm(
+            name,
+            join,
+            "a",
+            &format!("host={name}"),
+            &dir,
+            tls,
+            vmm,
+        );
+        edit(&mut args);
         if let Some(a) = &api {
             args.extend(["--listen".into(), a.clone()]);
         }
@@ -546,4 +576,131 @@ fn the_node_api_serves_members_only_over_mutual_tls() {
     );
     // The member's own certificate still reaches the node.
     assert!(!ok(&m.grpc, &["logs", "t1"]).is_empty());
+}
+
+/// Not a test: the guest agent for [`cp_harness::GuestAgent`].
+#[tokio::test]
+#[ignore = "a helper process that cp_harness::GuestAgent starts"]
+async fn guest_agent_helper_process() {
+    cp_harness::guest_agent_helper_main().await;
+}
+
+/// A `cell0d node` runs the SYPAS router of its VMs: a guest agent on a
+/// node's VM bootstraps through it (token, ready, heartbeats), and Exec
+/// through a member reaches it (member → node API → router → agent). As in
+/// `cp_api`, a script stands in for cell0-vmm and a cell0-agent process on
+/// the host plays the Linux guest on the VM's port-1024 socket (no Linux
+/// guest boots on this machine's nested KVM); the rest is real.
+#[test]
+fn exec_reaches_a_guest_agent_through_a_cell0d_nodes_sypas_router() {
+    let base = tempfile::Builder::new()
+        .prefix("c0p")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let vmm = cp_harness::vmm_stand_in(base.path());
+    let kernel = base.path().join("vmlinux");
+    std::fs::write(&kernel, b"not booted here").unwrap();
+    let m = Daemon::start(&[
+        "--init",
+        "--insecure-plaintext",
+        "--allow-unattested-nodes",
+        "--node-name",
+        "m1",
+    ]);
+    // Unjailed (the stand-in is a script), health checks every 200 ms.
+    let mut na = Agent::start_with(base.path(), "na", &m.grpc, true, None, &vmm, |a| {
+        let h = a.iter().position(|f| f == "--health-ms").unwrap();
+        a[h + 1] = "200".into();
+        a.push("--no-jail".into());
+    });
+    let t0 = Instant::now();
+    while !m.ctl_ok(&["node", "list"]).contains("na") {
+        if let Some(st) = na.child.try_wait().unwrap() {
+            panic!("na exited ({st}):\n{}", tail(&na.log(), 3000));
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "na never registered\n{}",
+            tail(&na.log(), 3000)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    m.ctl_ok(&[
+        "run",
+        "--name",
+        "lx",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--node-selector",
+        "host=na",
+        "--no-wait",
+        "--command=sh",
+        "--command=-c",
+        "--command=echo workload-ran; sleep 600",
+    ]);
+    // The node's router listens for the VM on its port-1024 socket.
+    let sock = na.dir.join("node/vms/lx/vsock.sock_1024");
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the node's router never listened for lx\n{}",
+            tail(&na.log(), 3000)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _guest = cp_harness::GuestAgent::start(&sock);
+
+    // Until the agent has bootstrapped and connected, Exec says so (exit 11).
+    let t0 = Instant::now();
+    let o = loop {
+        let o = m.ctl(&[
+            "exec",
+            "lx",
+            "--",
+            "sh",
+            "-c",
+            "echo out; echo err >&2; exit 3",
+        ]);
+        if o.status.code() != Some(11) {
+            break o;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the agent never connected: {}\n{}",
+            stderr(&o),
+            tail(&na.log(), 3000)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    println!(
+        "Exec through the member reached the agent on na {} ms after it started",
+        t0.elapsed().as_millis()
+    );
+    assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
+    assert_eq!(o.stdout, b"out\n");
+    assert!(stderr(&o).contains("err"), "{}", stderr(&o));
+    // The agent's `ready` reached the leader through the node's heartbeats,
+    // and so did its health, from its SYPAS heartbeats to the node's router.
+    m.wait_vm("lx", "ready and healthy by SYPAS heartbeat", |v| {
+        v["status"]["state"] == "running"
+            && v["status"]["ready"] == true
+            && v["status"]["health"]
+                .as_str()
+                .is_some_and(|h| h.starts_with("sypas-heartbeat ok"))
+    });
+    // The workload's stdout EVENTs land in the VM's agent log on the node,
+    // and come back through the member.
+    let t0 = Instant::now();
+    while !m
+        .ctl_ok(&["logs", "lx", "--agent"])
+        .contains("workload-ran\n")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the workload's output never reached `cell0ctl logs --agent`\n{}",
+            tail(&na.log(), 3000)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -376,6 +376,11 @@ impl Placements {
         lock(&self.vms).clone()
     }
 
+    /// `f` of the record of VM `id`, if it is placed here.
+    pub fn with_record<T>(&self, id: &str, f: impl FnOnce(&VmRecord) -> T) -> Option<T> {
+        lock(&self.vms).get(id).map(f)
+    }
+
     /// Whether nothing is placed.
     pub fn is_empty(&self) -> bool {
         lock(&self.vms).is_empty()

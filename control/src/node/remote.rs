@@ -769,6 +769,8 @@ pub async fn node_main(a: NodeArgs) -> Result<(), NodeError> {
     let (router, _) = crate::router::Router::for_host(&a.data_dir)
         .await
         .map_err(|e| NodeError::Usage(format!("cannot start the SYPAS router: {e}")))?;
+    // Which VMs run a guest agent that may bootstrap: those placed here.
+    router.set_guest_agent_source(r.placements());
     let agent = Agent::start_remote(r.cfg.clone(), r.placements(), metrics, Some(router)).await?;
     // The node's API, registered as the node's address for members to proxy to.
     match a.listen {

@@ -3,8 +3,9 @@
 //! guest agent (`cell0-agent`, docs/GUEST-AGENT.md).
 //!
 //! Which VMs run `cell0-agent` comes from a [`GuestAgentSource`] (in `cell0d
-//! serve`: the replicated VM records, [`crate::store::Store`]: every VM that
-//! does not boot the nano guest), or from an explicit registration
+//! serve`: the replicated VM records, [`crate::store::Store`]; in `cell0d
+//! node`: the records placed on the node, [`crate::node::Placements`]: every
+//! VM that does not boot the nano guest), or from an explicit registration
 //! ([`Router::set_agent_bootstrap`](super::Router::set_agent_bootstrap)).
 //! On a VM's own listener, and only there, a token-less HELLO is granted
 //! exactly one right, `("cell0.node", "bootstrap")`; the `bootstrap` CALL is
@@ -46,26 +47,38 @@ pub trait GuestAgentSource: Send + Sync + 'static {
     fn guest_agent(&self, vm: &str) -> Option<GuestAgent>;
 }
 
-/// Every VM of the replicated state that does not boot the nano guest runs
-/// `cell0-agent`: agent id, rights and workload (`command`) from its spec.
+/// Every VM that does not boot the nano guest runs `cell0-agent`: agent id,
+/// rights and workload (`command`) from its spec.
+fn of_spec(spec: &crate::spec::VmSpec) -> Option<GuestAgent> {
+    if spec.is_nano() {
+        return None;
+    }
+    Some(GuestAgent {
+        agent_id: spec.agent_id.clone(),
+        rights: spec
+            .rights
+            .iter()
+            .map(|r| Right::new(r.service.clone(), r.method.clone()))
+            .collect(),
+        workload: (!spec.command.is_empty()).then(|| Command {
+            argv: spec.command.clone(),
+            ..Command::default()
+        }),
+    })
+}
+
+/// A member's router: the replicated VM records.
 impl GuestAgentSource for crate::store::Store {
     fn guest_agent(&self, vm: &str) -> Option<GuestAgent> {
-        let spec = self.read(|s| s.vms.get(vm).map(|r| r.spec.clone()))?;
-        if spec.is_nano() {
-            return None;
-        }
-        Some(GuestAgent {
-            agent_id: spec.agent_id.clone(),
-            rights: spec
-                .rights
-                .iter()
-                .map(|r| Right::new(r.service.clone(), r.method.clone()))
-                .collect(),
-            workload: (!spec.command.is_empty()).then(|| Command {
-                argv: spec.command.clone(),
-                ..Command::default()
-            }),
-        })
+        self.read(|s| s.vms.get(vm).and_then(|r| of_spec(&r.spec)))
+    }
+}
+
+/// A `cell0d node`'s router: the VM records placed on the node, from the
+/// leader's heartbeat answers.
+impl GuestAgentSource for crate::node::Placements {
+    fn guest_agent(&self, vm: &str) -> Option<GuestAgent> {
+        self.with_record(vm, |r| of_spec(&r.spec)).flatten()
     }
 }
 

@@ -570,6 +570,19 @@ pub fn node_args(
     dir: &Path,
     tls: Option<&Path>,
 ) -> Vec<String> {
+    node_args_with_vmm(name, join, zone, labels, dir, tls, &vmm().unwrap())
+}
+
+/// [`node_args`] with `vmm` as its `--vmm`.
+pub fn node_args_with_vmm(
+    name: &str,
+    join: &str,
+    zone: &str,
+    labels: &str,
+    dir: &Path,
+    tls: Option<&Path>,
+    vmm: &Path,
+) -> Vec<String> {
     let mut a: Vec<String> = ["node", "--join", join, "--node-name", name]
         .iter()
         .map(|s| s.to_string())
@@ -588,9 +601,82 @@ pub fn node_args(
         "--data-dir".into(),
         dir.display().to_string(),
         "--vmm".into(),
-        vmm().unwrap().display().to_string(),
+        vmm.display().to_string(),
     ]);
     a
+}
+
+/// A process playing a Linux guest's agent: `cell0-agent run --unix SOCK`
+/// connected to a VM's port-1024 socket, where the hybrid vsock would put a
+/// guest's connection (no Linux guest boots on this machine's nested KVM,
+/// DESIGN.md §3). Killed and reaped on drop.
+pub struct GuestAgent(Child);
+
+impl GuestAgent {
+    /// Starts `cell0-agent` if it is built next to `cell0d`; otherwise the
+    /// same agent code in a process of this test binary, through its test
+    /// `guest_agent_helper_process` (see [`guest_agent_helper_main`]). It
+    /// cannot run in the test's own process: its reaper (it is PID 1 in a
+    /// guest) reaps every child, the test's cell0ctl processes too.
+    pub fn start(sock: &Path) -> GuestAgent {
+        let agent_bin = Path::new(env!("CARGO_BIN_EXE_cell0d")).with_file_name("cell0-agent");
+        let mut c = if agent_bin.is_file() {
+            let mut c = Command::new(&agent_bin);
+            c.arg("run").arg("--unix").arg(sock);
+            c
+        } else {
+            eprintln!(
+                "cell0-agent is not built next to cell0d; running the same agent code in a \
+                 process of this test binary (guest_agent_helper_process)"
+            );
+            let mut c = Command::new(std::env::current_exe().unwrap());
+            c.args([
+                "--ignored",
+                "--exact",
+                "guest_agent_helper_process",
+                "--nocapture",
+            ])
+            .env("CELL0_TEST_AGENT_SOCK", sock);
+            c
+        };
+        GuestAgent(
+            c.env("CELL0_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+}
+
+impl Drop for GuestAgent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The body of a test binary's `guest_agent_helper_process` (an ignored
+/// test that [`GuestAgent::start`] runs in a process of its own): the
+/// guest agent's session on `$CELL0_TEST_AGENT_SOCK`.
+pub async fn guest_agent_helper_main() {
+    let sock = std::env::var_os("CELL0_TEST_AGENT_SOCK")
+        .expect("started by GuestAgent::start with CELL0_TEST_AGENT_SOCK");
+    let mut cfg =
+        cell0_agent::session::AgentConfig::new(cell0_agent::transport::Endpoint::Unix(sock.into()));
+    cfg.max_connect_attempts = Some(100);
+    let outcome = cell0_agent::session::run(cfg).await;
+    panic!("the agent session ended: {outcome:?}");
+}
+
+/// A stand-in for `cell0-vmm` in `dir`: a script that runs until killed, for
+/// VMs whose guest a [`GuestAgent`] plays.
+pub fn vmm_stand_in(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let vmm = dir.join("vmm-stand-in");
+    std::fs::write(&vmm, "#!/bin/sh\nwhile :; do sleep 1; done\n").unwrap();
+    std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
+    vmm
 }
 
 /// A `cell0d` command with `args`, its stderr appended to `log`, in a
