@@ -309,9 +309,7 @@ async fn exec_reaches_the_guest_agent_through_cell0d_and_sypas_counters_reach_me
         .prefix("c0x")
         .tempdir_in("/tmp")
         .unwrap();
-    let vmm = cp_harness::vmm_stand_in(tmp.path());
-    let kernel = tmp.path().join("vmlinux");
-    std::fs::write(&kernel, b"not booted here").unwrap();
+    let (vmm, kernel) = cp_harness::vmm_stand_in(tmp.path());
     let d = Daemon::start(&[
         "--vmm",
         vmm.to_str().unwrap(),

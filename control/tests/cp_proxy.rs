@@ -597,9 +597,7 @@ fn exec_reaches_a_guest_agent_through_a_cell0d_nodes_sypas_router() {
         .prefix("c0p")
         .tempdir_in("/tmp")
         .unwrap();
-    let vmm = cp_harness::vmm_stand_in(base.path());
-    let kernel = base.path().join("vmlinux");
-    std::fs::write(&kernel, b"not booted here").unwrap();
+    let (vmm, kernel) = cp_harness::vmm_stand_in(base.path());
     let m = Daemon::start(&[
         "--init",
         "--insecure-plaintext",

@@ -669,14 +669,17 @@ pub async fn guest_agent_helper_main() {
     panic!("the agent session ended: {outcome:?}");
 }
 
-/// A stand-in for `cell0-vmm` in `dir`: a script that runs until killed, for
-/// VMs whose guest a [`GuestAgent`] plays.
-pub fn vmm_stand_in(dir: &Path) -> PathBuf {
+/// For VMs whose guest a [`GuestAgent`] plays, in `dir`: a stand-in for
+/// `cell0-vmm` (a script that runs until killed) and a "kernel" file that
+/// makes a VM spec a Linux guest's (never booted).
+pub fn vmm_stand_in(dir: &Path) -> (PathBuf, PathBuf) {
     use std::os::unix::fs::PermissionsExt;
     let vmm = dir.join("vmm-stand-in");
     std::fs::write(&vmm, "#!/bin/sh\nwhile :; do sleep 1; done\n").unwrap();
     std::fs::set_permissions(&vmm, std::fs::Permissions::from_mode(0o755)).unwrap();
-    vmm
+    let kernel = dir.join("vmlinux");
+    std::fs::write(&kernel, b"not booted here").unwrap();
+    (vmm, kernel)
 }
 
 /// A `cell0d` command with `args`, its stderr appended to `log`, in a
