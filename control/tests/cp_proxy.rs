@@ -638,15 +638,10 @@ fn exec_reaches_a_guest_agent_through_a_cell0d_nodes_sypas_router() {
     ]);
     // The node's router listens for the VM on its port-1024 socket.
     let sock = na.dir.join("node/vms/lx/vsock.sock_1024");
-    let t0 = Instant::now();
-    while !sock.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "the node's router never listened for lx\n{}",
-            tail(&na.log(), 3000)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let na_log = || tail(&na.log(), 3000).to_string();
+    cp_harness::wait_until(30, "the node's router listening for lx", na_log, || {
+        sock.exists()
+    });
     let _guest = cp_harness::GuestAgent::start(&sock);
 
     // Until the agent has bootstrapped and connected, Exec says so (exit 11).
@@ -689,16 +684,13 @@ fn exec_reaches_a_guest_agent_through_a_cell0d_nodes_sypas_router() {
     });
     // The workload's stdout EVENTs land in the VM's agent log on the node,
     // and come back through the member.
-    let t0 = Instant::now();
-    while !m
-        .ctl_ok(&["logs", "lx", "--agent"])
-        .contains("workload-ran\n")
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "the workload's output never reached `cell0ctl logs --agent`\n{}",
-            tail(&na.log(), 3000)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    cp_harness::wait_until(
+        30,
+        "the workload's output in `cell0ctl logs --agent`",
+        na_log,
+        || {
+            m.ctl_ok(&["logs", "lx", "--agent"])
+                .contains("workload-ran\n")
+        },
+    );
 }
