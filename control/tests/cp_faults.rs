@@ -500,6 +500,60 @@ async fn write_fails(m: &Member, name: &str) -> tonic::Status {
     e
 }
 
+/// Opens a Watch of every VM on member `m`; its events collect in the
+/// returned list (until the test's runtime ends).
+async fn watch_events(m: &Member) -> Arc<Mutex<Vec<grpc::VmEvent>>> {
+    let mut c = m.client().await;
+    let mut s = bounded(
+        "Watch",
+        c.vm.watch(grpc::WatchRequest { id: String::new() }),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("Watch on member {}: {e}", m.id))
+    .into_inner();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let into = events.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(ev)) = s.message().await {
+            into.lock().unwrap().push(ev);
+        }
+    });
+    events
+}
+
+/// Creates VM `name` through the majority `ms` once member `cut`'s node is
+/// down (so it goes to another node), and waits until it has exited there.
+async fn vm_exits_elsewhere(ms: &[&Member], cut: u64, name: &str) {
+    let node = format!("m{cut}");
+    wait_for(
+        &format!("the majority to mark node {node} down"),
+        Duration::from_secs(60),
+        || async {
+            let st = node_states(ms[0]).await?;
+            (st.get(&node)? == "down").then_some(())
+        },
+    )
+    .await;
+    let mut c = ms[0].client().await;
+    bounded("a write", c.vm.create(spec(name)))
+        .await
+        .unwrap_or_else(|e| panic!("write {name} through member {}: {e}", ms[0].id));
+    let names = [name.to_string()];
+    let (_, on) = wait_for(
+        &format!("{name} to exit"),
+        Duration::from_secs(60),
+        || async {
+            vm_states(ms, &names)
+                .await?
+                .remove(name)
+                .filter(|(st, _)| *st == grpc::VmState::Exited)
+        },
+    )
+    .await;
+    println!("{name} ran and exited on node {on} while member {cut} was cut off");
+    assert_ne!(on, node);
+}
+
 #[test]
 fn a_partitioned_minority_cannot_commit_and_heals() {
     in_netns(
@@ -538,6 +592,12 @@ fn a_partitioned_minority_cannot_commit_and_heals() {
                 };
                 let minority = ms.iter().find(|m| m.id == cut).unwrap();
                 let majority: Vec<&Member> = ms.iter().filter(|m| m.id != cut).collect();
+                // A Watch on the cut-off follower, open across the cut.
+                let watched = if round == "a follower" {
+                    Some(watch_events(minority).await)
+                } else {
+                    None
+                };
                 println!("partitioning {round}, member {cut} (leader {l})");
                 net.partition(cut);
 
@@ -575,6 +635,13 @@ fn a_partitioned_minority_cannot_commit_and_heals() {
                 for m in &majority {
                     acked.insert(write(m).await);
                 }
+                // A VM that runs and exits on a majority node while the
+                // follower is cut off: its events happen while the
+                // follower's relay of the leader's events is broken.
+                let gap = format!("gap-{cut}");
+                if watched.is_some() {
+                    vm_exits_elsewhere(&majority, cut, &gap).await;
+                }
                 let target = majority[0].status().await.unwrap().last_applied;
 
                 net.heal(cut);
@@ -596,6 +663,32 @@ fn a_partitioned_minority_cannot_commit_and_heals() {
                 })
                 .await;
                 println!("after healing: leader {l2}");
+                // The watcher on the healed follower learns the VM's state
+                // (the relay sends the current states when it reconnects).
+                if let Some(events) = &watched {
+                    let t0 = Instant::now();
+                    let ev = wait_for(
+                        &format!("the Watch on member {cut} to see {gap} exited"),
+                        Duration::from_secs(60),
+                        || async {
+                            events
+                                .lock()
+                                .unwrap()
+                                .iter()
+                                .find(|e| e.vm_id == gap && e.state == grpc::VmState::Exited as i32)
+                                .cloned()
+                        },
+                    )
+                    .await;
+                    println!(
+                        "the Watch on member {cut} saw {gap} {:?} ({}, node {}) {:.1} s after the leader was agreed",
+                        ev.state(),
+                        ev.kind,
+                        ev.node,
+                        t0.elapsed().as_secs_f64()
+                    );
+                    assert_ne!(ev.node, format!("m{cut}"), "{ev:?}");
+                }
                 // The healed member takes writes again.
                 acked.insert(write(minority).await);
                 check_all(&all, &acked).await;

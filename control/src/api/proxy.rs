@@ -378,7 +378,9 @@ impl Api {
 
     /// While this member is not the leader, relays the leader's
     /// `WatchCluster` stream into [`Api::remote_events`]; follows leader
-    /// changes. Events during a change of leader can be missed.
+    /// changes. Each time a stream opens it sends the current states too
+    /// ([`Api::resync_remote`]), so what changed while none was open (during
+    /// a change of leader, a partition, or before the first) is not lost.
     async fn relay(self) {
         loop {
             let st = self.store.status();
@@ -401,6 +403,10 @@ impl Api {
             .map_err(|e| e.message().to_string())?
             .into_inner();
         let me = self.agent.node_id().to_string();
+        // The stream is open before the states are read, so every change is
+        // in the one or the other, and the last event of each VM (the
+        // stream's come after the states) gives its newest state.
+        self.resync_remote(&me).await;
         let mut check = tokio::time::interval(Duration::from_millis(500));
         loop {
             tokio::select! {
@@ -418,6 +424,45 @@ impl Api {
                     }
                 }
             }
+        }
+    }
+
+    /// Sends, as `current` events, the leader's statuses of the VMs placed on
+    /// other nodes than `me` (those it knows: a new leader learns them from
+    /// the next heartbeats, which its stream then carries as `state` events).
+    async fn resync_remote(&self, me: &str) {
+        let nodes: HashMap<String, String> = self.store.read(|s| {
+            s.vms
+                .values()
+                .filter(|r| r.node != me && r.lost.is_none())
+                .map(|r| (r.id.clone(), r.node.clone()))
+                .collect()
+        });
+        if nodes.is_empty() {
+            return;
+        }
+        let st = self.store.status();
+        let known = match self
+            .leader_statuses(&st, nodes.keys().cloned().collect())
+            .await
+        {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::debug!(error = %e, "no current states to resend after the relay (re)connected");
+                return;
+            }
+        };
+        for (id, vs) in known {
+            let Some(node) = nodes.get(&id) else { continue };
+            let _ = self.events.send(grpc::VmEvent {
+                seq: 0,
+                time_ms: crate::now_ms(),
+                vm_id: id,
+                kind: "current".into(),
+                state: vs.state,
+                message: vs.message,
+                node: node.clone(),
+            });
         }
     }
 }
