@@ -641,14 +641,7 @@ impl Remote {
 /// (`cell0.io/agent=member`, with the member id), ready, capacity and zone
 /// as configured. A drain is kept (the state machine's rule).
 async fn register_member(cfg: &NodeConfig, store: &Store, id: u64) -> Result<(), Option<String>> {
-    let st = store.status();
-    if !st.members.contains_key(&id) {
-        return Err(Some(format!(
-            "member {id} is not in the cluster (removed with cell0ctl cluster remove?): its \
-             node {} takes no VMs",
-            cfg.node_id
-        )));
-    }
+    let st = member_status(store, id, &cfg.node_id, MEMBERSHIP_WAIT).await?;
     let other = store.read(|s| s.nodes.get(&cfg.node_id).and_then(member_of));
     if let Some(o) = other.filter(|o| *o != id && st.members.contains_key(o)) {
         return Err(Some(format!(
@@ -683,6 +676,48 @@ async fn register_member(cfg: &NodeConfig, store: &Store, id: u64) -> Result<(),
         Err(e) => {
             tracing::info!(error = %e, "cannot register the member's node yet");
             Err(None)
+        }
+    }
+}
+
+/// How long a member whose store does not list it waits to see itself added
+/// before its own node agent gives up.
+const MEMBERSHIP_WAIT: Duration = Duration::from_secs(10);
+
+/// The store's status once it lists member `id`. A member that is joining
+/// can know the leader before it has applied its own addition (it installed
+/// a snapshot taken before it), so it catches up (a linearizable read) and
+/// looks again, for up to `wait` ([`MEMBERSHIP_WAIT`]). `Err(None)`: no leader
+/// answered, try again later; `Err(Some(_))`: not a member (its node `node`
+/// takes no VMs).
+async fn member_status(
+    store: &Store,
+    id: u64,
+    node: &str,
+    wait: Duration,
+) -> Result<crate::store::RaftStatus, Option<String>> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let st = store.status();
+        if st.members.contains_key(&id) {
+            return Ok(st);
+        }
+        if Instant::now() >= deadline {
+            return Err(Some(format!(
+                "member {id} is not in the cluster (removed with cell0ctl cluster remove?): \
+                 its node {node} takes no VMs"
+            )));
+        }
+        tracing::info!(
+            member = id,
+            "this member is not in the membership it has applied yet; catching up"
+        );
+        if let Err(e) = store.linearize().await {
+            tracing::info!(error = %e, "cannot check this member's membership yet");
+            return Err(None);
+        }
+        if !store.status().members.contains_key(&id) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 }
@@ -845,5 +880,37 @@ mod tests {
             let items: Vec<String> = bad.iter().map(|s| s.to_string()).collect();
             assert!(parse_labels(&items).is_err(), "{bad:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_member_missing_from_the_membership_is_refused_after_the_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::store::StoreConfig {
+            node_id: 1,
+            addr: "127.0.0.1:1".into(),
+            snapshot_every: 100,
+            bootstrap: crate::store::Bootstrap::Init(BTreeMap::new()),
+            tls: None,
+        };
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let store = Store::open(dir.path(), cfg, metrics).await.unwrap();
+        store
+            .wait_leader(Some(Duration::from_secs(30)))
+            .await
+            .unwrap();
+        let wait = Duration::from_millis(300);
+        let st = member_status(&store, 1, "m1", wait).await.unwrap();
+        assert!(st.members.contains_key(&1));
+        // Member 2 never appears: after catching up and looking again for
+        // the whole wait, it is refused for good, naming its node.
+        let t0 = Instant::now();
+        let e = member_status(&store, 2, "m2", wait).await.unwrap_err();
+        let e = e.expect("refused for good, not 'try again'");
+        assert!(t0.elapsed() >= wait, "refused before the wait ended");
+        assert!(
+            e.contains("member 2 is not in the cluster") && e.contains("node m2"),
+            "{e}"
+        );
+        store.shutdown().await;
     }
 }
