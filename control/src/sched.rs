@@ -62,6 +62,8 @@ impl SchedError {
 pub enum Reason {
     /// Its state is down.
     Down,
+    /// Suspect: it missed its heartbeat deadline, not yet marked down.
+    Suspect,
     /// Drained, or in the (older) draining state.
     Drained,
     /// Not in an allowed region.
@@ -92,6 +94,10 @@ impl Reason {
         };
         match self {
             Reason::Down => format!("{n} down"),
+            Reason::Suspect => format!(
+                "{n} suspect (missed {} heartbeat deadline)",
+                if one { "its" } else { "their" }
+            ),
             Reason::Drained => format!("{n} drained"),
             Reason::OtherRegion => format!("{n} in another region"),
             Reason::OtherZone => format!("{n} in another zone"),
@@ -214,7 +220,8 @@ fn filter(n: &NodeRecord, spec: &VmSpec, ix: &Index<'_>) -> Result<u64, Reason> 
     match n.state {
         NodeState::Ready => {}
         // A suspect node missed a heartbeat: no new VMs until it is back.
-        NodeState::Down | NodeState::Suspect => return Err(Reason::Down),
+        NodeState::Down => return Err(Reason::Down),
+        NodeState::Suspect => return Err(Reason::Suspect),
         NodeState::Draining => return Err(Reason::Drained),
     }
     if n.drained {

@@ -275,6 +275,8 @@ where
     .join();
     println!("{test}: {:.1} s", t0.elapsed().as_secs_f64());
     if let Err(p) = r {
+        // The members' logs and data dirs, for the post-mortem.
+        println!("{test}: kept {}", dir.keep().display());
         std::panic::resume_unwind(p);
     }
 }
@@ -689,6 +691,28 @@ fn a_partitioned_minority_cannot_commit_and_heals() {
                     );
                     assert_ne!(ev.node, format!("m{cut}"), "{ev:?}");
                 }
+                // Every member's node is ready again: the cut-off member's
+                // was marked down and registers again, and a change of
+                // leader at the heal restarts the others' deadlines.
+                let t0 = Instant::now();
+                let names: Vec<String> = ms.iter().map(|m| format!("m{}", m.id)).collect();
+                if tokio::time::timeout(Duration::from_secs(60), async {
+                    while nodes_ready(&ms, &names).await.is_none() {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                })
+                .await
+                .is_err()
+                {
+                    panic!(
+                        "the nodes are not all ready 60 s after the heal: {}",
+                        settle_view(&ms).await
+                    );
+                }
+                println!(
+                    "all three nodes ready {:.1} s after the leader was agreed",
+                    t0.elapsed().as_secs_f64()
+                );
                 // The healed member takes writes again.
                 acked.insert(write(minority).await);
                 check_all(&all, &acked).await;

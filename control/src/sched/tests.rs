@@ -152,6 +152,19 @@ fn the_reason_counts_every_node() {
         "no node with 16 vCPUs and 64 MiB free (3 nodes: 1 down, 1 drained, 1 lacks vCPUs); the \
          most free is 2048 MiB and 8 vCPUs on b"
     );
+    // A suspect node is named as such, apart from the down ones.
+    s.apply(
+        52,
+        &Command::SetNodeState {
+            id: "b".into(),
+            state: NodeState::Suspect,
+        },
+    );
+    let e = create(&mut s, spec("x", 1, 64)).unwrap_err().to_string();
+    assert!(
+        e.contains("(3 nodes: 1 down, 1 suspect (missed its heartbeat deadline), 1 drained)"),
+        "{e}"
+    );
     let e = create(&mut ClusterState::default(), spec("x", 1, 64)).unwrap_err();
     assert!(e.to_string().contains("no node"), "{e}");
 }
