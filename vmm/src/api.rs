@@ -26,7 +26,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::RawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -171,7 +171,33 @@ pub fn respond_with_fds(ctx: &ApiContext, line: &str) -> (Value, Vec<RawFd>) {
     }
 }
 
-fn serve_conn(ctx: &ApiContext, stream: UnixStream) -> std::io::Result<()> {
+/// Whether the API thread is answering a request, so that the VMM's teardown
+/// lets a `stop` or a revoking `lease` answer go out before the process ends.
+#[derive(Debug, Default)]
+struct Answering {
+    busy: Mutex<bool>,
+    done: Condvar,
+}
+
+impl Answering {
+    fn set(&self, busy: bool) {
+        *self.busy.lock().unwrap_or_else(|p| p.into_inner()) = busy;
+        if !busy {
+            self.done.notify_all();
+        }
+    }
+
+    /// Waits, at most `limit`, for the answer being written to be out.
+    fn wait(&self, limit: Duration) {
+        let g = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = self.done.wait_timeout_while(g, limit, |busy| *busy);
+    }
+}
+
+/// The longest the teardown waits for an answer being written.
+const ANSWER_WAIT: Duration = Duration::from_millis(500);
+
+fn serve_conn(ctx: &ApiContext, stream: UnixStream, answering: &Answering) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream.take(u64::MAX));
@@ -191,24 +217,34 @@ fn serve_conn(ctx: &ApiContext, stream: UnixStream) -> std::io::Result<()> {
             writeln!(writer, "{e}")?;
             return Ok(());
         }
-        let (resp, fds) = respond_with_fds(ctx, line.trim_end());
-        if fds.is_empty() {
-            writeln!(writer, "{resp}")?;
-        } else {
-            let msg = format!("{resp}\n");
-            let n = writer
-                .send_with_fds(&[msg.as_bytes()], &fds)
-                .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-            // The descriptors went with the first byte; send any rest plainly.
-            writer.write_all(&msg.as_bytes()[n..])?;
-        }
+        answering.set(true);
+        let sent = answer(ctx, &mut writer, line.trim_end());
+        answering.set(false);
+        sent?;
     }
+}
+
+/// Answers one request. The line goes out in one write where it fits the
+/// socket buffer (a `writeln!` of a JSON value is many small writes, and a
+/// `stop` or revoking `lease` ends the process meanwhile).
+fn answer(ctx: &ApiContext, writer: &mut UnixStream, request: &str) -> std::io::Result<()> {
+    let (resp, fds) = respond_with_fds(ctx, request);
+    let msg = format!("{resp}\n");
+    if fds.is_empty() {
+        return writer.write_all(msg.as_bytes());
+    }
+    let n = writer
+        .send_with_fds(&[msg.as_bytes()], &fds)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    // The descriptors went with the first byte; send any rest plainly.
+    writer.write_all(&msg.as_bytes()[n..])
 }
 
 /// The API socket; removes its path on drop.
 #[derive(Debug)]
 pub struct ApiServer {
     path: PathBuf,
+    answering: Arc<Answering>,
 }
 
 impl ApiServer {
@@ -220,12 +256,14 @@ impl ApiServer {
         })?;
         let server = Self {
             path: path.to_path_buf(),
+            answering: Arc::default(),
         };
+        let answering = server.answering.clone();
         spawn_filtered("api", move || {
             for conn in listener.incoming() {
                 match conn {
                     Ok(s) => {
-                        if let Err(e) = serve_conn(&ctx, s) {
+                        if let Err(e) = serve_conn(&ctx, s, &answering) {
                             tracing::debug!(error = %e, "API connection ended");
                         }
                     }
@@ -265,6 +303,9 @@ pub(crate) fn spawn_filtered(
 impl Drop for ApiServer {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+        // The VM is ending: an answer being written (the `stop` or `lease`
+        // that ended it, most often) goes out first.
+        self.answering.wait(ANSWER_WAIT);
     }
 }
 
@@ -333,6 +374,28 @@ mod tests {
         assert_eq!(c.exit.reason(), None);
         assert_eq!(respond(&c, r#"{"op":"stop"}"#)["ok"], true);
         assert_eq!(c.exit.reason(), Some(StopReason::Stopped));
+    }
+
+    #[test]
+    fn teardown_waits_for_the_answer_being_written() {
+        let a = Arc::new(Answering::default());
+        // Idle: no wait.
+        a.wait(Duration::from_secs(30));
+        a.set(true);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let b = a.clone();
+        let t = std::thread::spawn(move || {
+            b.wait(Duration::from_secs(30));
+            tx.send(()).unwrap();
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(100)).is_err(),
+            "the teardown went on while an answer was being written"
+        );
+        a.set(false);
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("the teardown goes on once the answer is out");
+        t.join().unwrap();
     }
 
     #[test]
