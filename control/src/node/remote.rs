@@ -697,6 +697,7 @@ async fn member_status(
     wait: Duration,
 ) -> Result<crate::store::RaftStatus, Option<String>> {
     let deadline = Instant::now() + wait;
+    let mut told = false;
     loop {
         let st = store.status();
         if st.members.contains_key(&id) {
@@ -708,10 +709,12 @@ async fn member_status(
                  its node {node} takes no VMs"
             )));
         }
-        tracing::info!(
-            member = id,
-            "this member is not in the membership it has applied yet; catching up"
-        );
+        if !std::mem::replace(&mut told, true) {
+            tracing::info!(
+                member = id,
+                "this member is not in the membership it has applied yet; catching up"
+            );
+        }
         if let Err(e) = store.linearize().await {
             tracing::info!(error = %e, "cannot check this member's membership yet");
             return Err(None);
