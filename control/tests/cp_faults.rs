@@ -696,14 +696,7 @@ fn a_partitioned_minority_cannot_commit_and_heals() {
                 // leader at the heal restarts the others' deadlines.
                 let t0 = Instant::now();
                 let names: Vec<String> = ms.iter().map(|m| format!("m{}", m.id)).collect();
-                if tokio::time::timeout(Duration::from_secs(60), async {
-                    while nodes_ready(&ms, &names).await.is_none() {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                })
-                .await
-                .is_err()
-                {
+                if !settle(&ms, &names, Duration::from_secs(60)).await {
                     panic!(
                         "the nodes are not all ready 60 s after the heal: {}",
                         settle_view(&ms).await
@@ -1082,6 +1075,30 @@ async fn nodes_ready(ms: &[Member], which: &[String]) -> Option<()> {
         .then_some(())
 }
 
+/// Waits, at most `limit`, until members `ms` agree on a leader that lists
+/// nodes `which` ready; a slow settle says what it waits for, every 5 s.
+/// Whether it settled.
+async fn settle(ms: &[Member], which: &[String], limit: Duration) -> bool {
+    let t0 = Instant::now();
+    tokio::time::timeout(limit, async {
+        let mut told = 0;
+        while nodes_ready(ms, which).await.is_none() {
+            let waited = t0.elapsed().as_secs() / 5;
+            if waited > told {
+                told = waited;
+                println!(
+                    "        not settled after {} s: {}",
+                    waited * 5,
+                    settle_view(ms).await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .is_ok()
+}
+
 /// What each member says of the leader and of the nodes (for a slow settle).
 async fn settle_view(ms: &[Member]) -> String {
     let mut out = Vec::new();
@@ -1330,28 +1347,9 @@ fn seeded_random_node_and_member_faults_never_run_a_vm_twice() {
                     ms[target].wait_api();
                 }
                 let t_settle = Instant::now();
-                let ok = tokio::time::timeout(Duration::from_secs(60), async {
-                    let mut told = 0;
-                    loop {
-                        if nodes_ready(&ms, &names).await.is_some() {
-                            break;
-                        }
-                        // A slow settle says what it waits for, every 5 s.
-                        let waited = t_settle.elapsed().as_secs() / 5;
-                        if waited > told {
-                            told = waited;
-                            println!(
-                                "        not settled after {} s: {}",
-                                waited * 5,
-                                settle_view(&ms).await
-                            );
-                        }
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                })
-                .await;
+                let ok = settle(&ms, &names, Duration::from_secs(60)).await;
                 assert!(
-                    ok.is_ok(),
+                    ok,
                     "no leader with n1, n2, n3 ready within 60 s after: {}\n{}",
                     schedule.last().unwrap(),
                     logs(&ms, &nodes)
