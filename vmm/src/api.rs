@@ -214,7 +214,7 @@ fn serve_conn(ctx: &ApiContext, stream: UnixStream, answering: &Answering) -> st
                 "too_large",
                 format_args!("request over {MAX_REQUEST} bytes"),
             );
-            writeln!(writer, "{e}")?;
+            writer.write_all(format!("{e}\n").as_bytes())?;
             return Ok(());
         }
         answering.set(true);

@@ -76,6 +76,12 @@ fn from_node(node: &str, addr: &str, s: Status) -> Status {
 /// The status a member that is not the leader shows for VM `rec` on another
 /// node, from what the leader answered: its status, else the record's
 /// (pending), or `unknown` when the leader did not answer.
+/// Whether `rec` is placed on another node than `me` (and not lost): its
+/// status comes from the leader.
+fn elsewhere(rec: &VmRecord, me: &str) -> bool {
+    rec.node != me && rec.lost.is_none()
+}
+
 fn remote_status(
     rec: &VmRecord,
     known: &Result<HashMap<String, grpc::VmStatus>, String>,
@@ -236,10 +242,9 @@ impl Api {
     pub(super) async fn vms(&self, recs: Vec<VmRecord>) -> Vec<grpc::Vm> {
         let st = self.store.status();
         let me = self.agent.node_id().to_string();
-        let elsewhere = |r: &VmRecord| r.node != me && r.lost.is_none();
         let ask: Vec<String> = recs
             .iter()
-            .filter(|r| elsewhere(r))
+            .filter(|r| elsewhere(r, &me))
             .map(|r| r.id.clone())
             .collect();
         if st.state == "leader" || ask.is_empty() {
@@ -248,7 +253,7 @@ impl Api {
         let known = self.leader_statuses(&st, ask).await;
         recs.iter()
             .map(|r| {
-                if !elsewhere(r) {
+                if !elsewhere(r, &me) {
                     return self.vm(r);
                 }
                 self.vm_with(r, remote_status(r, &known))
@@ -434,7 +439,7 @@ impl Api {
         let nodes: HashMap<String, String> = self.store.read(|s| {
             s.vms
                 .values()
-                .filter(|r| r.node != me && r.lost.is_none())
+                .filter(|r| elsewhere(r, me))
                 .map(|r| (r.id.clone(), r.node.clone()))
                 .collect()
         });
